@@ -1,0 +1,572 @@
+"""Protein backbone structure I/O (PDB / mmCIF / BinaryCIF, optionally gzipped).
+
+Reading is done with biotite; writing is done by hand so that the output columns are fully
+controlled (fixed-width PDB, one chain, atoms ``N, CA, C[, O]`` per residue) and so that the
+output is byte-for-byte deterministic.
+
+* :func:`read_backbone` / :func:`parse_backbone` -> :class:`Backbone` (first model, one chain,
+  ATOM records of amino-acid residues only; HETATM and water are skipped).
+* :func:`write_backbone_pdb` / :func:`write_trajectory_pdb` write PDB files **atomically**
+  (temporary file in the same directory, then ``os.replace``), so a killed process never leaves
+  a truncated file under the final name.
+
+Every problem with an input file raises :class:`StructureError` (a ``ValueError``) with a message
+that names the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BACKBONE_ATOMS",
+    "Backbone",
+    "StructureError",
+    "PDBWriteError",
+    "SUPPORTED_SUFFIXES",
+    "detect_format",
+    "parse_backbone",
+    "read_backbone",
+    "write_backbone_pdb",
+    "write_trajectory_pdb",
+    "format_backbone_pdb",
+    "atomic_open",
+]
+
+#: Backbone atom names in the order used by every (L, 4, 3) array of this package.
+BACKBONE_ATOMS: tuple[str, ...] = ("N", "CA", "C", "O")
+_ELEMENTS = {"N": "N", "CA": "C", "C": "C", "O": "O"}
+
+#: File suffixes understood by :func:`read_backbone` (each also with a trailing ``.gz``).
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
+
+_ONE_TO_THREE = {
+    "A": "ALA", "R": "ARG", "N": "ASN", "D": "ASP", "C": "CYS", "Q": "GLN", "E": "GLU",
+    "G": "GLY", "H": "HIS", "I": "ILE", "L": "LEU", "K": "LYS", "M": "MET", "F": "PHE",
+    "P": "PRO", "S": "SER", "T": "THR", "W": "TRP", "Y": "TYR", "V": "VAL", "X": "UNK",
+}
+
+
+class StructureError(ValueError):
+    """A structure file cannot be read, or holds no usable protein chain."""
+
+
+class PDBWriteError(ValueError):
+    """Arguments that cannot be written as a valid PDB file (shape, range, NaN, ...)."""
+
+
+@dataclass
+class Backbone:
+    """Backbone of one protein chain.
+
+    Attributes:
+        atoms: (L, 4, 3) float32 coordinates of N, CA, C, O in Angstrom (0 where missing).
+        atom_mask: (L, 4) bool, True where the atom is present in the file.
+        sequence: one-letter sequence of length L (``X`` for unknown / non-standard residues).
+        res_ids: (L,) int residue numbers from the file.
+        ins_codes: (L,) str insertion codes (``""`` when none).
+        chain_id: chain identifier (author chain id for mmCIF).
+        name: a label for the structure (file stem by default).
+        res_names: (L,) str three-letter residue names from the file.
+        resolution: resolution in Angstrom from the file header, ``None`` when absent.
+    """
+
+    atoms: np.ndarray
+    atom_mask: np.ndarray
+    sequence: str
+    res_ids: np.ndarray
+    ins_codes: np.ndarray
+    chain_id: str
+    name: str = ""
+    res_names: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="U3"))
+    resolution: float | None = None
+
+    def __len__(self) -> int:
+        return int(self.atoms.shape[0])
+
+    @property
+    def ca(self) -> np.ndarray:
+        """(L, 3) CA coordinates."""
+        return self.atoms[:, 1]
+
+    @property
+    def has_frame_atoms(self) -> np.ndarray:
+        """(L,) bool: residue has N, CA and C (enough to define a backbone frame)."""
+        return self.atom_mask[:, :3].all(-1)
+
+    def chain_breaks(self, threshold: float = 4.2) -> np.ndarray:
+        """(L,) bool: CA(i-1)-CA(i) distance > ``threshold`` (first residue: False).
+
+        A residue whose own CA or whose predecessor's CA is missing also counts as a break.
+        """
+        return chain_break_flags(self.atoms[:, 1], self.atom_mask[:, 1], threshold)
+
+    def select(self, keep: np.ndarray) -> "Backbone":
+        """A new Backbone restricted to residues where ``keep`` (bool (L,)) is True."""
+        keep = np.asarray(keep, dtype=bool)
+        seq = "".join(np.array(list(self.sequence), dtype="U1")[keep]) if len(self) else ""
+        return Backbone(
+            atoms=self.atoms[keep], atom_mask=self.atom_mask[keep], sequence=seq,
+            res_ids=self.res_ids[keep], ins_codes=self.ins_codes[keep], chain_id=self.chain_id,
+            name=self.name, res_names=self.res_names[keep] if len(self.res_names) else self.res_names,
+            resolution=self.resolution,
+        )
+
+
+def chain_break_flags(ca: np.ndarray, ca_mask: np.ndarray | None = None, threshold: float = 4.2) -> np.ndarray:
+    """(L,) bool flags: True at residue i when |CA(i) - CA(i-1)| > ``threshold`` Angstrom.
+
+    The first residue is never a break. With ``ca_mask``, a missing CA on either side is a break.
+    """
+    ca = np.asarray(ca, dtype=np.float64)
+    flags = np.zeros(ca.shape[0], dtype=bool)
+    if ca.shape[0] > 1:
+        d = np.linalg.norm(ca[1:] - ca[:-1], axis=-1)
+        flags[1:] = ~(d <= threshold)  # NaN counts as a break
+        if ca_mask is not None:
+            m = np.asarray(ca_mask, dtype=bool)
+            flags[1:] |= ~(m[1:] & m[:-1])
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+
+def detect_format(name: str | os.PathLike) -> tuple[str, bool]:
+    """Return ``(fmt, gzipped)`` from a file name; fmt is ``"pdb"``, ``"cif"`` or ``"bcif"``.
+
+    Raises:
+        StructureError: unknown suffix.
+    """
+    n = str(name).lower()
+    gz = n.endswith(".gz")
+    if gz:
+        n = n[:-3]
+    if n.endswith((".pdb", ".ent")) or re.search(r"\.pdb\d*$", n):
+        return "pdb", gz
+    if n.endswith((".cif", ".mmcif")):
+        return "cif", gz
+    if n.endswith(".bcif"):
+        return "bcif", gz
+    raise StructureError(
+        f"{name}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)}, optionally .gz)"
+    )
+
+
+def _three_to_one(res_name: str) -> str:
+    from biotite.sequence import ProteinSequence
+
+    try:
+        one = ProteinSequence.convert_letter_3to1(res_name)
+    except KeyError:
+        return "X"
+    return one if one in _ONE_TO_THREE else "X"
+
+
+def _pdb_resolution(text: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith("REMARK   2 RESOLUTION."):
+            m = re.search(r"RESOLUTION\.\s*([0-9.]+)", line)
+            if m:
+                try:
+                    return float(m.group(1))
+                except ValueError:
+                    return None
+    return None
+
+
+def _cif_resolution(block) -> float | None:
+    for cat, key in (("refine", "ls_d_res_high"), ("reflns", "d_resolution_high"),
+                     ("em_3d_reconstruction", "resolution")):
+        try:
+            col = block[cat][key]
+            vals = col.as_array(str)
+        except Exception:  # category / key absent or not a string column
+            continue
+        for v in vals:
+            try:
+                return float(v)
+            except ValueError:
+                continue
+    return None
+
+
+def _load_atom_array(data: bytes | str, fmt: str, name: str):
+    """Parse file content -> (AtomArray of the first model, resolution or None)."""
+    import biotite.structure.io.pdb as pdb
+    import biotite.structure.io.pdbx as pdbx
+
+    try:
+        if fmt == "bcif":
+            raw = data.encode() if isinstance(data, str) else data
+            f = pdbx.BinaryCIFFile.read(io.BytesIO(raw))
+            arr = pdbx.get_structure(f, model=1, use_author_fields=True)
+            return arr, _cif_resolution(f.block)
+        text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
+        if not text.strip():
+            raise StructureError(f"{name}: file is empty")
+        if fmt == "pdb":
+            f = pdb.PDBFile.read(io.StringIO(text))
+            if f.get_model_count() == 0:
+                raise StructureError(f"{name}: no ATOM/HETATM records")
+            arr = f.get_structure(model=1)
+            return arr, _pdb_resolution(text)
+        if fmt == "cif":
+            f = pdbx.CIFFile.read(io.StringIO(text))
+            arr = pdbx.get_structure(f, model=1, use_author_fields=True)
+            return arr, _cif_resolution(f.block)
+    except StructureError:
+        raise
+    except UnicodeDecodeError as e:
+        raise StructureError(f"{name}: not a text {fmt.upper()} file ({e})") from e
+    except Exception as e:  # biotite raises many types on malformed input
+        raise StructureError(f"{name}: cannot parse as {fmt.upper()}: {type(e).__name__}: {e}") from e
+    raise StructureError(f"{name}: unknown format {fmt!r}")
+
+
+def _protein_atoms(arr, name: str, chain: str | None):
+    """ATOM records of amino-acid residues of one chain (first chain by default)."""
+    import biotite.structure as struc
+
+    if arr.array_length() == 0:
+        raise StructureError(f"{name}: no atoms")
+    sel = ~arr.hetero
+    try:
+        sel &= struc.filter_amino_acids(arr)
+    except Exception as e:  # pragma: no cover - defensive
+        raise StructureError(f"{name}: cannot classify residues: {e}") from e
+    prot = arr[sel]
+    if prot.array_length() == 0:
+        raise StructureError(f"{name}: no protein (amino-acid ATOM) residues; not a protein structure")
+    chains = list(dict.fromkeys(prot.chain_id.tolist()))
+    if chain is None:
+        chain = chains[0]
+    elif chain not in chains:
+        raise StructureError(f"{name}: chain {chain!r} not found; protein chains present: {chains}")
+    return prot[prot.chain_id == chain], chain
+
+
+def _backbone_from_chain_atoms(prot, chain: str, name: str, resolution: float | None) -> Backbone:
+    import biotite.structure as struc
+
+    starts = struc.get_residue_starts(prot)
+    n_res = len(starts)
+    res_index = np.searchsorted(starts, np.arange(prot.array_length()), side="right") - 1
+    atoms = np.zeros((n_res, 4, 3), dtype=np.float32)
+    mask = np.zeros((n_res, 4), dtype=bool)
+    for k, an in enumerate(BACKBONE_ATOMS):
+        idx = np.nonzero(prot.atom_name == an)[0]
+        r = res_index[idx]
+        # first occurrence per residue wins (altlocs are already resolved by biotite)
+        r_unique, first = np.unique(r, return_index=True)
+        atoms[r_unique, k] = prot.coord[idx[first]]
+        mask[r_unique, k] = True
+    res_names = prot.res_name[starts].astype("U3")
+    seq = "".join(_three_to_one(r) for r in res_names)
+    ins = prot.ins_code[starts].astype(str)
+    if not np.isfinite(atoms).all():
+        raise StructureError(f"{name}: non-finite coordinates")
+    return Backbone(
+        atoms=atoms, atom_mask=mask, sequence=seq, res_ids=prot.res_id[starts].astype(np.int64),
+        ins_codes=ins, chain_id=str(chain), name=name, res_names=res_names, resolution=resolution,
+    )
+
+
+def parse_backbone(data: bytes | str, fmt: str, name: str = "structure", chain: str | None = None,
+                   gzipped: bool = False) -> Backbone:
+    """Parse in-memory file content (``fmt`` in ``pdb``/``cif``/``bcif``) into a :class:`Backbone`.
+
+    Same semantics as :func:`read_backbone`; ``name`` is used in messages and as ``Backbone.name``.
+    """
+    if gzipped:
+        try:
+            data = gzip.decompress(data if isinstance(data, bytes) else data.encode("latin-1"))
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise StructureError(f"{name}: corrupt gzip data ({e})") from e
+    arr, resolution = _load_atom_array(data, fmt, name)
+    prot, chain = _protein_atoms(arr, name, chain)
+    return _backbone_from_chain_atoms(prot, chain, name, resolution)
+
+
+def _strip_suffixes(path: Path) -> str:
+    n = path.name
+    if n.lower().endswith(".gz"):
+        n = n[:-3]
+    return n.rsplit(".", 1)[0] if "." in n else n
+
+
+def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone:
+    """Read the backbone (N, CA, C, O) of one protein chain from a PDB / mmCIF / BinaryCIF file.
+
+    The first model is used; only ATOM records of amino-acid residues are kept (HETATM, water and
+    ligands are skipped; altlocs: first one). ``chain=None`` selects the first protein chain.
+
+    Raises:
+        StructureError: missing/unreadable file, unsupported suffix, malformed content, no protein
+            residues, or an absent ``chain``.
+    """
+    p = Path(path)
+    fmt, gz = detect_format(p)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise StructureError(f"{p}: cannot read file ({e.strerror or e})") from e
+    return parse_backbone(raw, fmt, name=_strip_suffixes(p), chain=chain, gzipped=gz)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "ascii") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success fsync and ``os.replace`` it onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched. The result gets
+    the usual ``0o666 & ~umask`` permissions (not the 0600 of ``tempfile``).
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {directory}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        if "b" in mode:
+            fh = os.fdopen(fd, mode)
+        else:
+            fh = os.fdopen(fd, mode, encoding=encoding, newline="\n")
+        with fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _as_atoms(atoms, what: str = "atoms") -> np.ndarray:
+    try:
+        a = np.asarray(atoms.detach().cpu() if hasattr(atoms, "detach") else atoms, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise PDBWriteError(f"{what}: cannot convert to a float array ({e})") from e
+    if a.ndim != 3 or a.shape[1] not in (3, 4) or a.shape[2] != 3:
+        raise PDBWriteError(f"{what}: expected shape (L, 4, 3) or (L, 3, 3) for N, CA, C[, O]; got {a.shape}")
+    return a
+
+
+def _residue_names(sequence, n: int) -> list[str]:
+    if sequence is None:
+        return ["GLY"] * n
+    if isinstance(sequence, str):
+        seq = list(sequence)
+        if len(seq) != n:
+            raise PDBWriteError(f"sequence has length {len(seq)} but there are {n} residues")
+        out = []
+        for s in seq:
+            if s.upper() not in _ONE_TO_THREE:
+                raise PDBWriteError(f"unknown one-letter residue code {s!r} in sequence")
+            out.append(_ONE_TO_THREE[s.upper()])
+        return out
+    names = [str(s).upper() for s in sequence]
+    if len(names) != n:
+        raise PDBWriteError(f"sequence has length {len(names)} but there are {n} residues")
+    for s in names:
+        if not (1 <= len(s) <= 3 and s.isalnum()):
+            raise PDBWriteError(f"invalid residue name {s!r} (1-3 alphanumeric characters)")
+    return names
+
+
+def _remark_lines(remarks) -> list[str]:
+    if remarks is None:
+        return []
+    if isinstance(remarks, str):
+        remarks = [remarks]
+    lines = []
+    for r in remarks:
+        for part in str(r).splitlines() or [""]:
+            part = part.encode("ascii", "replace").decode("ascii")
+            while True:
+                lines.append(f"REMARK   1 {part[:69]}".ljust(80))
+                part = part[69:]
+                if not part:
+                    break
+    return lines
+
+
+def _check_coords(a: np.ndarray, what: str) -> None:
+    if not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise PDBWriteError(f"{what}: non-finite coordinate at residue {bad[-3]} (0-based)")
+    if (a < -999.999).any() or (a > 9999.999).any():
+        raise PDBWriteError(
+            f"{what}: coordinates outside the PDB range [-999.999, 9999.999] A "
+            f"(min {a.min():.1f}, max {a.max():.1f}); are they in nm or unscaled?"
+        )
+
+
+def _model_lines(a: np.ndarray, names: list[str], chain_id: str, numbers: np.ndarray, icodes: list[str],
+                 b: np.ndarray, mask: np.ndarray) -> list[str]:
+    lines = []
+    serial = 0
+    n_at = a.shape[1]
+    for i in range(a.shape[0]):
+        for k in range(n_at):
+            if not mask[i, k]:
+                continue
+            serial += 1
+            an = BACKBONE_ATOMS[k]
+            x, y, z = a[i, k]
+            lines.append(
+                f"ATOM  {serial % 100000:5d} {_atom_name_field(an)}"
+                f" {names[i]:>3s} {chain_id}{int(numbers[i]):4d}{icodes[i]:1s}   "
+                f"{x:8.3f}{y:8.3f}{z:8.3f}{1.0:6.2f}{b[i, k]:6.2f}          {_ELEMENTS[an]:>2s}  "
+            )
+    last = a.shape[0] - 1
+    if last >= 0:
+        serial += 1
+        lines.append(f"TER   {serial % 100000:5d}      {names[last]:>3s} {chain_id}{int(numbers[last]):4d}{icodes[last]:1s}".ljust(80))
+    return lines
+
+
+def _atom_name_field(an: str) -> str:
+    # element symbols of the backbone atoms are one letter -> name starts in column 14
+    return f" {an:<3s}"
+
+
+def _prepare(atoms, sequence, chain_id, residue_start, residue_numbers, insertion_codes, b_factors,
+             atom_mask, what="atoms"):
+    a = _as_atoms(atoms, what)
+    n, n_at = a.shape[0], a.shape[1]
+    if not isinstance(chain_id, str) or len(chain_id) != 1 or not chain_id.isprintable() or chain_id == " ":
+        raise PDBWriteError(f"chain_id must be a single printable character, got {chain_id!r}")
+    names = _residue_names(sequence, n)
+    if residue_numbers is None:
+        numbers = np.arange(residue_start, residue_start + n)
+    else:
+        numbers = np.asarray(residue_numbers).astype(np.int64).reshape(-1)
+        if numbers.shape[0] != n:
+            raise PDBWriteError(f"residue_numbers has {numbers.shape[0]} entries for {n} residues")
+    if n and (numbers.min() < -999 or numbers.max() > 9999):
+        raise PDBWriteError("residue numbers must lie in [-999, 9999] to fit the PDB format")
+    if insertion_codes is None:
+        icodes = [""] * n
+    else:
+        icodes = [str(c) for c in insertion_codes]
+        if len(icodes) != n or any(len(c) > 1 for c in icodes):
+            raise PDBWriteError("insertion_codes must have one entry of at most one character per residue")
+    if b_factors is None:
+        b = np.zeros((n, n_at))
+    else:
+        b = np.asarray(b_factors.detach().cpu() if hasattr(b_factors, "detach") else b_factors, dtype=np.float64)
+        if b.shape == (n,):
+            b = np.repeat(b[:, None], n_at, axis=1)
+        if b.shape != (n, n_at):
+            raise PDBWriteError(f"b_factors must have shape ({n},) or ({n}, {n_at}); got {b.shape}")
+        if not np.isfinite(b).all() or (b < -99.99).any() or (b > 999.99).any():
+            raise PDBWriteError("b_factors must be finite and within [-99.99, 999.99] (PDB column width)")
+    if atom_mask is None:
+        mask = np.ones((n, n_at), dtype=bool)
+    else:
+        mask = np.asarray(atom_mask, dtype=bool)
+        if mask.shape != (n, n_at):
+            raise PDBWriteError(f"atom_mask must have shape ({n}, {n_at}); got {mask.shape}")
+    _check_coords(np.where(mask[..., None], a, 0.0), what)
+    return a, names, numbers, icodes, b, mask
+
+
+def format_backbone_pdb(atoms, sequence=None, chain_id: str = "A", residue_start: int = 1,
+                        b_factors=None, remarks=None, *, residue_numbers=None, insertion_codes=None,
+                        atom_mask=None) -> str:
+    """PDB text for one backbone; see :func:`write_backbone_pdb` for the arguments."""
+    a, names, numbers, icodes, b, mask = _prepare(atoms, sequence, chain_id, residue_start,
+                                                   residue_numbers, insertion_codes, b_factors, atom_mask)
+    lines = _remark_lines(remarks)
+    lines += _model_lines(a, names, chain_id, numbers, icodes, b, mask)
+    lines.append("END".ljust(80))
+    return "\n".join(lines) + "\n"
+
+
+def write_backbone_pdb(path: str | os.PathLike, atoms, sequence=None, chain_id: str = "A",
+                       residue_start: int = 1, b_factors=None, remarks=None, *, residue_numbers=None,
+                       insertion_codes=None, atom_mask=None) -> Path:
+    """Write one backbone chain as a PDB file, atomically.
+
+    Args:
+        path: output file (its directory must exist).
+        atoms: (L, 4, 3) N, CA, C, O or (L, 3, 3) N, CA, C coordinates in Angstrom (numpy or torch).
+            With 3 atoms only N, CA, C are written (placing O is left to the caller).
+        sequence: one-letter string (``X`` -> UNK) or list of three-letter names; default all ``GLY``
+            (a backbone without CB is chemically glycine; tools that rebuild side chains then do
+            not invent a CB).
+        chain_id: one character.
+        residue_start: number of the first residue (consecutive numbering) unless
+            ``residue_numbers`` gives every number explicitly (then ``insertion_codes`` may too).
+        b_factors: (L,) per residue or (L, n_atoms) per atom, within [-99.99, 999.99].
+        remarks: string or list of strings written as ``REMARK   1`` lines.
+        atom_mask: optional (L, n_atoms) bool; False atoms are not written.
+
+    Returns:
+        The path written. Raises :class:`PDBWriteError` on invalid arguments (nothing is written).
+    """
+    text = format_backbone_pdb(atoms, sequence, chain_id, residue_start, b_factors, remarks,
+                               residue_numbers=residue_numbers, insertion_codes=insertion_codes,
+                               atom_mask=atom_mask)
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_trajectory_pdb(path: str | os.PathLike, frames: Sequence | np.ndarray, sequence=None,
+                         chain_id: str = "A", residue_start: int = 1, b_factors=None, remarks=None, *,
+                         residue_numbers=None) -> Path:
+    """Write a multi-model PDB (``MODEL``/``ENDMDL``, one model per frame), atomically.
+
+    ``frames`` is a sequence of (L, 4, 3) or (L, 3, 3) arrays (or one (T, L, n, 3) array), all of the
+    same shape; ``b_factors`` may be per residue (L,), per atom (L, n), or per frame (T, L[, n]).
+    Other arguments are as in :func:`write_backbone_pdb`.
+    """
+    frames = list(frames)
+    if not frames:
+        raise PDBWriteError("frames is empty: a trajectory needs at least one model")
+    if len(frames) > 9999:
+        raise PDBWriteError(f"{len(frames)} models exceed the PDB limit of 9999")
+    shape = _as_atoms(frames[0], "frames[0]").shape
+    b_all = None
+    if b_factors is not None:
+        b_all = np.asarray(b_factors.detach().cpu() if hasattr(b_factors, "detach") else b_factors, dtype=np.float64)
+        per_frame = b_all.ndim >= 1 and b_all.shape[0] == len(frames) and b_all.shape[1:] in ((shape[0],), shape[:2])
+        if not per_frame:
+            b_all = np.broadcast_to(b_all, (len(frames),) + b_all.shape)
+    # validate everything before opening the output
+    prepared = []
+    for t, fr in enumerate(frames):
+        a = _as_atoms(fr, f"frames[{t}]")
+        if a.shape != shape:
+            raise PDBWriteError(f"frames[{t}] has shape {a.shape}, expected {shape} like frames[0]")
+        prepared.append(_prepare(a, sequence, chain_id, residue_start, residue_numbers, None,
+                                 None if b_all is None else b_all[t], None, what=f"frames[{t}]"))
+    with atomic_open(path, "w") as fh:
+        for ln in _remark_lines(remarks):
+            fh.write(ln + "\n")
+        for t, (a, names, numbers, icodes, b, mask) in enumerate(prepared):
+            fh.write(f"MODEL     {t + 1:4d}".ljust(80) + "\n")
+            for ln in _model_lines(a, names, chain_id, numbers, icodes, b, mask):
+                fh.write(ln + "\n")
+            fh.write("ENDMDL".ljust(80) + "\n")
+        fh.write("END".ljust(80) + "\n")
+    return Path(path)
