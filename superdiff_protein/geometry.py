@@ -91,3 +91,30 @@ def so3_log(r: Tensor) -> Tensor:
     v_pi = sign * n * theta[..., None]
     near_pi = (cos < -0.99)[..., None]
     return torch.where(near_pi, v_pi, v_generic)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone frames in the FrameDiff / AF2 backbone-group convention (appended for data.py).
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["frames_from_backbone"]
+
+
+def frames_from_backbone(n: Tensor, ca: Tensor, c: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Residue frames ``(R, t)`` from backbone atoms N, CA, C (each (..., 3)), FrameDiff convention.
+
+    Gram-Schmidt with origin CA, x axis along ``C - CA``, and N in the xy plane with positive y;
+    ``z = x cross y``.  This is the frame of openfold's ``atom37_to_frames`` backbone group (which
+    FrameDiff trains on), so ``IDEAL_BACKBONE_LOCAL`` (C at +x, N at (-0.525, 1.363, 0)) maps to
+    the atoms and ``backbone_atoms_from_frames(frames_from_backbone(N, CA, C), psi)`` rebuilds the
+    backbone.  Note: it is NOT ``frames_from_3_points(N, CA, C)`` (that frame has x along CA - N);
+    it equals ``frames_from_3_points(2 CA - C, CA, N)``.  Returns ``R`` (..., 3, 3) whose columns
+    are the frame axes in global coordinates, and ``t = CA``.
+    """
+    e0 = c - ca
+    e0 = e0 / torch.sqrt((e0 * e0).sum(-1, keepdim=True) + eps)
+    e1 = n - ca
+    e1 = e1 - e0 * (e0 * e1).sum(-1, keepdim=True)
+    e1 = e1 / torch.sqrt((e1 * e1).sum(-1, keepdim=True) + eps)
+    e2 = torch.linalg.cross(e0, e1, dim=-1)
+    return torch.stack([e0, e1, e2], -1), ca
