@@ -44,9 +44,9 @@ def so3_exp(v: Tensor) -> Tensor:
     Uses Taylor expansions near zero so that it is accurate and differentiable everywhere.
     """
     theta2 = (v * v).sum(-1, keepdim=True)[..., None]  # (...,1,1)
-    theta = theta2.clamp_min(0).sqrt()
     small = theta2 < 1e-8 if v.dtype == torch.float64 else theta2 < 1e-4
-    safe_theta = torch.where(small, torch.ones_like(theta), theta)
+    # sqrt only of safe values: a sqrt(0) in the unused where-branch would poison gradients with NaN
+    safe_theta = torch.where(small, torch.ones_like(theta2), theta2).sqrt()
     a = torch.where(small, 1 - theta2 / 6 + theta2**2 / 120, torch.sin(safe_theta) / safe_theta)
     b = torch.where(
         small, 0.5 - theta2 / 24 + theta2**2 / 720, (1 - torch.cos(safe_theta)) / safe_theta**2
@@ -365,7 +365,7 @@ def psi_from_backbone(n: Tensor, ca: Tensor, c: Tensor, o: Tensor) -> Tensor:
 
     Inverse of the O placement: the torsion is the dihedral N-CA-C-O shifted by pi (AF2 defines
     psi with the next residue's N, which is anti to O), so that
-    ``backbone_atoms_from_frames(frames_from_3_points(N, CA, C), psi)`` reproduces O.
+    ``backbone_atoms_from_frames(*frames_from_backbone(N, CA, C), psi)`` reproduces O.
     """
     ang = dihedral_angle(n, ca, c, o) + torch.pi
     return torch.stack([torch.sin(ang), torch.cos(ang)], -1)

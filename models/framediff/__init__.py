@@ -3,3 +3,6 @@ from .config import EmbedConfig, FrameDiffConfig, IpaConfig
 from .network import FrameDiffScoreNetwork
 
 __all__ = ["EmbedConfig", "FrameDiffConfig", "IpaConfig", "FrameDiffScoreNetwork"]
+from .adapter import FrameDiffAdapter, FrameDiffOutput
+
+__all__ += ["FrameDiffAdapter", "FrameDiffOutput"]
