@@ -1,0 +1,142 @@
+"""Kappa rules: how the superposed score ``sum_i kappa_i s_i`` weights the models.
+
+Every rule maps, per sample, the current log-density estimates ``logq`` (B, M) and the linear
+model of this step's log-density increments ``dlogq = A @ kappa + b`` ((B, M, M) and (B, M), see
+``docs/superposition.md``) to weights ``kappa`` (B, M).
+
+* ``or``: kappa = softmax(T * logq + l) -- samples the (tempered, biased) mixture.
+* ``and``: kappa solves ``dlogq_i - dlogq_1 = (l_i - l_1) * frac`` for i >= 2 with ``sum kappa = 1``
+  (Prop. 6 of Skreta et al. 2025 as a linear system for any M). With ``l = 0`` all log-densities
+  change equally at every step; a bias ``l`` makes log q_i - log q_j drift to ``l_i - l_j`` over the
+  run (``frac`` is this step's share of the total time).
+* ``average``: fixed weights (Liu et al. 2022), default uniform.
+* ``single``: one-hot on one model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["KappaRule", "OrRule", "AndRule", "AverageRule", "SingleRule", "make_rule"]
+
+
+class KappaRule:
+    name = "rule"
+
+    def __call__(self, logq: Tensor, A: Tensor, b: Tensor, frac: float) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"rule": self.name}
+
+
+def _as_bias(bias, m: int, like: Tensor) -> Tensor:
+    if bias is None:
+        return torch.zeros(m, dtype=like.dtype, device=like.device)
+    l = torch.as_tensor(bias, dtype=like.dtype, device=like.device).flatten()
+    if l.numel() == 1 and m > 1:
+        raise ValueError(f"bias needs one value per model ({m}), got a scalar")
+    if l.numel() != m:
+        raise ValueError(f"bias has {l.numel()} values but there are {m} models")
+    return l
+
+
+@dataclass
+class OrRule(KappaRule):
+    temperature: float = 1.0
+    bias: list[float] | None = None
+    name: str = field(default="or", init=False)
+
+    def __post_init__(self):
+        if not (self.temperature > 0) or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be a positive finite number, got {self.temperature}")
+
+    def __call__(self, logq, A, b, frac):
+        l = _as_bias(self.bias, logq.shape[-1], logq)
+        return torch.softmax(self.temperature * logq + l, dim=-1)
+
+    def describe(self):
+        return {"rule": "or", "temperature": self.temperature, "bias": self.bias}
+
+
+@dataclass
+class AndRule(KappaRule):
+    bias: list[float] | None = None
+    ridge: float = 1e-10
+    name: str = field(default="and", init=False)
+
+    def __call__(self, logq, A, b, frac):
+        bsz, m = logq.shape
+        if m == 1:
+            return torch.ones_like(logq)
+        l = _as_bias(self.bias, m, logq)
+        # rows i = 2..M: (A_i - A_1) kappa = (l_i - l_1) frac - (b_i - b_1)
+        E = A[:, 1:, :] - A[:, :1, :]                                   # (B, M-1, M)
+        r = (l[1:] - l[0]) * frac - (b[:, 1:] - b[:, :1])                # (B, M-1)
+        # kappa = 1/M + P u with P an orthonormal basis of {sum = 0}; solve the (M-1)x(M-1) system
+        P = _sum_zero_basis(m, logq)                                     # (M, M-1)
+        k0 = torch.full((m,), 1.0 / m, dtype=logq.dtype, device=logq.device)
+        H = E @ P                                                        # (B, M-1, M-1)
+        rhs = r - E @ k0
+        # tiny Tikhonov term: AND is ill-posed when two scores coincide (then any kappa works)
+        HtH = H.transpose(-1, -2) @ H
+        scale = torch.diagonal(HtH, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(logq.dtype).tiny)
+        eye = torch.eye(m - 1, dtype=logq.dtype, device=logq.device)
+        u = torch.linalg.solve(HtH + (self.ridge * scale)[:, None, None] * eye, (H.transpose(-1, -2) @ rhs[..., None]))
+        return k0 + (P @ u).squeeze(-1)
+
+    def describe(self):
+        return {"rule": "and", "bias": self.bias}
+
+
+def _sum_zero_basis(m: int, like: Tensor) -> Tensor:
+    q, _ = torch.linalg.qr(torch.eye(m, dtype=like.dtype, device=like.device) - 1.0 / m)
+    return q[:, : m - 1]
+
+
+@dataclass
+class AverageRule(KappaRule):
+    weights: list[float] | None = None
+    name: str = field(default="average", init=False)
+
+    def __call__(self, logq, A, b, frac):
+        m = logq.shape[-1]
+        w = torch.full((m,), 1.0 / m, dtype=logq.dtype, device=logq.device) if self.weights is None else \
+            _as_bias(self.weights, m, logq)
+        return w.expand_as(logq).clone()
+
+    def describe(self):
+        return {"rule": "average", "weights": self.weights}
+
+
+@dataclass
+class SingleRule(KappaRule):
+    index: int = 0
+    name: str = field(default="single", init=False)
+
+    def __call__(self, logq, A, b, frac):
+        m = logq.shape[-1]
+        if not 0 <= self.index < m:
+            raise ValueError(f"single: model index {self.index} out of range for {m} models")
+        k = torch.zeros_like(logq)
+        k[:, self.index] = 1.0
+        return k
+
+    def describe(self):
+        return {"rule": "single", "index": self.index}
+
+
+def make_rule(rule: str, temperature: float = 1.0, bias=None, weights=None, index: int = 0) -> KappaRule:
+    """Build a rule from its name: ``or``, ``and``, ``average``, ``single``."""
+    r = str(rule).lower()
+    if r == "or":
+        return OrRule(temperature=temperature, bias=bias)
+    if r == "and":
+        return AndRule(bias=bias)
+    if r in ("average", "avg", "mean"):
+        return AverageRule(weights=weights)
+    if r == "single":
+        return SingleRule(index=index)
+    raise ValueError(f"unknown rule {rule!r}; choose one of or, and, average, single")
