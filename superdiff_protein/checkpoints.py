@@ -28,7 +28,6 @@ import pickle
 import types
 import warnings
 import typing
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -172,8 +171,10 @@ def load_checkpoint_file(
             return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first_error = e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"could not read checkpoint {p} (corrupt or not a torch file?): {e}") from e
+    except Exception as e:  # noqa: BLE001 - corrupt / truncated / not a torch file
+        raise CheckpointError(
+            f"could not read checkpoint {p} (corrupt or not a torch file?): {type(e).__name__}: {e}"
+        ) from e
     # Fallback for pickle protocols > 2 (the official files): restricted unpickler.
     try:
         return torch.load(
