@@ -203,9 +203,18 @@ def _cif_resolution(block) -> float | None:
 
 def _load_atom_array(data: bytes | str, fmt: str, name: str):
     """Parse file content -> (AtomArray of the first model, resolution or None)."""
+    import warnings
+
     import biotite.structure.io.pdb as pdb
     import biotite.structure.io.pdbx as pdbx
 
+    with warnings.catch_warnings():
+        # e.g. "elements were guessed from atom name": harmless for backbone atoms
+        warnings.simplefilter("ignore", UserWarning)
+        return _load_atom_array_inner(data, fmt, name, pdb, pdbx)
+
+
+def _load_atom_array_inner(data, fmt, name, pdb, pdbx):
     try:
         if fmt == "bcif":
             raw = data.encode() if isinstance(data, str) else data
