@@ -183,3 +183,36 @@ def test_adapter_rotmats_and_quats_agree_and_state():
     assert rs.shape == ts.shape == (2, 7, 3) and (rs[0, 5:] == 0).all()
     with pytest.raises(ValueError):
         model(None, trans, 0.5, mask)
+
+
+@pytest.mark.parametrize("mode", ["autocast_bf16", "bf16_weights"])
+def test_low_precision_runs(mode):
+    """bf16 (autocast or bf16 weights): finite outputs; frames stay in float32 as official."""
+    net = _random_net(seed=9, dtype=torch.float32)
+    rot, trans = _random_frames(2, 10, seed=10, dtype=torch.float32)
+    mask = torch.ones(2, 10)
+    mask[0, 7:] = 0
+    with torch.no_grad():
+        if mode == "autocast_bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(rotmat_to_quat(rot), trans, torch.tensor([0.3, 0.8]), mask, sc_ca=trans)
+        else:
+            out = net.to(torch.bfloat16)(rotmat_to_quat(rot), trans, torch.tensor([0.3, 0.8]), mask, sc_ca=trans)
+    assert out["rotmats"].dtype == torch.float32 and out["trans"].dtype == torch.float32
+    for v in out.values():
+        assert torch.isfinite(v).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paper_size_batch_16x300_gpu(dtype):
+    """Paper-size network, batch 16 x 300 residues, forward on CUDA (random weights)."""
+    dev = torch.device("cuda")
+    net = FrameDiffScoreNetwork(FrameDiffConfig()).to(dev).eval()
+    rot, trans = _random_frames(16, 300, seed=11, dtype=torch.float32)
+    rot, trans = rot.to(dev), trans.to(dev)
+    mask = torch.ones(16, 300, device=dev)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        out = net(rotmat_to_quat(rot), trans, torch.rand(16, device=dev), mask)
+    assert torch.isfinite(out["trans"]).all()

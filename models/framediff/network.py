@@ -418,9 +418,10 @@ class FrameDiffScoreNetwork(nn.Module):
             fixed_mask = torch.zeros(b, n, device=dev)
         if sc_ca is None:
             sc_ca = torch.zeros(b, n, 3, device=dev, dtype=trans.dtype)
-        m = res_mask.float()
         fm = fixed_mask.float()
         node, edge = self.embedding_layer(seq_idx, t, fm, sc_ca)
+        m = res_mask.to(node.dtype)
+        fm = fm.to(node.dtype)
         node = node * m[..., None]
         edge = edge * (m[:, :, None] * m[:, None, :])[..., None]
         scale = self.cfg.ipa.coordinate_scaling
