@@ -501,7 +501,8 @@ def prepare_dataset(input_dir: str | os.PathLike, output: str | os.PathLike, **o
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(desc="prepare_dataset", unit="file", disable=not cfg.progress, file=sys.stderr) if tqdm else None
+    bar = (tqdm(desc="prepare_dataset", unit="file", disable=not cfg.progress, file=sys.stderr, mininterval=0.5)
+           if tqdm else None)
 
     def _collect(res: list[dict]) -> None:
         results.extend(res)

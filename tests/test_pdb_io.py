@@ -29,9 +29,14 @@ def _archive() -> Path:
     return p / ARCHIVE_NAME if p.is_dir() else p
 
 
+_CHAIN_DIR: list[Path] = []  # shared by every module that imports the fixture (extract once)
+
+
 @pytest.fixture(scope="session")
 def pdownb_chain_dir(tmp_path_factory) -> Path:
     """A few real chains, streamed out of the PDownB archive in one pass (no listing)."""
+    if _CHAIN_DIR and _CHAIN_DIR[0].is_dir():
+        return _CHAIN_DIR[0]
     arc = _archive()
     if not arc.is_file():
         pytest.skip(f"PDownB archive not found at {arc}")
@@ -46,6 +51,7 @@ def pdownb_chain_dir(tmp_path_factory) -> Path:
             k += 1
     files = sorted(out.glob("*.pdb"))
     assert len(files) >= 4
+    _CHAIN_DIR.append(out)
     return out
 
 
