@@ -66,6 +66,7 @@ class AndRule(KappaRule):
     bias: list[float] | None = None
     ridge: float = 1e-10
     name: str = field(default="and", init=False)
+    cancels_noise: bool = field(default=True, init=False)   # kappa depends on this step's noise
 
     def __call__(self, logq, A, b, frac):
         bsz, m = logq.shape
@@ -82,9 +83,10 @@ class AndRule(KappaRule):
         rhs = r - E @ k0
         # tiny Tikhonov term: AND is ill-posed when two scores coincide (then any kappa works)
         HtH = H.transpose(-1, -2) @ H
-        scale = torch.diagonal(HtH, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(logq.dtype).tiny)
+        scale = torch.diagonal(HtH, dim1=-2, dim2=-1).mean(-1)
+        reg = torch.where(scale > 0, self.ridge * scale, torch.ones_like(scale))  # H = 0: u = 0, kappa = 1/M
         eye = torch.eye(m - 1, dtype=logq.dtype, device=logq.device)
-        u = torch.linalg.solve(HtH + (self.ridge * scale)[:, None, None] * eye, (H.transpose(-1, -2) @ rhs[..., None]))
+        u = torch.linalg.solve(HtH + reg[:, None, None] * eye, (H.transpose(-1, -2) @ rhs[..., None]))
         return k0 + (P @ u).squeeze(-1)
 
     def describe(self):

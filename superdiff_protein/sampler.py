@@ -67,6 +67,10 @@ class SamplerConfig:
     dtype: torch.dtype = torch.float64
     device: str | torch.device = "cpu"
     time_grid: str = "uniform"     # "uniform" | "quadratic" (see time_grid())
+    # AND solves kappa with this step's noise, cancelling noise along span{s_i - s_1}; the exact Itô
+    # correction for that costs one VJP per model and cancelled direction (docs/superposition.md).
+    # False reproduces the paper's (biased) AND.
+    and_correction: bool = True
 
     def validate(self) -> None:
         if int(self.num_steps) < 1:
@@ -147,33 +151,71 @@ def _probe(x: Tensor, gens, kind: str, space_c) -> Tensor:
     return z
 
 
-def _call_models(models, x: State, t: Tensor, mask, states, space: ProductSpace,
-                 laplacian: bool, probes: list[State] | None) -> tuple[list[ModelOutput], list[dict[str, Tensor]] | None]:
-    """Evaluate all models; with ``laplacian`` also a Hutchinson estimate of Lap(log q_i) per component."""
-    outs: list[ModelOutput] = []
-    laps: list[dict[str, Tensor]] | None = [] if laplacian else None
+def _eval_models(models, x: State, t: Tensor, mask, states, space: ProductSpace, need_grad: bool):
+    """Evaluate all models. With ``need_grad`` the state is perturbed by a zero tangent ``u`` that
+    requires grad, so quadratic forms of the score Jacobian can be taken afterwards (one VJP each)."""
+    outs, graphs = [], []
     for i, m in enumerate(models):
-        if not laplacian:
+        if not need_grad:
             with torch.no_grad():
-                out = m(x, t, mask, states[i])
-            outs.append(out)
+                outs.append(m(x, t, mask, states[i]))
+            graphs.append(None)
             continue
         with torch.enable_grad():
             u = {k: space.components[k].zeros_tangent(v).requires_grad_(True) for k, v in x.items()}
             xu = {k: space.components[k].step(x[k], u[k]) for k in x}
             out = m(xu, t, mask, states[i])
-            lap = {k: torch.zeros(next(iter(x.values())).shape[0], dtype=x[k].dtype, device=x[k].device) for k in x}
-            for p, z in enumerate(probes):
-                proj = sum((space.components[k].project(out.scores[k], mask) * z[k]).flatten(1).sum() for k in x)
-                grads = torch.autograd.grad(proj, [u[k] for k in x], retain_graph=p < len(probes) - 1, allow_unused=True)
-                for k, gk in zip(x, grads):
-                    if gk is not None:
-                        lap[k] = lap[k] + space.components[k].inner(gk, z[k], mask) / len(probes)
-        out = ModelOutput({k: v.detach() for k, v in out.scores.items()}, out.state,
-                          {k: v.detach() for k, v in out.extras.items()})
-        outs.append(out)
-        laps.append({k: v.detach() for k, v in lap.items()})
-    return outs, laps
+        graphs.append((u, out.scores))
+        outs.append(ModelOutput({k: v.detach() for k, v in out.scores.items()}, out.state,
+                                {k: v.detach() for k, v in out.extras.items()}))
+    return outs, graphs
+
+
+def _quadratic_forms(graph, directions: list[State], space: ProductSpace, mask) -> dict[str, Tensor]:
+    """sum_a v_a^T J v_a per sample, split by component (J = Jacobian of the score, i.e. the Hessian of
+    log q in the space's tangent coordinates), from one vector-Jacobian product per direction."""
+    u, scores = graph
+    names = list(u)
+    out = {k: torch.zeros(u[k].shape[0], dtype=u[k].dtype, device=u[k].device) for k in names}
+    with torch.enable_grad():
+        for v in directions:
+            proj = sum((space.components[k].project(scores[k], mask) * v[k]).flatten(1).sum() for k in names)
+            grads = torch.autograd.grad(proj, [u[k] for k in names], retain_graph=True, allow_unused=True)
+            for k, gk in zip(names, grads):
+                if gk is not None:
+                    out[k] = out[k] + space.components[k].inner(gk, v[k], mask).detach()
+    return out
+
+
+def _noise_cancelling_directions(S: dict[str, Tensor], g: dict[str, Tensor], space: ProductSpace, mask,
+                                 scope: str) -> list[State]:
+    """Directions v_a = G e_a, with e_a an orthonormal basis (per sample) of span{w_i - w_1}, w_i = G s_i.
+
+    The AND rule solves for kappa with this step's noise, which cancels the noise along exactly this
+    span; the Itô formula's second-order term then lacks  -eta^2/2 sum_a v_a^T H_i v_a  dtau.
+    """
+    names = list(S)
+    groups = [names] if scope == "joint" else [[k] for k in names]
+    M = next(iter(S.values())).shape[1]
+    dirs: list[State] = []
+    for grp in groups:
+        basis: list[dict[str, Tensor]] = []
+        for i in range(1, M):
+            d = {k: (S[k][:, i] - S[k][:, 0]) * _bc(g[k], S[k][:, 0]) for k in grp}
+            for e in basis:
+                c = sum(space.components[k].inner(d[k], e[k], mask) for k in grp)
+                d = {k: d[k] - _bc(c, d[k]) * e[k] for k in grp}
+            nrm = torch.sqrt(sum(space.components[k].inner(d[k], d[k], mask) for k in grp))
+            ok = nrm > 1e-12 * (1 + nrm.max())
+            inv = torch.where(ok, 1.0 / torch.where(ok, nrm, torch.ones_like(nrm)), torch.zeros_like(nrm))
+            basis.append({k: d[k] * _bc(inv, d[k]) for k in grp})
+        for e in basis:
+            dirs.append({k: (e[k] * _bc(g[k], e[k]) if k in grp else torch.zeros_like(S[k][:, 0])) for k in names})
+    return dirs
+
+
+def _bc(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
 
 
 def superpose(
@@ -209,6 +251,7 @@ def superpose(
             "estimator='hutchinson' for unbiased log-densities (docs/superposition.md).",
             BiasedEstimatorWarning, stacklevel=2)
     use_lap = config.estimator == "hutchinson" and abs(eta - 1.0) > 1e-12
+    and_corr = bool(getattr(rule, "cancels_noise", False)) and config.and_correction and eta > 0 and len(models) > 1
 
     dtype, device = config.dtype, torch.device(config.device)
     B, M = len(seeds), len(models)
@@ -237,14 +280,32 @@ def superpose(
             probes = [{k: _probe(x[k], gens, config.probe, space.components[k]) for k in comps}
                       for _ in range(config.num_probes)]
             probes = [{k: space.components[k].project(z[k], mask) for k in comps} for z in probes]
-        outs, laps = _call_models(models, x, tb, mask, states, space, use_lap, probes)
+        outs, graphs = _eval_models(models, x, tb, mask, states, space, use_lap or and_corr)
         states = [o.state for o in outs]
 
-        A_c, b_c, fixed_c, S_c = {}, {}, {}, {}
+        A_c, b_c, fixed_c, S_c, g2_c = {}, {}, {}, {}, {}
         for k in comps:
             sp = space.components[k]
-            s = torch.stack([sp.project(o.scores[k].to(dtype), mask) for o in outs], 1)  # (B, M, ...)
-            g2 = sp.diffusion(tb) ** 2
+            S_c[k] = torch.stack([sp.project(o.scores[k].to(dtype), mask) for o in outs], 1)  # (B, M, ...)
+            g2_c[k] = sp.diffusion(tb) ** 2
+        extra = {k: torch.zeros(B, M, dtype=dtype, device=device) for k in comps}
+        if use_lap:     # (eta^2 - 1) g^2 / 2 * Hutchinson estimate of Lap(log q_i)
+            for i in range(M):
+                q = _quadratic_forms(graphs[i], probes, space, mask)
+                for k in comps:
+                    extra[k][:, i] += 0.5 * (eta**2 - 1.0) * g2_c[k] * q[k] / len(probes) * dtau
+        if and_corr:    # noise cancelled by AND's kappa: -eta^2 / 2 * v^T H_i v per cancelled direction
+            dirs = _noise_cancelling_directions(S_c, {k: torch.sqrt(g2_c[k]) for k in comps}, space, mask,
+                                                config.kappa_scope)
+            for i in range(M):
+                q = _quadratic_forms(graphs[i], dirs, space, mask)
+                for k in comps:
+                    extra[k][:, i] -= 0.5 * eta**2 * q[k] * dtau
+        del graphs
+
+        for k in comps:
+            sp = space.components[k]
+            s, g2 = S_c[k], g2_c[k]
             f = sp.drift(x[k], tb, mask)
             fixed = -f * dtau + eta * (torch.sqrt(g2 * dtau)).reshape((B,) + (1,) * (f.dim() - 1)) * noise[k]
             gram = torch.stack([torch.stack([sp.inner(s[:, i], s[:, j], mask) for j in range(M)], -1)
@@ -253,11 +314,8 @@ def superpose(
             s_f = torch.stack([sp.inner(s[:, i], f, mask) for i in range(M)], -1)
             divf = sp.div_drift(x[k], tb, mask)
             b = s_fixed + (divf[:, None] + s_f - 0.5 * g2[:, None] * torch.diagonal(gram, dim1=-2, dim2=-1)) * dtau
-            if use_lap:
-                lap = torch.stack([laps[i][k] for i in range(M)], -1)
-                b = b + 0.5 * (eta**2 - 1.0) * g2[:, None] * lap * dtau
             A_c[k] = cs * (g2 * dtau)[:, None, None] * gram
-            b_c[k], fixed_c[k], S_c[k] = b, fixed, s
+            b_c[k], fixed_c[k] = b + extra[k], fixed
 
         frac = dtau / total if total > 0 else 0.0
         if config.kappa_scope == "joint":
