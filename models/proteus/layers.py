@@ -312,7 +312,7 @@ class LocalTriangleAttention(nn.Module):
         tb = torch.gather(bias, 2, idx[..., None].expand(B, N, K, bias.shape[-1]))  # (B, N, K, H)
         tb = tb.permute(0, 1, 3, 2)[:, :, :, None, :]  # (B, N, H, 1, K): depends on the key only
         x = mha(x, x, [mask_bias, tb])
-        out = torch.zeros_like(z)
+        out = torch.zeros_like(z, dtype=x.dtype)  # under autocast x may be bf16 while z is float32
         return out.scatter(2, idx[..., None].expand(B, N, K, D), x)
 
     def forward(self, node_embed: Tensor, edge_embed: Tensor, trans_ang: Tensor, edge_mask: Tensor,
