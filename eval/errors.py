@@ -1,0 +1,18 @@
+"""Exception types of the evaluation package (clear messages, no raw tracebacks from the CLI)."""
+from __future__ import annotations
+
+
+class EvalError(Exception):
+    """Base class for evaluation errors whose message is meant for the user."""
+
+
+class BadInputError(EvalError):
+    """Bad user input: missing directory, no structure files, unreadable reference, bad option."""
+
+
+class StructureReadError(EvalError):
+    """A structure file could not be read or holds no usable protein chain."""
+
+
+class ModelUnavailableError(EvalError):
+    """A model (ProteinMPNN / ESMFold) or its weights are not available; the message says how to get them."""

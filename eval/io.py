@@ -1,0 +1,252 @@
+"""Reading protein backbones (PDB / mmCIF, plain or inside tar archives), discovering sample files,
+and atomic file writes.
+
+A :class:`Backbone` is the first protein chain of the first model of a file: per residue the N, CA, C, O
+coordinates (float64, NaN where an atom is absent, e.g. CA-only files), the one-letter sequence (``X`` for
+unknown residues) and the residue numbers. Residues without a CA atom are dropped.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import BadInputError, StructureReadError
+
+BACKBONE_ATOMS = ("N", "CA", "C", "O")
+STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
+
+_THREE_TO_ONE = {
+    "ALA": "A", "ARG": "R", "ASN": "N", "ASP": "D", "CYS": "C", "GLN": "Q", "GLU": "E", "GLY": "G",
+    "HIS": "H", "ILE": "I", "LEU": "L", "LYS": "K", "MET": "M", "PHE": "F", "PRO": "P", "SER": "S",
+    "THR": "T", "TRP": "W", "TYR": "Y", "VAL": "V", "MSE": "M", "SEC": "C", "PYL": "K", "UNK": "X",
+}
+_ONE_TO_THREE = {v: k for k, v in _THREE_TO_ONE.items() if k not in ("MSE", "SEC", "PYL")}
+
+
+@dataclass
+class Backbone:
+    """Backbone of one protein chain."""
+
+    name: str
+    coords: np.ndarray  # (L, 4, 3) float64, atoms N, CA, C, O; NaN where absent
+    sequence: str
+    res_ids: np.ndarray  # (L,) int
+    chain_id: str = "A"
+
+    @property
+    def length(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def ca(self) -> np.ndarray:
+        """CA coordinates (L, 3) float64."""
+        return self.coords[:, 1, :]
+
+    @property
+    def has_full_backbone(self) -> bool:
+        """True when every residue has N, CA, C and O."""
+        return bool(np.isfinite(self.coords).all())
+
+
+def _atom_array_to_backbone(atoms, name: str) -> Backbone:
+    import biotite.structure as struc
+
+    if atoms.array_length() == 0:
+        raise StructureReadError(f"{name}: no atoms")
+    atoms = atoms[~atoms.hetero | np.isin(atoms.res_name, ["MSE", "SEC", "PYL"])]
+    atoms = atoms[np.isin(atoms.element, ["H", "D"], invert=True)] if "element" in atoms.get_annotation_categories() else atoms
+    if atoms.array_length() == 0:
+        raise StructureReadError(f"{name}: no protein (ATOM) records")
+    chain = atoms.chain_id[0]
+    atoms = atoms[atoms.chain_id == chain]
+    starts = struc.get_residue_starts(atoms)
+    ends = np.append(starts[1:], atoms.array_length())
+    coords, seq, res_ids = [], [], []
+    for s, e in zip(starts, ends):
+        names = atoms.atom_name[s:e]
+        if "CA" not in names:
+            continue
+        xyz = np.full((4, 3), np.nan)
+        for k, a in enumerate(BACKBONE_ATOMS):
+            hit = np.nonzero(names == a)[0]
+            if len(hit):
+                xyz[k] = atoms.coord[s + hit[0]]
+        coords.append(xyz)
+        seq.append(_THREE_TO_ONE.get(str(atoms.res_name[s]).upper(), "X"))
+        res_ids.append(int(atoms.res_id[s]))
+    if not coords:
+        raise StructureReadError(f"{name}: no residue with a CA atom in chain {chain!r}")
+    return Backbone(name=name, coords=np.asarray(coords, dtype=np.float64), sequence="".join(seq),
+                    res_ids=np.asarray(res_ids, dtype=np.int64), chain_id=str(chain))
+
+
+def _read_atoms(handle, suffix: str, name: str):
+    import biotite.structure.io.pdb as pdb
+    import biotite.structure.io.pdbx as pdbx
+
+    try:
+        if suffix in (".pdb", ".ent"):
+            f = pdb.PDBFile.read(handle)
+            atoms = f.get_structure(model=1, altloc="first")
+        elif suffix in (".cif", ".mmcif"):
+            f = pdbx.CIFFile.read(handle)
+            atoms = pdbx.get_structure(f, model=1, altloc="first")
+        elif suffix == ".bcif":
+            f = pdbx.BinaryCIFFile.read(handle)
+            atoms = pdbx.get_structure(f, model=1, altloc="first")
+        else:
+            raise StructureReadError(f"{name}: unsupported file type {suffix!r}")
+    except StructureReadError:
+        raise
+    except Exception as exc:  # biotite raises many types on malformed input
+        raise StructureReadError(f"{name}: cannot parse structure ({type(exc).__name__}: {exc})") from exc
+    return atoms
+
+
+def read_backbone(path: str | os.PathLike, name: str | None = None) -> Backbone:
+    """Read the first protein chain of a PDB/mmCIF file as a :class:`Backbone`.
+
+    Raises :class:`StructureReadError` when the file is missing, malformed or has no CA atoms.
+    """
+    path = Path(path)
+    name = name or path.name
+    if not path.is_file():
+        raise StructureReadError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".bcif":
+        with open(path, "rb") as fh:
+            atoms = _read_atoms(fh, suffix, name)
+    else:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as exc:
+            raise StructureReadError(f"{path}: cannot read ({exc})") from exc
+        atoms = _read_atoms(io.StringIO(text), suffix, name)
+    return _atom_array_to_backbone(atoms, name)
+
+
+def backbone_from_text(text: str, suffix: str, name: str) -> Backbone:
+    """Parse PDB/mmCIF text (e.g. a tar member) into a :class:`Backbone`."""
+    return _atom_array_to_backbone(_read_atoms(io.StringIO(text), suffix.lower(), name), name)
+
+
+def iter_tar_structures(path: str | os.PathLike) -> Iterator[tuple[str, str, str]]:
+    """Yield ``(member_name, suffix, text)`` for each structure file of a tar archive (any compression)."""
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            suffix = Path(member.name).suffix.lower()
+            if suffix not in (".pdb", ".ent", ".cif", ".mmcif"):
+                continue
+            fh = tar.extractfile(member)
+            if fh is None:
+                continue
+            yield member.name, suffix, fh.read().decode("utf-8", errors="replace")
+
+
+def is_tar(path: str | os.PathLike) -> bool:
+    p = str(path).lower()
+    return p.endswith((".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2"))
+
+
+def discover_structures(root: str | os.PathLike, exclude: list[str | os.PathLike] = ()) -> list[Path]:
+    """All structure files under ``root`` (recursive, sorted), excluding trajectories (``*_traj.pdb``)
+    and anything inside the ``exclude`` directories (e.g. the evaluation output directory)."""
+    root = Path(root)
+    excl = [Path(e).resolve() for e in exclude]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath).resolve()
+        if any(d == e or e in d.parents for e in excl):
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        for fn in filenames:
+            low = fn.lower()
+            if not low.endswith(STRUCTURE_SUFFIXES) or low.endswith(("_traj.pdb", "_traj.cif")):
+                continue
+            out.append(Path(dirpath) / fn)
+    return sorted(out)
+
+
+def write_backbone_pdb(path: str | os.PathLike, coords: np.ndarray, sequence: str | None = None,
+                       b_factors: np.ndarray | None = None) -> None:
+    """Write backbone coordinates ``(L, 4, 3)`` (N, CA, C, O; NaN atoms skipped) or CA-only ``(L, 3)``
+    as a single-chain PDB file (atomically)."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim == 2:
+        full = np.full((coords.shape[0], 4, 3), np.nan)
+        full[:, 1] = coords
+        coords = full
+    L = coords.shape[0]
+    sequence = sequence or "G" * L
+    lines, serial = [], 1
+    for i in range(L):
+        res = _ONE_TO_THREE.get(sequence[i], "UNK")
+        b = 0.0 if b_factors is None else float(b_factors[i])
+        for k, atom in enumerate(BACKBONE_ATOMS):
+            x = coords[i, k]
+            if not np.isfinite(x).all():
+                continue
+            lines.append(
+                f"ATOM  {serial:5d}  {atom:<3s} {res:3s} A{i + 1:4d}    "
+                f"{x[0]:8.3f}{x[1]:8.3f}{x[2]:8.3f}{1.0:6.2f}{b:6.2f}          {atom[0]:>2s}"
+            )
+            serial += 1
+    lines += ["TER", "END", ""]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same directory, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise BadInputError(f"{what} {str(p)!r} is not a directory (does it exist?)")
+    return p
