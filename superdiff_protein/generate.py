@@ -1,0 +1,1320 @@
+"""``generate_backbones``: sample protein backbones from a superposition of frame models.
+
+Python API::
+
+    from superdiff_protein.generate import generate
+    summary = generate(rule="or", lengths=[60, 100], samples_per_length=8, num_steps=200, seed=0,
+                       out_dir="runs/or")
+    print(summary.text())
+
+Command line (Hydra, ``configs/generate_backbones.yaml``; every key can be overridden)::
+
+    generate_backbones rule=or lengths=[60,100] samples_per_length=8 num_steps=200 seed=0 out_dir=runs/or
+    generate_backbones generate=paper_or out_dir=runs/paper_or         # a preset (configs/generate/)
+
+Public config keys (a contract: scripts call them): ``models``, ``rule``, ``temperature``, ``bias``,
+``kappa_scope``, ``estimator``, ``num_steps``, ``min_t``, ``noise_scale``, ``lengths``,
+``samples_per_length``, ``batch_size``, ``seed``, ``device``, ``precision``, ``out_dir``, ``save_traj``.
+Further keys (``final``, ``sampling``, ``time_grid``, ...) are documented in the yaml file and
+``docs/tutorial.md``.
+
+Outputs (FrameDiff layout)::
+
+    out_dir/config.yaml                       resolved config
+    out_dir/samples.csv                       one row per sample (rewritten atomically)
+    out_dir/length_{L}/sample_{i}.pdb         backbone N, CA, C, O in Angstrom
+    out_dir/length_{L}/sample_{i}_traj.pdb    with save_traj=true (model 1 = noise at t=1)
+    out_dir/length_{L}/sample_{i}_traces.npz  kappa and log q per step, model and component
+    out_dir/length_{L}/kappa_traces.png, logq_traces.png
+
+Determinism: every sample owns a seed derived from ``(seed, L, i)`` and its own random stream, and
+the analytic path runs in float64, so a sample's PDB does not depend on the batch it ran in. A sample
+is complete when its PDB and its ``samples.csv`` row exist; a rerun into the same directory skips
+complete samples (and refuses a directory written with different sampling settings).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import inspect
+import io
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
+from .igso3 import igso3_dlog_domega, igso3_log_density
+from .kappa import make_rule
+from .pdb_io import PDBWriteError, atomic_open, format_backbone_pdb, write_trajectory_pdb
+from .protocol import IncompatibleModelsError, ModelOutput, check_compatible
+from .sampler import BiasedEstimatorWarning, SamplerConfig, SamplingError, superpose
+from .spaces import ProductSpace, frame_space
+
+__all__ = [
+    "GenerateConfig",
+    "GenerateError",
+    "GenerationFailed",
+    "GenerateSummary",
+    "ExactFrameMixture",
+    "generate",
+    "load_config",
+    "parse_lengths",
+    "sample_seed",
+    "resolve_models",
+    "load_exact_model",
+    "build_exact_frame_set",
+    "main",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_NAME = "generate_backbones"
+EXACT_FRAMES_FILE = REPO_ROOT / "models" / "checkpoints" / "exact_frames_pdownb.pt"
+EXACT_FORMAT = "superdiff_exact_frames"
+MAX_LENGTH = 2000            # longer chains are refused as absurd
+MAX_SAMPLES = 1_000_000
+NM_TO_ANGSTROM = 10.0        # frame models' translations live in nm (FrameDiff's coordinate_scaling 0.1)
+_PROG = "generate_backbones"
+
+# Keys whose change changes the samples: a rerun into a directory written with other values is refused.
+_SAMPLE_KEYS = ("models", "rule", "temperature", "bias", "kappa_scope", "estimator", "num_steps", "min_t",
+                "noise_scale", "seed", "precision", "final", "sampling", "time_grid", "num_probes",
+                "and_correction", "weights", "single_index", "exact")
+
+
+# ------------------------------------------------------------------------------------------ errors
+class GenerateError(RuntimeError):
+    """Bad input or environment: nothing was written for the offending request (exit code 2)."""
+
+    exit_code = 2
+
+
+class GenerationFailed(GenerateError):
+    """Sampling failed (NaN/inf): the failing batch was not written (exit code 1)."""
+
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class GenerateConfig:
+    """All options of :func:`generate` (mirrors ``configs/generate_backbones.yaml``)."""
+
+    models: Any = field(default_factory=lambda: ["exact-helix", "exact-strand"])
+    rule: str = "or"
+    temperature: float = 1.0
+    bias: Any = None
+    kappa_scope: str = "joint"
+    estimator: str = "ito"
+    num_steps: int = 500
+    min_t: float = 0.01
+    noise_scale: float = 1.0
+    lengths: Any = field(default_factory=lambda: [60, 80, 100])
+    samples_per_length: int = 4
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    out_dir: str = "generated_backbones"
+    save_traj: bool = False
+    final: str = "prediction"
+    sampling: str = "sde"
+    time_grid: str = "uniform"
+    num_probes: int = 1
+    and_correction: bool = True
+    weights: Any = None
+    single_index: int = 0
+    pad_lengths: bool = False
+    traj_stride: int = 1
+    plots: bool = True
+    progress: bool = True
+    exact: Any = field(default_factory=lambda: {"trans_std": 0.1, "windows_per_chain": 4})
+
+
+_FIELDS = [f.name for f in fields(GenerateConfig)]
+
+
+def _strip_hydra(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in ("hydra", "defaults")}
+
+
+def load_config(overrides: Mapping[str, Any] | None = None, preset: str | None = None) -> dict:
+    """Defaults from ``configs/generate_backbones.yaml`` (dataclass defaults when the file is absent),
+    then the preset ``configs/generate/<preset>.yaml``, then ``overrides``. Returns a plain dict."""
+    from omegaconf import OmegaConf
+
+    base = _dataclass_defaults()
+    yml = CONFIG_DIR / f"{CONFIG_NAME}.yaml"
+    if yml.is_file():
+        base.update(_strip_hydra(OmegaConf.to_container(OmegaConf.load(yml), resolve=False)))
+    if preset:
+        pf = CONFIG_DIR / "generate" / f"{preset}.yaml"
+        if not pf.is_file():
+            avail = sorted(p.stem for p in (CONFIG_DIR / "generate").glob("*.yaml"))
+            raise GenerateError(f"unknown preset {preset!r}; available: {avail}")
+        base.update(_strip_hydra(OmegaConf.to_container(OmegaConf.load(pf), resolve=False)))
+    if overrides:
+        for k, v in overrides.items():
+            if k == "exact" and isinstance(v, Mapping):
+                base["exact"] = {**(base.get("exact") or {}), **dict(v)}
+            else:
+                base[k] = v
+    return base
+
+
+def _dataclass_defaults() -> dict:
+    c = GenerateConfig()
+    return {k: getattr(c, k) for k in _FIELDS}
+
+
+def parse_lengths(spec: Any) -> list[int]:
+    """Chain lengths from an int, a list, a range string or a ``{start, stop, step}`` mapping.
+
+    ``"60-150:10"`` -> 60, 70, ..., 150 (``stop`` is included when the step hits it; step defaults
+    to 1); ``"60,80,100"``; ``{start: 60, stop: 150, step: 10}`` (same inclusive ``stop``); lists
+    may mix ints and such strings. Order is kept, duplicates dropped. Each length must lie in
+    [1, MAX_LENGTH].
+    """
+    out: list[int] = []
+
+    def rng(start, stop, step, what) -> list[int]:
+        try:
+            a, b, s = _int(start, what), _int(stop, what), _int(step, what)
+        except GenerateError:
+            raise
+        if s < 1:
+            raise GenerateError(f"lengths: step must be >= 1 in {what!r}")
+        if b < a:
+            raise GenerateError(f"lengths: stop < start in {what!r}")
+        if (b - a) // s + 1 > 100_000:
+            raise GenerateError(f"lengths: range {what!r} has too many values")
+        return list(range(a, b + 1, s))
+
+    def add(item) -> None:
+        if isinstance(item, bool):
+            raise GenerateError(f"lengths: {item!r} is not a length")
+        if isinstance(item, (int, np.integer)):
+            out.append(int(item))
+        elif isinstance(item, float):
+            out.append(_int(item, item))
+        elif isinstance(item, str):
+            s = item.strip()
+            if "," in s:
+                for part in s.split(","):
+                    if part.strip():
+                        add(part.strip())
+                return
+            m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)(?:\s*:\s*(-?\d+))?", s)
+            if m:
+                out.extend(rng(m.group(1), m.group(2), m.group(3) or 1, s))
+            elif re.fullmatch(r"-?\d+", s):
+                out.append(int(s))
+            else:
+                raise GenerateError(f"lengths: cannot parse {item!r} (use e.g. 100, [60,100], '60-150:10' "
+                                    "or {start: 60, stop: 150, step: 10})")
+        elif isinstance(item, Mapping):
+            extra = set(item) - {"start", "stop", "step"}
+            if extra or not {"start", "stop"} <= set(item):
+                raise GenerateError(f"lengths: a range mapping needs keys start, stop[, step]; got {sorted(item)}")
+            out.extend(rng(item["start"], item["stop"], item.get("step", 1), dict(item)))
+        elif isinstance(item, Iterable):
+            for x in item:
+                if isinstance(x, (list, tuple)):
+                    raise GenerateError("lengths: nested lists are not allowed")
+                add(x)
+        else:
+            raise GenerateError(f"lengths: cannot parse {item!r}")
+
+    if spec is None:
+        raise GenerateError("lengths: no lengths given")
+    add(spec)
+    if not out:
+        raise GenerateError("lengths: no lengths given")
+    for n in out:
+        if n < 1:
+            raise GenerateError(f"lengths: {n} is not a valid chain length (must be >= 1)")
+        if n > MAX_LENGTH:
+            raise GenerateError(f"lengths: {n} residues is beyond the supported maximum of {MAX_LENGTH}")
+    return list(dict.fromkeys(out))
+
+
+def _int(v: Any, what: Any) -> int:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise GenerateError(f"{what!r}: expected an integer, got {v!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise GenerateError(f"{what!r}: expected an integer, got {v!r}")
+    return int(f)
+
+
+def sample_seed(seed: int, length: int, index: int) -> int:
+    """Seed of sample ``index`` of length ``length``: a hash of (seed, length, index), so it does not
+    depend on the batch size, the order of lengths or how many samples per length are asked for."""
+    h = hashlib.sha256(f"superdiff_protein.generate:{int(seed)}:{int(length)}:{int(index)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Opts:
+    """Validated, typed options."""
+
+    models: list
+    rule: str
+    temperature: float
+    bias: list[float] | None
+    kappa_scope: str
+    estimator: str
+    num_steps: int
+    min_t: float
+    noise_scale: float
+    lengths: list[int]
+    samples_per_length: int
+    batch_size: int
+    seed: int
+    device: torch.device
+    precision: str
+    out_dir: Path
+    save_traj: bool
+    final: str
+    sampling: str
+    time_grid: str
+    num_probes: int
+    and_correction: bool
+    weights: list[float] | None
+    single_index: int
+    pad_lengths: bool
+    traj_stride: int
+    plots: bool
+    progress: bool
+    exact: dict
+
+
+def _num(v: Any, key: str) -> float:
+    if isinstance(v, bool):
+        raise GenerateError(f"{key}: expected a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise GenerateError(f"{key}: expected a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise GenerateError(f"{key}: must be finite, got {v!r}")
+    return f
+
+
+def _int_in(v: Any, key: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool):
+        raise GenerateError(f"{key}: expected an integer, got {v!r}")
+    i = _int(v, key)
+    if not lo <= i <= hi:
+        raise GenerateError(f"{key}: must lie in [{lo}, {hi}], got {i}")
+    return i
+
+
+def _bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, np.integer)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise GenerateError(f"{key}: expected true/false, got {v!r}")
+
+
+def _choice(v: Any, key: str, choices: Sequence[str]) -> str:
+    s = str(v).lower()
+    if s not in choices:
+        raise GenerateError(f"{key}: must be one of {', '.join(choices)}; got {v!r}")
+    return s
+
+
+def _num_list(v: Any, key: str) -> list[float] | None:
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [_num(v, key)]
+    if isinstance(v, str) or not isinstance(v, Iterable):
+        raise GenerateError(f"{key}: expected a list of numbers (one per model), got {v!r}")
+    return [_num(x, key) for x in v]
+
+
+def resolve_device(spec: Any) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; refuses absent CUDA devices."""
+    s = str(spec).strip().lower()
+    if s == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(s)
+    except (RuntimeError, ValueError):
+        raise GenerateError(f"device: unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError(f"device={spec}: CUDA was requested but no CUDA device is available "
+                                "(torch.cuda.is_available() is False); use device=cpu or device=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise GenerateError(f"device={spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise GenerateError(f"device: unsupported device type {dev.type!r} (use cpu or cuda)")
+    return dev
+
+
+def _validate(c: Mapping[str, Any]) -> _Opts:
+    unknown = set(c) - set(_FIELDS)
+    if unknown:
+        raise GenerateError(f"unknown option(s) {sorted(unknown)}; valid options: {', '.join(_FIELDS)}")
+    models = c["models"]
+    if models is None or (isinstance(models, (list, tuple)) and not models) or models == "":
+        models = load_config()["models"] or GenerateConfig().models
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, Iterable):
+        models = [models]
+    models = [os.fspath(m) if isinstance(m, os.PathLike) else m for m in models]
+    if not models:
+        raise GenerateError("models: no model given")
+    temperature = _num(c["temperature"], "temperature")
+    if temperature <= 0:
+        raise GenerateError(f"temperature: T must be > 0, got {temperature:g}")
+    min_t = _num(c["min_t"], "min_t")
+    if not 0.0 <= min_t < 1.0:
+        raise GenerateError(f"min_t: must lie in [0, 1), got {min_t:g}")
+    noise = _num(c["noise_scale"], "noise_scale")
+    if noise < 0:
+        raise GenerateError(f"noise_scale: must be >= 0, got {noise:g}")
+    exact = dict(c.get("exact") or {})
+    bad = set(exact) - {"trans_std", "windows_per_chain"}
+    if bad:
+        raise GenerateError(f"exact: unknown option(s) {sorted(bad)} (valid: trans_std, windows_per_chain)")
+    exact = {"trans_std": _num(exact.get("trans_std", 0.1), "exact.trans_std"),
+             "windows_per_chain": _int_in(exact.get("windows_per_chain", 4), "exact.windows_per_chain", 1, 1000)}
+    if exact["trans_std"] <= 0:
+        raise GenerateError("exact.trans_std must be > 0 (Angstrom)")
+    out_dir = c["out_dir"]
+    if out_dir is None or str(out_dir).strip() == "":
+        raise GenerateError("out_dir: an output directory is required")
+    return _Opts(
+        models=list(models),
+        rule=_choice(c["rule"], "rule", ("or", "and", "average", "single")),
+        temperature=temperature,
+        bias=_num_list(c["bias"], "bias"),
+        kappa_scope=_choice(c["kappa_scope"], "kappa_scope", ("joint", "per_component")),
+        estimator=_choice(c["estimator"], "estimator", ("ito", "hutchinson")),
+        num_steps=_int_in(c["num_steps"], "num_steps", 1, 100_000),
+        min_t=min_t,
+        noise_scale=noise,
+        lengths=parse_lengths(c["lengths"]),
+        samples_per_length=_int_in(c["samples_per_length"], "samples_per_length", 1, MAX_SAMPLES),
+        batch_size=_int_in(c["batch_size"], "batch_size", 1, 100_000),
+        seed=_int_in(c["seed"], "seed", 0, 2**63 - 1),
+        device=resolve_device(c["device"]),
+        precision=_choice(c["precision"], "precision", ("auto", "float32", "float64", "bf16", "bfloat16")),
+        out_dir=Path(os.path.expanduser(str(out_dir))),
+        save_traj=_bool(c["save_traj"], "save_traj"),
+        final=_choice(c["final"], "final", ("prediction", "state")),
+        sampling=_choice(c["sampling"], "sampling", ("sde", "ode")),
+        time_grid=_choice(c["time_grid"], "time_grid", ("uniform", "quadratic")),
+        num_probes=_int_in(c["num_probes"], "num_probes", 1, 1000),
+        and_correction=_bool(c["and_correction"], "and_correction"),
+        weights=_num_list(c["weights"], "weights"),
+        single_index=_int_in(c["single_index"], "single_index", 0, 10_000),
+        pad_lengths=_bool(c["pad_lengths"], "pad_lengths"),
+        traj_stride=_int_in(c["traj_stride"], "traj_stride", 1, 100_000),
+        plots=_bool(c["plots"], "plots"),
+        progress=_bool(c["progress"], "progress"),
+        exact=exact,
+    )
+
+
+# ------------------------------------------------------------------------------- exact frame models
+class ExactFrameMixture:
+    """An exact score model on SE(3)^N: a joint mixture over windows of real protein chains.
+
+    Every mode ``k`` is one contiguous ``N``-residue window of a real chain (frames from its N, CA,
+    C atoms; CA centred, in nm): at data time the rotations are the mode's rotations (blurred to
+    IGSO(3) by the schedule's ``sigma_min``) and the translations are Gaussian around the mode's CA
+    positions with standard deviation ``trans_std`` (Angstrom). Under the forward SDEs of ``space``
+    the marginals are closed-form::
+
+        q_t(R, x) = 1/K sum_k prod_n IGSO3(R_n; R_kn, sigma(t)) N(x_n; alpha_t m_kn, alpha_t^2 v0 + sigma_t^2)
+
+    so scores and log-densities are exact. The mixture is joint (rotations and translations of a
+    sample come from the same window), unlike ``models.analytic.frame_mixture_model``. The model
+    adapts to any length ``N <= max_length`` (modes are built per length and cached); it does not
+    support padded batches.
+
+    ``extras``: ``pred_rotmats`` / ``pred_trans`` (Angstrom) -- the posterior mean of the clean
+    frames given the most responsible mode (that mode's rotations; Tweedie's formula for the
+    translations) -- and ``psi`` (sin, cos) of that mode, as neural frame models report them.
+    """
+
+    supports_padding = False
+
+    def __init__(self, chains: Sequence[Tensor], space: ProductSpace, name: str = "exact",
+                 trans_std: float = 0.1, windows_per_chain: int = 4, chain_names: Sequence[str] | None = None):
+        if not chains:
+            raise ValueError("ExactFrameMixture needs at least one chain")
+        self.chains = [torch.as_tensor(c, dtype=torch.float64) for c in chains]   # (L, 4, 3) Angstrom N, CA, C, O
+        for c in self.chains:
+            if c.dim() != 3 or c.shape[1:] != (4, 3) or not torch.isfinite(c).all():
+                raise ValueError("chains must be finite (L, 4, 3) N, CA, C, O arrays")
+        self.chain_names = list(chain_names) if chain_names is not None else [f"chain{i}" for i in range(len(chains))]
+        self.space = space
+        self.name = name
+        self.trans_var = (float(trans_std) / NM_TO_ANGSTROM) ** 2                  # nm^2
+        self.windows_per_chain = int(windows_per_chain)
+        self.max_length = max(int(c.shape[0]) for c in self.chains)
+        self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def signature(self) -> dict:
+        return self.space.signature()
+
+    def init_state(self, batch: int, mask: Tensor | None):
+        return None
+
+    def windows(self, n: int) -> list[tuple[int, int]]:
+        """(chain index, start) of the modes of length ``n``."""
+        if not 1 <= n <= self.max_length:
+            raise ValueError(f"model {self.name!r} supports lengths 1..{self.max_length}, got {n}")
+        out = []
+        for ci, c in enumerate(self.chains):
+            L = int(c.shape[0])
+            if L < n:
+                continue
+            w = min(self.windows_per_chain, L - n + 1)
+            starts = sorted({int(round(s)) for s in np.linspace(0, L - n, w)})
+            out += [(ci, s) for s in starts]
+        return out
+
+    def modes(self, n: int, dtype=torch.float64, device="cpu") -> tuple[Tensor, Tensor, Tensor]:
+        """Rotations (K, n, 3, 3), centred CA in nm (K, n, 3) and psi (K, n, 2) of the length-``n`` modes."""
+        key = (n, dtype, str(device))
+        if key not in self._cache:
+            rots, trans, psis = [], [], []
+            for ci, s in self.windows(n):
+                a = self.chains[ci][s:s + n]
+                r, ca = frames_from_backbone(a[:, 0], a[:, 1], a[:, 2])
+                rots.append(r)
+                trans.append((ca - ca.mean(0)) / NM_TO_ANGSTROM)
+                psis.append(psi_from_backbone(a[:, 0], a[:, 1], a[:, 2], a[:, 3]))
+            self._cache[key] = tuple(torch.stack(v).to(device=device, dtype=dtype) for v in (rots, trans, psis))
+        return self._cache[key]
+
+    def _terms(self, x: dict[str, Tensor], t: Tensor):
+        rot, tr = x["rot"], x["trans"]
+        R, m, _ = self.modes(rot.shape[1], rot.dtype, rot.device)
+        rs = self.space.components["rot"].schedule
+        vs = self.space.components["trans"].schedule
+        t = t.to(rot.dtype)
+        sig = rs.sigma(t)[:, None, None]                                        # (B, 1, 1)
+        v = so3_log(R.transpose(-1, -2)[None] @ rot[:, None])                   # (B, K, N, 3)
+        omega = v.norm(dim=-1)
+        lc_rot = igso3_log_density(omega, sig).sum(-1)                          # (B, K)
+        a = vs.alpha(t).to(tr.dtype)[:, None, None, None]
+        var = a * a * self.trans_var + vs.sigma(t).to(tr.dtype)[:, None, None, None] ** 2
+        diff = tr[:, None] - a * m[None]                                        # (B, K, N, 3)
+        lc_tr = (-0.5 * (diff * diff / var + torch.log(2 * math.pi * var))).flatten(2).sum(-1)
+        lc = lc_rot + lc_tr - math.log(R.shape[0])
+        return lc, v, omega, sig, diff, var, a
+
+    def __call__(self, x, t, mask, state) -> ModelOutput:
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError(f"model {self.name!r} does not support padded residues")
+        lc, v, omega, sig, diff, var, a = self._terms(x, t)
+        resp = torch.softmax(lc, -1)                                            # (B, K)
+        tiny = 1e-6 if v.dtype == torch.float64 else 1e-3
+        rot_sc = (igso3_dlog_domega(omega, sig) / omega.clamp_min(tiny))[..., None] * v
+        rot_score = (resp[..., None, None] * rot_sc).sum(1)
+        tr_score = (resp[..., None, None] * (-diff / var)).sum(1)
+        with torch.no_grad():
+            R, m, psi = self.modes(x["rot"].shape[1], x["rot"].dtype, x["rot"].device)
+            k = resp.argmax(-1)                                                 # (B,)
+            a_b, var_b = a[:, 0], var[:, 0]                                     # (B, 1, 1)
+            x0 = m[k] + (a_b * self.trans_var / var_b) * (x["trans"] - a_b * m[k])
+            extras = {"pred_rotmats": R[k], "pred_trans": x0 * NM_TO_ANGSTROM, "psi": psi[k], "mode_index": k}
+        return ModelOutput({"rot": rot_score, "trans": tr_score}, None, extras)
+
+    def log_prob(self, x, t, mask=None) -> Tensor:
+        """Exact joint ``log q_t(R, x)`` per sample (B,)."""
+        return torch.logsumexp(self._terms(x, t)[0], -1)
+
+
+def _exact_space() -> ProductSpace:
+    """The frame space of the neural frame models when available (so exact and neural models can be
+    superposed), else FrameDiff's schedules via :func:`frame_space`."""
+    try:
+        from . import se3  # type: ignore[attr-defined]
+
+        return se3.SE3Diffuser().space
+    except Exception:
+        return frame_space()
+
+
+def load_exact_frame_set(path: str | os.PathLike = EXACT_FRAMES_FILE) -> dict:
+    """The shipped file of real chains (written by :func:`build_exact_frame_set`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise GenerateError(f"exact models: data file {p} is missing (rebuild it with "
+                            "superdiff_protein.generate.build_exact_frame_set)")
+    try:
+        d = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GenerateError(f"exact models: {p} is not readable ({type(e).__name__}: {e})") from e
+    if not isinstance(d, dict) or d.get("format") != EXACT_FORMAT:
+        raise GenerateError(f"exact models: {p} is not a {EXACT_FORMAT} file")
+    return d
+
+
+EXACT_MODELS = {"exact-helix": "helix", "exact-strand": "strand", "exact-all": None}
+
+
+def load_exact_model(name: str, trans_std: float = 0.1, windows_per_chain: int = 4,
+                     space: ProductSpace | None = None) -> ExactFrameMixture:
+    """``exact-helix`` / ``exact-strand`` (helix-rich / strand-rich PDownB chains) or ``exact-all``."""
+    if name not in EXACT_MODELS:
+        raise GenerateError(f"unknown exact model {name!r}; available: {', '.join(EXACT_MODELS)}")
+    d = load_exact_frame_set()
+    group = EXACT_MODELS[name]
+    idx = [i for i, g in enumerate(d["groups"]) if group is None or g == group]
+    return ExactFrameMixture([d["atoms"][i] for i in idx], space or _exact_space(), name=name,
+                             trans_std=trans_std, windows_per_chain=windows_per_chain,
+                             chain_names=[d["names"][i] for i in idx])
+
+
+def build_exact_frame_set(archive: str | os.PathLike, members: Mapping[str, Sequence[str]],
+                          out: str | os.PathLike = EXACT_FRAMES_FILE) -> Path:
+    """Write the exact models' data file from real PDB files of a tar archive (e.g. PDownB).
+
+    ``members`` maps a group name (``helix``/``strand``) to archive member paths. Each chain must be
+    complete (N, CA, C, O for every residue), unbroken and free of cis peptides (all CA-CA distances
+    within [3.7, 3.9] A), so every window of it is a physically valid backbone.
+    """
+    import tarfile
+
+    from .pdb_io import read_backbone
+
+    names, groups, atoms, sources = [], [], [], []
+    with tarfile.open(archive) as tf, tempfile.TemporaryDirectory() as tmp:
+        for group, mems in members.items():
+            for mem in mems:
+                tf.extract(mem, tmp, filter="data")
+                bb = read_backbone(Path(tmp) / mem)
+                a = np.asarray(bb.atoms, dtype=np.float64)
+                if not bb.atom_mask.all():
+                    raise ValueError(f"{mem}: incomplete backbone")
+                d = np.linalg.norm(a[1:, 1] - a[:-1, 1], axis=-1)
+                if d.min() < 3.7 or d.max() > 3.9:
+                    raise ValueError(f"{mem}: chain break or cis peptide (CA-CA {d.min():.2f}..{d.max():.2f} A)")
+                names.append(f"{bb.name}_{bb.chain_id}")
+                groups.append(group)
+                sources.append(mem)
+                atoms.append(torch.from_numpy(np.round(a, 3)).to(torch.float32))
+    data = {"format": EXACT_FORMAT, "version": 1, "names": names, "groups": groups, "sources": sources,
+            "atoms": atoms, "note": "N, CA, C, O in Angstrom of real PDownB chains (PDB, CC0)"}
+    with atomic_open(out, "wb", encoding=None) as fh:
+        torch.save(data, fh)
+    return Path(out)
+
+
+# ------------------------------------------------------------------------------------ models
+def _registry():
+    try:
+        from . import registry  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return registry
+
+
+def _torch_dtype(precision: str) -> torch.dtype | None:
+    return {"float32": torch.float32, "float64": torch.float64, "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16}.get(precision)
+
+
+def _call_with_supported(fn, *args, **kwargs):
+    """Call ``fn`` passing only the keyword arguments it accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def _load_one(spec: Any, opts: _Opts):
+    if not isinstance(spec, str):
+        if callable(spec) and hasattr(spec, "signature") and hasattr(spec, "init_state"):
+            return spec                                   # a ScoreModel object (Python API)
+        raise GenerateError(f"models: {spec!r} is neither a model name, a checkpoint path nor a ScoreModel")
+    s = spec.strip()
+    if s in EXACT_MODELS:
+        return load_exact_model(s, **opts.exact)
+    if s.startswith("py:"):
+        target = s[3:]
+        mod, _, attr = target.partition(":")
+        if not mod or not attr:
+            raise GenerateError(f"models: {spec!r}: a Python model is given as py:package.module:factory")
+        try:
+            fn = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise GenerateError(f"models: cannot import {target!r} ({type(e).__name__}: {e})") from e
+        try:
+            return _call_with_supported(fn, device=opts.device, dtype=_torch_dtype(opts.precision))
+        except Exception as e:
+            raise GenerateError(f"models: {target!r} failed to build a model ({type(e).__name__}: {e})") from e
+    reg = _registry()
+    looks_like_path = os.sep in s or s.endswith((".pt", ".pth", ".ckpt")) or Path(s).exists()
+    if reg is None:
+        if looks_like_path and not Path(s).exists():
+            raise GenerateError(f"models: checkpoint {s!r} not found")
+        if looks_like_path:
+            raise GenerateError(f"models: cannot load checkpoint {s!r}: checkpoint loading needs "
+                                "superdiff_protein.registry, which this installation lacks")
+        raise GenerateError(f"models: unknown model {s!r}; available: {', '.join(EXACT_MODELS)} "
+                            "(or a checkpoint path)")
+    dtype = _torch_dtype(opts.precision)
+    try:
+        return _call_with_supported(reg.load_model, s, device=opts.device, dtype=dtype)
+    except GenerateError:
+        raise
+    except Exception as e:
+        msg = str(e).strip() or type(e).__name__
+        if s.lower() not in msg.lower() and Path(s).name.lower() not in msg.lower():
+            msg = f"{s!r}: {msg}"
+        raise GenerateError(f"models: cannot load {msg}") from e
+
+
+def resolve_models(specs: Sequence[Any], opts: _Opts | None = None, **overrides) -> list:
+    """Load every model spec: exact model names, registry names, checkpoint paths, ``py:module:factory``
+    or ScoreModel objects."""
+    if opts is None:
+        opts = _validate(load_config({**overrides, "models": list(specs)}))
+    return [_load_one(s, opts) for s in specs]
+
+
+def _labels(models: Sequence[Any], specs: Sequence[Any]) -> list[str]:
+    out, seen = [], {}
+    for m, s in zip(models, specs):
+        lab = str(getattr(m, "name", None) or (s if isinstance(s, str) else type(m).__name__))
+        lab = re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(lab).name if os.sep in lab else lab) or "model"
+        if lab in seen:
+            seen[lab] += 1
+            lab = f"{lab}#{seen[lab]}"
+        else:
+            seen[lab] = 1
+        out.append(lab)
+    return out
+
+
+# ----------------------------------------------------------------------------------- outputs
+def _pdb_path(L: int, i: int) -> str:
+    return f"length_{L}/sample_{i}.pdb"
+
+
+def _csv_columns(labels: list[str], comps: list[str], scope: str) -> list[str]:
+    cols = ["id", "length", "sample", "seed", "models", "rule", "temperature", "bias", "kappa_scope", "estimator",
+            "noise_scale", "num_steps", "final", "final_model"]
+    for lab in labels:
+        if scope == "joint":
+            cols.append(f"kappa.{lab}")
+        else:
+            cols += [f"kappa.{lab}.{c}" for c in comps]
+    for lab in labels:
+        cols += [f"logq.{lab}.{c}" for c in comps] + [f"logq.{lab}"]
+    return cols + ["wall_time_s", "pdb_path", "traj_path", "traces_path"]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise GenerateError(f"{path}: cannot read the existing samples.csv ({e}); move it away or use a new out_dir")
+
+
+def _write_rows(path: Path, rows: list[dict], cols: list[str]) -> None:
+    rows = sorted(rows, key=lambda r: (int(r["length"]), int(r["sample"])))
+    allcols = cols + [c for r in rows for c in r if c not in cols]
+    allcols = list(dict.fromkeys(allcols))
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=allcols, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in allcols})
+
+
+def _yaml_text(cfg: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))
+
+
+def _canon(cfg: Mapping[str, Any]) -> dict:
+    """The sample-defining part of a config, normalised for comparison."""
+    out = {}
+    for k in _SAMPLE_KEYS:
+        v = cfg.get(k)
+        if k in ("temperature", "min_t", "noise_scale") and v is not None:
+            v = float(v)
+        if k in ("bias", "weights") and v is not None:
+            v = [float(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+        if k == "models" and isinstance(v, (list, tuple)):
+            v = [str(x) for x in v]
+        if k == "exact" and isinstance(v, Mapping):
+            v = {kk: (float(vv) if kk == "trans_std" else int(vv)) for kk, vv in v.items()}
+        out[k] = v
+    return out
+
+
+def _check_resume(out_dir: Path, cfg: dict) -> None:
+    p = out_dir / "config.yaml"
+    if not p.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except Exception as e:
+        raise GenerateError(f"{p}: unreadable config of a previous run ({e}); use a new out_dir") from None
+    a, b = _canon(old), _canon(cfg)
+    diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in _SAMPLE_KEYS if a[k] != b[k]]
+    if diffs:
+        raise GenerateError(f"{out_dir} holds samples made with other settings ({'; '.join(diffs)}); "
+                            "resuming would mix them: use a new out_dir (or the previous settings)")
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenerateError(f"out_dir: cannot create {out_dir} ({e.strerror or e})") from None
+    if not out_dir.is_dir():
+        raise GenerateError(f"out_dir: {out_dir} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write_test.", dir=out_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise GenerateError(f"out_dir: {out_dir} is not writable ({e.strerror or e})") from None
+
+
+class _OutDirLock:
+    """``out_dir/.generate.lock`` (O_EXCL, holds the pid): two runs never write one directory at once.
+    A lock left by a killed run (its pid is gone) is taken over."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".generate.lock"
+        self.fd: int | None = None
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.write(self.fd, str(os.getpid()).encode())
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                    raise GenerateError(f"out_dir: another generate_backbones run (pid {pid}) is writing to "
+                                        f"{self.path.parent}; wait for it or remove {self.path} if it is gone")
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+        raise GenerateError(f"out_dir: cannot lock {self.path.parent}")
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    """Temporary files of atomic writes left by a killed run (``.<name>.<random>.tmp``)."""
+    for d in [out_dir, *out_dir.glob("length_*")]:
+        if d.is_dir():
+            for p in d.glob(".*.tmp"):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    with atomic_open(path, "wb", encoding=None) as fh:
+        fh.write(buf.getvalue())
+
+
+def _plot_length(length_dir: Path, traces: list[Path]) -> list[Path]:
+    """kappa_traces.png and logq_traces.png for one length from its samples' trace files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [np.load(p, allow_pickle=False) for p in sorted(traces, key=lambda p: _sample_index(p))]
+    if not data:
+        return []
+    labels = [str(s) for s in data[0]["models"]]
+    comps = [str(s) for s in data[0]["components"]]
+    scope = str(data[0]["kappa_scope"])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+    panels = [("joint", 0)] if scope == "joint" else [(c, i) for i, c in enumerate(comps)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, ci) in zip(axes[0], panels):
+        for d in data:
+            t = d["t"][:-1]
+            for mi, lab in enumerate(labels):
+                ax.plot(t, d["kappa"][:, ci, mi], color=colors[mi % len(colors)], lw=0.8, alpha=0.6,
+                        label=lab if d is data[0] else None)
+        ax.set_xlim(float(data[0]["t"][0]), float(data[0]["t"][-1]))
+        ax.set_xlabel("t (sampling runs 1 -> min_t)")
+        ax.set_ylabel("kappa")
+        ax.set_title(f"kappa ({title}), {len(data)} samples")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_savefig(fig, length_dir / "kappa_traces.png"))
+    plt.close(fig)
+
+    ncol = 2 if len(labels) > 1 else 1
+    fig, axes = plt.subplots(1, ncol, figsize=(5.5 * ncol, 3.8), squeeze=False)
+    for d in data:
+        t = d["t"]
+        tot = d["logq"].sum(1)                                         # (S+1, M)
+        for mi, lab in enumerate(labels):
+            axes[0, 0].plot(t, tot[:, mi], color=colors[mi % len(colors)], lw=0.8, alpha=0.6,
+                            label=lab if d is data[0] else None)
+            if ncol == 2 and mi > 0:
+                axes[0, 1].plot(t, tot[:, mi] - tot[:, 0], color=colors[mi % len(colors)], lw=0.8, alpha=0.6,
+                                label=f"{lab} - {labels[0]}" if d is data[0] else None)
+    axes[0, 0].set_ylabel("log q_t (sum over components)")
+    axes[0, 0].set_title("log-density of each model along the path")
+    if ncol == 2:
+        axes[0, 1].set_ylabel("log q_i - log q_1")
+        axes[0, 1].set_title("log-density differences")
+    for ax in axes[0]:
+        ax.set_xlim(float(data[0]["t"][0]), float(data[0]["t"][-1]))
+        ax.set_xlabel("t (sampling runs 1 -> min_t)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_savefig(fig, length_dir / "logq_traces.png"))
+    plt.close(fig)
+    return written
+
+
+def _savefig(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    with atomic_open(path, "wb", encoding=None) as fh:
+        fh.write(buf.getvalue())
+    return path
+
+
+def _sample_index(p: Path) -> int:
+    m = re.search(r"sample_(\d+)", p.name)
+    return int(m.group(1)) if m else -1
+
+
+# ----------------------------------------------------------------------------------- summary
+@dataclass
+class GenerateSummary:
+    """What :func:`generate` did."""
+
+    out_dir: Path
+    generated: int
+    skipped: int
+    lengths: list[int]
+    models: list[str]
+    wall_time_s: float
+    csv_path: Path
+    rows: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.generated + self.skipped
+
+    def text(self) -> str:
+        per = f", {self.wall_time_s / self.generated:.2f} s/sample" if self.generated else ""
+        return (f"{_PROG}: {self.generated} sample(s) generated, {self.skipped} already complete "
+                f"(lengths {_fmt_lengths(self.lengths)}; models {', '.join(self.models)}) in "
+                f"{self.wall_time_s:.1f} s{per} -> {self.csv_path}")
+
+
+def _fmt_lengths(ls: list[int]) -> str:
+    return ",".join(map(str, ls)) if len(ls) <= 8 else f"{ls[0]}..{ls[-1]} ({len(ls)} lengths)"
+
+
+# ----------------------------------------------------------------------------------- main loop
+def _log(msg: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(f"{_PROG}: {msg}", file=sys.stderr)
+    except Exception:  # pragma: no cover
+        print(f"{_PROG}: {msg}", file=sys.stderr)
+
+
+def _surface_warnings(records: list, seen: list[str]) -> None:
+    """Log each distinct warning of the sampler once per run (e.g. the biased-Ito warning)."""
+    while records:
+        w = records.pop(0)
+        msg = str(w.message)
+        if msg not in seen:
+            seen.append(msg)
+            kind = "warning (biased log-densities)" if issubclass(w.category, BiasedEstimatorWarning) else "warning"
+            _log(f"{kind}: {msg}")
+
+
+def _final_frames(res, b: int, L: int, opts: _Opts, labels: list[str]) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
+    """Frames (Angstrom) and psi of sample ``b``: see ``final`` in the module docs / tutorial.
+
+    The model whose prediction (and psi) is used is the one with the largest final kappa (summed
+    over components); ``final=state`` writes the sampler's state at ``min_t`` instead.
+    """
+    kap = res.kappa_trace[-1, b].sum(0)                                       # (M,)
+    mstar = int(torch.argmax(kap))
+    ex = res.extras[mstar] if res.extras else {}
+    psi = ex.get("psi")
+    psi = psi[b, :L].to(torch.float64) if psi is not None else None
+    if opts.final == "prediction" and "pred_rotmats" in ex and "pred_trans" in ex:
+        return (ex["pred_rotmats"][b, :L].to(torch.float64), ex["pred_trans"][b, :L].to(torch.float64), psi,
+                labels[mstar], "prediction")
+    return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * NM_TO_ANGSTROM, psi,
+            labels[mstar], "state")
+
+
+def _atoms(rot: Tensor, trans: Tensor, psi: Tensor | None) -> np.ndarray:
+    a = backbone_atoms_from_frames(rot.cpu(), trans.cpu(), None if psi is None else psi.cpu())
+    # round once to the PDB's 3 decimals (the writer prints %.3f of these exact values)
+    return np.round(a.numpy().astype(np.float64), 3)
+
+
+def generate(cfg: Any = None, /, **kwargs: Any) -> GenerateSummary:
+    """Generate backbones; same options as the ``generate_backbones`` CLI.
+
+    ``cfg`` may be a dict, an OmegaConf config or a :class:`GenerateConfig`; ``kwargs`` override it;
+    ``preset="paper_or"`` starts from ``configs/generate/paper_or.yaml``. Unset keys take the
+    defaults of ``configs/generate_backbones.yaml``. ``models`` may also hold ScoreModel objects.
+
+    Raises :class:`GenerateError` on bad input (nothing written) and :class:`GenerationFailed` when
+    sampling produced NaN/inf (that batch is not written; earlier complete samples are kept).
+    """
+    t_start = time.perf_counter()
+    over: dict[str, Any] = {}
+    if cfg is not None:
+        if isinstance(cfg, GenerateConfig):
+            over.update({k: getattr(cfg, k) for k in _FIELDS})
+        else:
+            try:
+                from omegaconf import DictConfig, OmegaConf
+
+                if isinstance(cfg, DictConfig):
+                    cfg = OmegaConf.to_container(cfg, resolve=True)
+            except ImportError:  # pragma: no cover
+                pass
+            if not isinstance(cfg, Mapping):
+                raise GenerateError(f"generate: expected a mapping of options, got {type(cfg).__name__}")
+            over.update(_strip_hydra(dict(cfg)))
+    over.update(kwargs)
+    preset = over.pop("preset", None)
+    merged = load_config(over, preset=preset)
+    opts = _validate(merged)
+
+    # models: load and check before anything is written
+    models = [_load_one(s, opts) for s in opts.models]
+    labels = _labels(models, opts.models)
+    space = _space_for(models)
+    try:
+        check_compatible(space.signature(), models)
+    except IncompatibleModelsError as e:
+        raise GenerateError(str(e)) from None
+    M = len(models)
+    if opts.bias is not None and len(opts.bias) not in (M,) and not (M == 1 and len(opts.bias) == 1):
+        raise GenerateError(f"bias: {len(opts.bias)} value(s) given for {M} model(s); give one per model")
+    if opts.weights is not None and len(opts.weights) != M:
+        raise GenerateError(f"weights: {len(opts.weights)} value(s) given for {M} model(s)")
+    if opts.rule == "single" and opts.single_index >= M:
+        raise GenerateError(f"single_index: {opts.single_index} out of range for {M} model(s)")
+    for m, lab in zip(models, labels):
+        mx = getattr(m, "max_length", None)
+        if mx is not None and max(opts.lengths) > int(mx):
+            raise GenerateError(f"lengths: model {lab!r} supports lengths up to {mx}; asked for {max(opts.lengths)}")
+    try:
+        rule = make_rule(opts.rule, temperature=opts.temperature, bias=opts.bias, weights=opts.weights,
+                         index=opts.single_index)
+    except ValueError as e:
+        raise GenerateError(f"rule: {e}") from None
+    scfg = SamplerConfig(num_steps=opts.num_steps, min_t=opts.min_t, noise_scale=opts.noise_scale,
+                         sampling=opts.sampling, estimator=opts.estimator, kappa_scope=opts.kappa_scope,
+                         num_probes=opts.num_probes, dtype=torch.float64, device=opts.device,
+                         time_grid=opts.time_grid, and_correction=opts.and_correction)
+    try:
+        scfg.validate()
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+
+    # resolved config (what config.yaml records)
+    resolved = {k: merged[k] for k in _FIELDS}
+    resolved["models"] = [m if isinstance(m, str) else f"<object {lab}>" for m, lab in zip(opts.models, labels)]
+    resolved["lengths"] = list(opts.lengths)
+    resolved["exact"] = dict(opts.exact)
+    resolved["device"] = str(merged["device"])
+    resolved["out_dir"] = str(opts.out_dir)
+
+    out_dir = opts.out_dir
+    _check_resume(out_dir, resolved)
+    _read_rows(out_dir / "samples.csv")          # unreadable csv: refuse before writing anything
+    _prepare_out_dir(out_dir)
+    with _OutDirLock(out_dir):
+        return _generate_into(out_dir, opts, models, labels, space, rule, scfg, resolved, t_start)
+
+
+def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], space: ProductSpace, rule,
+                   scfg: SamplerConfig, resolved: dict, t_start: float) -> GenerateSummary:
+    _remove_stale_temp_files(out_dir)
+    csv_path = out_dir / "samples.csv"
+    old_rows = _read_rows(csv_path)
+    with atomic_open(out_dir / "config.yaml", "w", encoding="utf-8") as fh:
+        fh.write(_yaml_text(resolved))
+
+    rows = {(int(r["length"]), int(r["sample"])): r for r in old_rows
+            if r.get("length", "").isdigit() and r.get("sample", "").isdigit()}
+    done = {k for k, r in rows.items() if (out_dir / r.get("pdb_path", "")).is_file() and r.get("pdb_path")}
+    rows = {k: r for k, r in rows.items() if k in done}       # rows whose PDB vanished are redone
+    todo = [(L, i) for L in opts.lengths for i in range(opts.samples_per_length) if (L, i) not in done]
+    skipped = sum(1 for L in opts.lengths for i in range(opts.samples_per_length) if (L, i) in done)
+    comps = space.names
+    cols = _csv_columns(labels, comps, opts.kappa_scope)
+
+    pad = opts.pad_lengths and all(getattr(m, "supports_padding", False) for m in models)
+    if opts.pad_lengths and not pad:
+        _log("pad_lengths=true ignored: not every model supports padded batches")
+    batches = _make_batches(todo, opts.batch_size, pad)
+
+    warned: list[str] = []
+    pbar = None
+    if opts.progress and todo:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=len(todo), unit="sample", desc=_PROG, file=sys.stderr, dynamic_ncols=True,
+                    mininterval=0.2 if sys.stderr.isatty() else 2.0,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} samples "
+                               "[{elapsed}<{remaining}, {rate_fmt}]")
+    generated = 0
+    touched_lengths: set[int] = set()
+    try:
+        for batch in batches:
+            B = len(batch)
+            Ls = [L for L, _ in batch]
+            N = max(Ls)
+            seeds = [sample_seed(opts.seed, L, i) for L, i in batch]
+            mask = None
+            if pad and min(Ls) != N:
+                mask = torch.zeros(B, N, dtype=torch.float64, device=opts.device)
+                for b, L in enumerate(Ls):
+                    mask[b, :L] = 1
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as wl:
+                warnings.simplefilter("always")
+
+                def cb(s: int, n: int, _B: int = B, _base: int = generated) -> None:
+                    _surface_warnings(wl, warned)
+                    if pbar is not None:
+                        pbar.update(_base + _B * s / n - pbar.n)
+                try:
+                    res = superpose(space, models, rule, scfg, seeds, {"rot": (N,), "trans": (N, 3)}, mask=mask,
+                                    save_trajectory=opts.save_traj, callback=cb, check_models=False)
+                except SamplingError as e:
+                    names = ", ".join(f"length {L} sample {i}" for L, i in batch)
+                    raise GenerationFailed(f"sampling failed in the batch of [{names}]: {e}; nothing of this "
+                                           "batch was written (complete samples are kept; rerun to resume)") from None
+                _surface_warnings(wl, warned)
+            dt = (time.perf_counter() - t0) / B
+            for b, (L, i) in enumerate(batch):
+                rows[(L, i)] = _write_sample(out_dir, res, b, L, i, seeds[b], opts, labels, comps, dt)
+                touched_lengths.add(L)
+                generated += 1
+            _write_rows(csv_path, list(rows.values()), cols)
+        if opts.plots:
+            for L in sorted(set(opts.lengths)):
+                if L in touched_lengths or not (out_dir / f"length_{L}" / "kappa_traces.png").is_file():
+                    traces = [out_dir / r["traces_path"] for (LL, _), r in rows.items()
+                              if LL == L and r.get("traces_path") and (out_dir / r["traces_path"]).is_file()]
+                    if traces:
+                        _plot_length(out_dir / f"length_{L}", traces)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    return GenerateSummary(out_dir=out_dir, generated=generated, skipped=skipped, lengths=opts.lengths,
+                           models=labels, wall_time_s=time.perf_counter() - t_start, csv_path=csv_path,
+                           rows=sorted(rows.values(), key=lambda r: (int(r["length"]), int(r["sample"]))),
+                           warnings=warned)
+
+
+def _space_for(models: Sequence[Any]) -> ProductSpace:
+    """The sampler's space: the first model's ``space`` attribute when it has one, else the frame space."""
+    for m in models:
+        sp = getattr(m, "space", None)
+        if isinstance(sp, ProductSpace):
+            return sp
+    return _exact_space()
+
+
+def _make_batches(todo: list[tuple[int, int]], bs: int, pad: bool) -> list[list[tuple[int, int]]]:
+    if pad:
+        order = sorted(todo, key=lambda x: (-x[0], x[1]))
+        return [order[k:k + bs] for k in range(0, len(order), bs)]
+    out = []
+    for L in dict.fromkeys(L for L, _ in todo):
+        items = [x for x in todo if x[0] == L]
+        out += [items[k:k + bs] for k in range(0, len(items), bs)]
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{float(v):.6g}"
+
+
+def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: _Opts, labels: list[str],
+                  comps: list[str], wall: float) -> dict:
+    ldir = out_dir / f"length_{L}"
+    ldir.mkdir(exist_ok=True)
+    rot, trans, psi, mlab, source = _final_frames(res, b, L, opts, labels)
+    atoms = _atoms(rot, trans, psi)
+    bias = "" if opts.bias is None else ";".join(_fmt(x) for x in opts.bias)
+    remarks = [
+        "superdiff_protein generate_backbones",
+        f"models: {' + '.join(labels)}",
+        f"rule={opts.rule} T={_fmt(opts.temperature)} bias={bias or 'none'} kappa_scope={opts.kappa_scope}",
+        f"steps={opts.num_steps} min_t={_fmt(opts.min_t)} noise_scale={_fmt(opts.noise_scale)} "
+        f"estimator={opts.estimator}",
+        f"length={L} sample={i} seed={seed}",
+        f"final={source} model={mlab}",
+    ]
+    try:
+        text = format_backbone_pdb(atoms, remarks=remarks)
+    except PDBWriteError as e:
+        raise GenerationFailed(f"length {L} sample {i}: cannot write the PDB ({e})") from None
+    traj_rel = ""
+    if opts.save_traj and res.trajectory is not None:
+        frames = []
+        stride = opts.traj_stride
+        idx = list(range(0, len(res.trajectory), stride))
+        if idx[-1] != len(res.trajectory) - 1:
+            idx.append(len(res.trajectory) - 1)
+        for k in idx:
+            st = res.trajectory[k]
+            frames.append(_atoms(st["rot"][b, :L].to(torch.float64),
+                                 st["trans"][b, :L].to(torch.float64) * NM_TO_ANGSTROM, None))
+        traj_rel = f"length_{L}/sample_{i}_traj.pdb"
+        write_trajectory_pdb(out_dir / traj_rel, frames, remarks=remarks[:1] + [
+            f"noisy states from t=1 (model 1) to t=min_t (model {len(frames)}), stride {stride}"])
+    traces_rel = f"length_{L}/sample_{i}_traces.npz"
+    _save_npz(out_dir / traces_rel, t=res.t.cpu().numpy(), kappa=res.kappa_trace[:, b].cpu().numpy(),
+              logq=res.logq_trace[:, b].cpu().numpy(), models=np.array(labels), components=np.array(comps),
+              kappa_scope=np.array(opts.kappa_scope), seed=np.array(seed, dtype=np.uint64))
+    pdb_rel = _pdb_path(L, i)
+    with atomic_open(out_dir / pdb_rel, "w") as fh:
+        fh.write(text)
+    kap = res.kappa_trace[-1, b].cpu()
+    lq = res.logq[b].cpu()
+    row = {"id": f"L{L}_s{i}", "length": str(L), "sample": str(i), "seed": str(seed),
+           "models": ";".join(labels), "rule": opts.rule, "temperature": _fmt(opts.temperature), "bias": bias,
+           "kappa_scope": opts.kappa_scope, "estimator": opts.estimator, "noise_scale": _fmt(opts.noise_scale),
+           "num_steps": str(opts.num_steps), "final": source, "final_model": mlab}
+    for mi, lab in enumerate(labels):
+        if opts.kappa_scope == "joint":
+            row[f"kappa.{lab}"] = _fmt(kap[0, mi])
+        else:
+            for ci, c in enumerate(comps):
+                row[f"kappa.{lab}.{c}"] = _fmt(kap[ci, mi])
+    for mi, lab in enumerate(labels):
+        for ci, c in enumerate(comps):
+            row[f"logq.{lab}.{c}"] = _fmt(lq[ci, mi])
+        row[f"logq.{lab}"] = _fmt(lq[:, mi].sum())
+    row.update({"wall_time_s": f"{wall:.3f}", "pdb_path": pdb_rel, "traj_path": traj_rel, "traces_path": traces_rel})
+    return row
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _run_from_cfg(cfg) -> int:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        print(f"{_PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    try:
+        summary = generate(_strip_hydra(opts))
+    except GenerateError as e:
+        print(f"{_PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted; complete samples are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(summary.text())
+    return 0
+
+
+def main() -> None:
+    """Console entry point ``generate_backbones`` (Hydra overrides, e.g. ``rule=and lengths=[60,100]``)."""
+    import signal
+
+    import hydra
+
+    def _on_term(signum, frame):            # let atomic writes clean up their temporary files
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_term)
+    rc = {"code": 0}
+    config_path = str(CONFIG_DIR) if (CONFIG_DIR / f"{CONFIG_NAME}.yaml").is_file() else None
+    if config_path is None:
+        from hydra.core.config_store import ConfigStore
+
+        ConfigStore.instance().store(name=CONFIG_NAME, node=_dataclass_defaults())
+
+    @hydra.main(config_path=config_path, config_name=CONFIG_NAME, version_base=None)
+    def _app(cfg) -> None:
+        rc["code"] = _run_from_cfg(cfg)
+
+    _app()
+    sys.exit(rc["code"])
+
+
+if __name__ == "__main__":
+    main()
