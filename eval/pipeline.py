@@ -505,3 +505,8 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
     atomic_write_text(path, buf.getvalue())
+
+
+def cache_file(out_dir: str | Path, rel_path: str) -> Path:
+    """Per-sample cache JSON of the sample at ``rel_path`` (relative to samples_dir)."""
+    return Path(out_dir) / "cache" / f"{_safe_key(rel_path)}.json"
