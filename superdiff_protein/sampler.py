@@ -41,6 +41,7 @@ __all__ = [
     "superpose",
     "make_generators",
     "time_grid",
+    "step_sizes",
 ]
 
 
@@ -66,7 +67,7 @@ class SamplerConfig:
     probe: str = "rademacher"      # "rademacher" | "gaussian"
     dtype: torch.dtype = torch.float64
     device: str | torch.device = "cpu"
-    time_grid: str = "uniform"     # "uniform" | "quadratic" (see time_grid())
+    time_grid: str = "uniform"     # "uniform" | "quadratic" | "framediff" (see time_grid())
     # AND solves kappa with this step's noise, cancelling noise along span{s_i - s_1}; the exact Itô
     # correction for that costs one VJP per model and cancelled direction (docs/superposition.md).
     # False reproduces the paper's (biased) AND.
@@ -134,13 +135,31 @@ def time_grid(num_steps: int, min_t: float, kind: str = "uniform", dtype=torch.f
     ``uniform``: equal steps (FrameDiff, the paper). ``quadratic``: ``t = min_t + (1 - min_t) u^2`` for
     ``u`` uniform -- steps shrink towards ``min_t`` where the marginals are sharpest, which cuts the
     discretisation error of both the sampler and the density estimates (docs/superposition.md).
+    ``framediff``: the official FrameDiff/Proteus grid ``numpy.linspace(min_t, 1, num_t)[::-1]`` with
+    ``num_t = num_steps + 1`` (bit for bit); the official step size is the constant ``1 / num_t``
+    (not the grid spacing), see :func:`step_sizes`.
     """
+    if kind == "framediff":
+        n = num_steps + 1
+        step = (1.0 - min_t) / (n - 1)
+        y = torch.arange(n, dtype=torch.float64) * step + min_t
+        y[-1] = 1.0
+        return y.flip(0).to(dtype)
     u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)
     if kind == "uniform":
         return min_t + (1.0 - min_t) * u
     if kind == "quadratic":
         return min_t + (1.0 - min_t) * u * u
-    raise ValueError(f"unknown time grid {kind!r}; choose 'uniform' or 'quadratic'")
+    raise ValueError(f"unknown time grid {kind!r}; choose 'uniform', 'quadratic' or 'framediff'")
+
+
+def step_sizes(ts: Tensor, kind: str = "uniform") -> list[float]:
+    """Reverse-time step sizes ``dtau`` for a grid from :func:`time_grid`: the grid differences, except
+    for ``framediff`` where every step is ``1 / num_t = 1 / len(ts)`` as in the official samplers."""
+    n = ts.numel() - 1
+    if kind == "framediff":
+        return [1.0 / (n + 1)] * n
+    return [float(ts[i] - ts[i + 1]) for i in range(n)]
 
 
 def _probe(x: Tensor, gens, kind: str, space_c) -> Tensor:
@@ -230,12 +249,16 @@ def superpose(
     save_trajectory: bool = False,
     callback: Callable[[int, int], None] | None = None,
     check_models: bool = True,
+    noise_fn: Callable[[int, Tensor, State], Mapping[str, Tensor] | None] | None = None,
 ) -> SampleResult:
     """Sample ``len(seeds)`` states from the superposition of ``models`` under ``rule``.
 
     ``shapes`` gives each component's per-sample shape (e.g. ``{"rot": (N,), "trans": (N, 3)}``; SO(3)
     takes the residue count). ``mask`` (B, N) marks real residues in padded batches.
     ``callback(step, num_steps)`` is called after each step (progress bars).
+    ``noise_fn(step, t, x)`` (optional) returns this step's standard-normal noise per component (the
+    tangent noise ``z`` of ``dx = ... + eta g sqrt(dtau) z``, before projection/masking), or ``None`` to
+    draw it from the per-sample streams; used to replay official trajectories with recorded noise.
     """
     config.validate()
     models = list(models)
@@ -265,16 +288,22 @@ def superpose(
     prior = space.prior_log_prob(x, mask)
     logq = torch.stack([prior[k] for k in comps], 1)[:, :, None].expand(B, len(comps), M).clone()
     ts = time_grid(config.num_steps, config.min_t, config.time_grid, dtype).to(device)
-    total = float(ts[0] - ts[-1])
+    dtaus = step_sizes(ts, config.time_grid)
+    total = float(sum(dtaus)) if config.time_grid == "framediff" else float(ts[0] - ts[-1])
     states = [m.init_state(B, mask) for m in models]
     kappa_tr, logq_tr = [], [logq.clone()]
     traj = [{k: v.clone() for k, v in x.items()}] if save_trajectory else None
     outs: list[ModelOutput] = []
 
     for step in range(config.num_steps):
-        t_now, dtau = ts[step], float(ts[step] - ts[step + 1])
+        t_now, dtau = ts[step], dtaus[step]
         tb = t_now.expand(B)
-        noise = {k: space.components[k].randn_tangent(x[k], gens, mask) for k in comps}
+        injected = noise_fn(step, tb, x) if noise_fn is not None else None
+        if injected is not None:
+            noise = {k: space.components[k].project(torch.as_tensor(injected[k]).to(device=device, dtype=dtype), mask)
+                     for k in comps}
+        else:
+            noise = {k: space.components[k].randn_tangent(x[k], gens, mask) for k in comps}
         probes = None
         if use_lap:
             probes = [{k: _probe(x[k], gens, config.probe, space.components[k]) for k in comps}

@@ -9,9 +9,8 @@ Proteus predicts clean frames; ``FoldModule.diffusion_sample`` turns them into s
 
 The two official SE(3) diffusers (FrameDiff, Proteus) are numerically identical for these
 functions (see ``diffuser_differences.json``: only ``rot_to_quat`` differs by an ``1e-7 I``
-shift of the 4x4 matrix, which does not change its eigenvectors), so the FrameDiff port in
-:mod:`models.framediff.official_scores` is reused. This module is meant to be merged with the
-shared diffuser (``superdiff_protein.spaces``).
+shift of the 4x4 matrix, which does not change its eigenvectors), so this delegates to the shared
+diffuser :mod:`superdiff_protein.se3` (the same code FrameDiff uses).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from models.framediff.official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
+from superdiff_protein.se3 import SE3DiffuserConfig, official_rot_score, official_trans_score
 
 __all__ = ["official_scores"]
 
@@ -31,7 +30,7 @@ def official_scores(quats_t: Tensor, trans_t: Tensor, quats_pred: Tensor, trans_
     ``conf`` is the full run config (its ``diffuser`` section; defaults = the official base.yaml).
     Padded residues (``res_mask == 0``) get zero scores (the official code does not mask them).
     """
-    cfg = OfficialDiffuserConfig.from_conf(conf)
+    cfg = SE3DiffuserConfig.from_conf(conf, center_rule="proteus")
     rot = official_rot_score(quats_t, quats_pred, t, cfg, res_mask)
     tr = official_trans_score(trans_t, trans_pred, t, cfg, res_mask)
     return rot, tr
