@@ -1,7 +1,7 @@
 """Hydra CLIs of the image path: ``generate_images`` and ``train_image_model`` (docs/images.md).
 
-    generate_images model=path/to/sd-v1-4 'prompts=[a cat, a dog]' rule=and batch_size=4 output_dir=out
-    generate_images 'model=[runs/cifar_a, runs/cifar_b]' rule=or num_inference_steps=1000 output_dir=out
+    generate_images model_path=path/to/sd-v1-4 'prompts=[a cat, a dog]' rule=and batch_size=4 output_dir=out
+    generate_images 'model_path=[runs/cifar_a, runs/cifar_b]' rule=or num_inference_steps=1000 output_dir=out
     train_image_model archive=cifar-10-python.tar.gz 'classes=[0,1,2,3,4]' output=runs/cifar_a
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ class ImageCLIError(RuntimeError):
 
 @dataclass
 class GenerateConfig:
-    model: Any = "???"                 # local diffusers model dir / hub id, or a list (superposition of models)
+    model_path: Any = "???"            # local diffusers model dir / hub id, or a list (superposition of models)
     prompts: Any = None                # list of prompts (SD); null for unconditional pixel models
     rule: str = "and"                  # and | or | average | joint | single
     num_inference_steps: int = 50
@@ -102,14 +102,14 @@ def run_generate(cfg: GenerateConfig) -> dict:
     from models.image.adapters import ImageModelError
     from models.image.pipeline import SuperDiffPipeline, save_traces
 
-    for k in ("model", "output_dir"):
+    for k in ("model_path", "output_dir"):
         if getattr(cfg, k) in (None, "???", ""):
             raise ImageCLIError(f"{k} is required")
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if cfg.dtype not in dtypes:
         raise ImageCLIError(f"dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    models = [cfg.model] if isinstance(cfg.model, str) else list(cfg.model)
+    models = [cfg.model_path] if isinstance(cfg.model_path, str) else list(cfg.model_path)
     kw = {"local_files_only": True} if cfg.local_files_only else {}
     pipe = SuperDiffPipeline.from_pretrained(models, torch_dtype=dtypes[cfg.dtype], device=device, **kw)
     prompts = None if cfg.prompts is None else ([cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts))

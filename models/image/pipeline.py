@@ -219,7 +219,7 @@ class SuperDiffPipeline:
     # ----------------------------------------------------------------------------- sampling
     def __call__(self, prompts: str | Sequence[str] | None = None, rule: str = "and", num_inference_steps: int = 50,
                  guidance_scale: float | Sequence[float] = 7.5, lift: float | Sequence[float] | None = 0.0,
-                 batch_size: int = 1, generator=None, height: int | None = None, width: int | None = None, *,
+                 batch_size: int | None = None, generator=None, height: int | None = None, width: int | None = None, *,
                  seeds: Sequence[int] | None = None, negative_prompt: str = "", temperature: float = 1.0,
                  index: int = 0, sampling: str = "sde", estimator: str = "ito", num_probes: int = 1,
                  and_correction: bool = False, noise_scale: float = 1.0, min_t: float | None = None,
@@ -234,6 +234,8 @@ class SuperDiffPipeline:
         r = str(rule).lower()
         if r not in RULES:
             raise ImageModelError(f"unknown rule {rule!r}; choose one of {RULES}")
+        if batch_size is None:      # default: one image per seed, else 1
+            batch_size = len(seeds) if seeds is not None else 1
         if int(batch_size) < 1:
             raise ImageModelError(f"batch_size must be >= 1, got {batch_size}")
         if r == "joint":
