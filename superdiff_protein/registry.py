@@ -124,13 +124,16 @@ def load_frame_checkpoint(path: str | os.PathLike, kind: str = "auto", device: A
         kind = detect_checkpoint_kind(load_checkpoint_file(p, "cpu", trust_checkpoint), p)
     dtype = dtype or torch.float32
     if kind == "framediff":
-        from models.framediff.adapter import FrameDiffAdapter
-
-        adapter = FrameDiffAdapter.from_checkpoint(p, device=device, trust_checkpoint=trust_checkpoint, dtype=dtype)
+        from models.framediff.adapter import FrameDiffAdapter as Adapter
     else:
-        from models.proteus.adapter import ProteusAdapter
-
-        adapter = ProteusAdapter.from_checkpoint(p, device=device, trust_checkpoint=trust_checkpoint, dtype=dtype)
+        from models.proteus.adapter import ProteusAdapter as Adapter
+    try:
+        adapter = Adapter.from_checkpoint(p, device=device, trust_checkpoint=trust_checkpoint, dtype=dtype)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # config of another architecture
+        raise CheckpointError(f"{p}: cannot build a {kind} model from this checkpoint's config "
+                              f"({type(e).__name__}: {e}); is it a {kind} checkpoint?") from e
     return FrameScoreModel.from_adapter(adapter, name=name or f"{kind}:{p.stem}", self_condition=self_condition)
 
 
