@@ -470,7 +470,8 @@ class ExactFrameMixture:
         self.chain_names = list(chain_names) if chain_names is not None else [f"chain{i}" for i in range(len(chains))]
         self.space = space
         self.name = name
-        self.trans_var = (float(trans_std) / NM_TO_ANGSTROM) ** 2                  # nm^2
+        self.to_angstrom = _angstrom_per_unit(space)
+        self.trans_var = (float(trans_std) / self.to_angstrom) ** 2               # (space units)^2
         self.windows_per_chain = int(windows_per_chain)
         self.max_length = max(int(c.shape[0]) for c in self.chains)
         self._cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
@@ -503,8 +504,9 @@ class ExactFrameMixture:
             for ci, s in self.windows(n):
                 a = self.chains[ci][s:s + n]
                 r, ca = frames_from_backbone(a[:, 0], a[:, 1], a[:, 2])
-                rots.append(r)
-                trans.append((ca - ca.mean(0)) / NM_TO_ANGSTROM)
+                u, _, vh = torch.linalg.svd(r)                  # exact rotations (the eps of
+                rots.append(u @ vh)                             # frames_from_backbone leaves ~1e-9)
+                trans.append((ca - ca.mean(0)) / self.to_angstrom)
                 psis.append(psi_from_backbone(a[:, 0], a[:, 1], a[:, 2], a[:, 3]))
             self._cache[key] = tuple(torch.stack(v).to(device=device, dtype=dtype) for v in (rots, trans, psis))
         return self._cache[key]
@@ -540,12 +542,18 @@ class ExactFrameMixture:
             k = resp.argmax(-1)                                                 # (B,)
             a_b, var_b = a[:, 0], var[:, 0]                                     # (B, 1, 1)
             x0 = m[k] + (a_b * self.trans_var / var_b) * (x["trans"] - a_b * m[k])
-            extras = {"pred_rotmats": R[k], "pred_trans": x0 * NM_TO_ANGSTROM, "psi": psi[k], "mode_index": k}
+            extras = {"pred_rotmats": R[k], "pred_trans": x0 * self.to_angstrom, "psi": psi[k], "mode_index": k}
         return ModelOutput({"rot": rot_score, "trans": tr_score}, None, extras)
 
     def log_prob(self, x, t, mask=None) -> Tensor:
         """Exact joint ``log q_t(R, x)`` per sample (B,)."""
         return torch.logsumexp(self._terms(x, t)[0], -1)
+
+
+def _angstrom_per_unit(space: ProductSpace) -> float:
+    """Angstrom per unit of the space's ``trans`` component (10 for FrameDiff's nm)."""
+    cs = getattr(space.components.get("trans"), "coordinate_scaling", None)
+    return 1.0 / float(cs) if cs else NM_TO_ANGSTROM
 
 
 def _exact_space() -> ProductSpace:
@@ -997,7 +1005,7 @@ def _surface_warnings(records: list, seen: list[str]) -> None:
             _log(f"{kind}: {msg}")
 
 
-def _final_frames(res, b: int, L: int, opts: _Opts, labels: list[str]) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
+def _final_frames(res, b: int, L: int, opts: _Opts, labels: list[str], scale: float) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
     """Frames (Angstrom) and psi of sample ``b``: see ``final`` in the module docs / tutorial.
 
     The model whose prediction (and psi) is used is the one with the largest final kappa (summed
@@ -1011,7 +1019,7 @@ def _final_frames(res, b: int, L: int, opts: _Opts, labels: list[str]) -> tuple[
     if opts.final == "prediction" and "pred_rotmats" in ex and "pred_trans" in ex:
         return (ex["pred_rotmats"][b, :L].to(torch.float64), ex["pred_trans"][b, :L].to(torch.float64), psi,
                 labels[mstar], "prediction")
-    return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * NM_TO_ANGSTROM, psi,
+    return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, psi,
             labels[mstar], "state")
 
 
@@ -1116,6 +1124,7 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
     todo = [(L, i) for L in opts.lengths for i in range(opts.samples_per_length) if (L, i) not in done]
     skipped = sum(1 for L in opts.lengths for i in range(opts.samples_per_length) if (L, i) in done)
     comps = space.names
+    scale = _angstrom_per_unit(space)
     cols = _csv_columns(labels, comps, opts.kappa_scope)
 
     pad = opts.pad_lengths and all(getattr(m, "supports_padding", False) for m in models)
@@ -1163,7 +1172,7 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
                 _surface_warnings(wl, warned)
             dt = (time.perf_counter() - t0) / B
             for b, (L, i) in enumerate(batch):
-                rows[(L, i)] = _write_sample(out_dir, res, b, L, i, seeds[b], opts, labels, comps, dt)
+                rows[(L, i)] = _write_sample(out_dir, res, b, L, i, seeds[b], opts, labels, comps, dt, scale)
                 touched_lengths.add(L)
                 generated += 1
             _write_rows(csv_path, list(rows.values()), cols)
@@ -1204,14 +1213,14 @@ def _make_batches(todo: list[tuple[int, int]], bs: int, pad: bool) -> list[list[
 
 
 def _fmt(v: float) -> str:
-    return f"{float(v):.6g}"
+    return f"{float(v):.12g}"
 
 
 def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: _Opts, labels: list[str],
-                  comps: list[str], wall: float) -> dict:
+                  comps: list[str], wall: float, scale: float) -> dict:
     ldir = out_dir / f"length_{L}"
     ldir.mkdir(exist_ok=True)
-    rot, trans, psi, mlab, source = _final_frames(res, b, L, opts, labels)
+    rot, trans, psi, mlab, source = _final_frames(res, b, L, opts, labels, scale)
     atoms = _atoms(rot, trans, psi)
     bias = "" if opts.bias is None else ";".join(_fmt(x) for x in opts.bias)
     remarks = [
@@ -1237,7 +1246,7 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: _
         for k in idx:
             st = res.trajectory[k]
             frames.append(_atoms(st["rot"][b, :L].to(torch.float64),
-                                 st["trans"][b, :L].to(torch.float64) * NM_TO_ANGSTROM, None))
+                                 st["trans"][b, :L].to(torch.float64) * scale, None))
         traj_rel = f"length_{L}/sample_{i}_traj.pdb"
         write_trajectory_pdb(out_dir / traj_rel, frames, remarks=remarks[:1] + [
             f"noisy states from t=1 (model 1) to t=min_t (model {len(frames)}), stride {stride}"])
