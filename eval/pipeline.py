@@ -60,6 +60,7 @@ class Sample:
     meta: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     backbone: Backbone | None = None
+    dirty: bool = False
 
     @property
     def sections(self) -> dict:
@@ -73,10 +74,12 @@ class Sample:
         value = dict(value)
         value["_fp"] = fp
         self.sections[section] = value
+        self.dirty = True
 
     def error(self, section: str, fp: str, exc: BaseException | str) -> None:
         msg = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         self.sections[section] = {"_fp": fp, "error": str(msg)[:500]}
+        self.dirty = True
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -133,14 +136,18 @@ def _load_cache(sample: Sample, cache_dir: Path, resume: bool) -> None:
             c = json.loads(f.read_text())
             if c.get("version") == CACHE_VERSION and c.get("file_hash") == h:
                 sample.cache = c
+                sample.dirty = False
                 return
         except (OSError, json.JSONDecodeError):
             pass
     sample.cache = {"version": CACHE_VERSION, "file_hash": h, "path": sample.rel, "sections": {}}
+    sample.dirty = True
 
 
 def _save_cache(sample: Sample, cache_dir: Path) -> None:
-    atomic_write_json(cache_dir / f"{sample.key}.json", sample.cache)
+    if sample.dirty:
+        atomic_write_json(cache_dir / f"{sample.key}.json", sample.cache)
+        sample.dirty = False
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -258,6 +265,13 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
     # ---- ESMFold self-consistency
     fc = cfg.fold
     esm_spec = cfg.get("esmfold")
+    if esm_spec and fold_model is None:
+        from .fold import esmfold_help, resolve_esmfold
+
+        if resolve_esmfold(esm_spec) is None:
+            log("warning: " + esmfold_help(esm_spec))
+            status["esmfold"] = esmfold_help(esm_spec)
+            esm_spec = None
     fold_ran = False
     if mc.enabled and (esm_spec or fold_model is not None):
         from .fold import resolve_esmfold
