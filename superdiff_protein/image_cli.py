@@ -200,17 +200,23 @@ def generate_main() -> None:
     _hydra_main("generate_images", GenerateConfig, body)
 
 
+def run_train(cfg) -> Path:
+    """Body of ``train_image_model`` (a :class:`models.image.cifar.TrainConfig`)."""
+    from models.image.cifar import train_ddpm
+
+    for k in ("archive", "output"):
+        if getattr(cfg, k) in (None, "???", ""):
+            raise ImageCLIError(f"{k} is required")
+    out = train_ddpm(cfg)
+    print(f"train_image_model: saved the model to {out}")
+    return out
+
+
 def train_main() -> None:
     """Console entry point ``train_image_model``."""
-    from models.image.cifar import TrainConfig, train_ddpm
+    from models.image.cifar import TrainConfig
 
-    def body(cfg) -> None:
-        for k in ("archive", "output"):
-            if getattr(cfg, k) in (None, "???", ""):
-                raise ImageCLIError(f"{k} is required")
-        out = train_ddpm(cfg)
-        print(f"train_image_model: saved the model to {out}")
-    _hydra_main("train_image_model", TrainConfig, body)
+    _hydra_main("train_image_model", TrainConfig, run_train)
 
 
 if __name__ == "__main__":
