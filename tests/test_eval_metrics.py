@@ -151,3 +151,43 @@ def test_novelty_parallel_matches_serial(chains):
     serial = [r.max_tm for r in novelty(queries, ref, workers=1)]
     par = [r.max_tm for r in novelty(queries, ref, workers=2)]
     assert par == pytest.approx(serial, abs=1e-12)
+
+
+def test_prepare_reference_from_tar_and_npz(tmp_path, chains):
+    import tarfile
+
+    from eval.io import write_backbone_pdb
+    from eval.reference import load_reference, main as ref_main, prepare_reference
+
+    src = tmp_path / "src"
+    for bb in chains[:3]:
+        write_backbone_pdb(src / f"{bb.name}.pdb", bb.coords, bb.sequence)
+    (src / "junk.pdb").write_text("nonsense\n")
+    arch = tmp_path / "ref.tar.xz"
+    with tarfile.open(arch, "w:xz") as tar:
+        tar.add(src, arcname="ref")
+    ref = prepare_reference(arch, tmp_path / "ref.npz", progress=False)
+    back = load_reference(tmp_path / "ref.npz")
+    assert sorted(back.names) == sorted(bb.name for bb in chains[:3]) and back.fingerprint() == ref.fingerprint()
+    for i, name in enumerate(back.names):
+        bb = [c for c in chains if c.name == name][0]
+        assert np.allclose(back.chain(i), bb.ca, atol=1e-3) and str(back.sequences[i]) == bb.sequence
+    assert sorted(load_reference(src).names) == sorted(back.names)
+    assert ref_main([str(tmp_path / "missing"), str(tmp_path / "x.npz")]) == 2
+
+
+@pytest.mark.slow
+def test_novelty_on_full_pdownb_exact_vs_heuristic(chains):
+    from conftest import pdownb_archive
+    from eval.reference import build_reference
+
+    arch = sorted(pdownb_archive().glob("*.tar*"))[0]
+    ref = build_reference(arch, workers=2)
+    assert len(ref) > 2000
+    rng = np.random.default_rng(0)
+    queries = [(bb.ca + rng.normal(scale=1.0, size=bb.ca.shape), bb.sequence) for bb in chains[:2]]
+    exact = novelty(queries, ref, workers=2)
+    heur = novelty(queries, ref, workers=2, top_k=300)
+    for bb, e, h in zip(chains, exact, heur):
+        assert e.best_ref == bb.name and e.max_tm > 0.8  # the noisy copy finds its source chain
+        assert h.max_tm <= e.max_tm + 1e-12
