@@ -84,7 +84,7 @@ def load_images(source) -> Tensor:
         a = np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
         if a.ndim != 3 or a.shape[2] != 3:
             raise ImageMetricsError(f"images must be RGB (H, W, 3), got shape {a.shape}")
-        arrs.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8)).permute(2, 0, 1))
+        arrs.append(torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1))
     if not arrs:
         raise ImageMetricsError("no images given")
     if len({tuple(a.shape) for a in arrs}) != 1:
