@@ -545,6 +545,14 @@ class ExactFrameMixture:
             extras = {"pred_rotmats": R[k], "pred_trans": x0 * self.to_angstrom, "psi": psi[k], "mode_index": k}
         return ModelOutput({"rot": rot_score, "trans": tr_score}, None, extras)
 
+    def denoise_final(self, x, t_prev, mask=None, state=None, extras=None) -> tuple[Tensor, Tensor]:
+        """Predicted clean frames ``(rotmats, trans in Angstrom)`` at the final state, evaluated at
+        ``t_prev`` (the last step's time), as :meth:`FrameScoreModel.denoise_final` does for networks."""
+        B = x["trans"].shape[0]
+        t = torch.as_tensor(t_prev, dtype=x["trans"].dtype, device=x["trans"].device).expand(B)
+        ex = self(x, t, mask, state).extras
+        return ex["pred_rotmats"], ex["pred_trans"]
+
     def log_prob(self, x, t, mask=None) -> Tensor:
         """Exact joint ``log q_t(R, x)`` per sample (B,)."""
         return torch.logsumexp(self._terms(x, t)[0], -1)
@@ -696,9 +704,9 @@ def _load_one(spec: Any, opts: _Opts):
         raise
     except Exception as e:
         msg = str(e).strip() or type(e).__name__
-        if s.lower() not in msg.lower() and Path(s).name.lower() not in msg.lower():
-            msg = f"{s!r}: {msg}"
-        raise GenerateError(f"models: cannot load {msg}") from e
+        if type(e).__name__ == "UnknownModelError":
+            raise GenerateError(f"models: {msg}; exact (analytic) models: {', '.join(EXACT_MODELS)}") from None
+        raise GenerateError(f"models: cannot load {s!r}: {msg}") from None
 
 
 def resolve_models(specs: Sequence[Any], opts: _Opts | None = None, **overrides) -> list:
@@ -713,7 +721,7 @@ def _labels(models: Sequence[Any], specs: Sequence[Any]) -> list[str]:
     out, seen = [], {}
     for m, s in zip(models, specs):
         lab = str(getattr(m, "name", None) or (s if isinstance(s, str) else type(m).__name__))
-        lab = re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(lab).name if os.sep in lab else lab) or "model"
+        lab = re.sub(r"[^A-Za-z0-9_.:+-]", "_", Path(lab).name if os.sep in lab else lab) or "model"
         if lab in seen:
             seen[lab] += 1
             lab = f"{lab}#{seen[lab]}"
@@ -1005,20 +1013,41 @@ def _surface_warnings(records: list, seen: list[str]) -> None:
             _log(f"{kind}: {msg}")
 
 
-def _final_frames(res, b: int, L: int, opts: _Opts, labels: list[str], scale: float) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
-    """Frames (Angstrom) and psi of sample ``b``: see ``final`` in the module docs / tutorial.
+def _final_choice(res) -> list[int]:
+    """Per sample, the model with the largest final kappa (summed over components; first on ties)."""
+    return [int(i) for i in torch.argmax(res.kappa_trace[-1].sum(1), -1).tolist()]
 
-    The model whose prediction (and psi) is used is the one with the largest final kappa (summed
-    over components); ``final=state`` writes the sampler's state at ``min_t`` instead.
+
+def _final_predictions(res, models: list, mstar: list[int], mask: Tensor | None, opts: _Opts) -> dict[int, tuple]:
+    """``{model index: (rotmats, trans Angstrom)}`` for the batch, for every model chosen by a sample.
+
+    As FrameDiff's sampler: the model is called once more at the final state with the last step's
+    time (``denoise_final``); models without that method give their last step's predicted frames.
     """
-    kap = res.kappa_trace[-1, b].sum(0)                                       # (M,)
-    mstar = int(torch.argmax(kap))
+    out: dict[int, tuple] = {}
+    if opts.final != "prediction":
+        return out
+    B = res.x["trans"].shape[0]
+    for mi in sorted(set(mstar)):
+        m, ex = models[mi], (res.extras[mi] if res.extras else {})
+        with torch.no_grad():
+            if hasattr(m, "denoise_final") and len(res.t) >= 2:
+                R, T = m.denoise_final(res.x, res.t[-2].expand(B), mask, extras=ex)
+                out[mi] = (R, T)
+            elif "pred_rotmats" in ex and "pred_trans" in ex:
+                out[mi] = (ex["pred_rotmats"], ex["pred_trans"])
+    return out
+
+
+def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labels: list[str],
+                  scale: float) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
+    """Frames (Angstrom), psi, model label and source (prediction/state) of sample ``b``."""
     ex = res.extras[mstar] if res.extras else {}
     psi = ex.get("psi")
     psi = psi[b, :L].to(torch.float64) if psi is not None else None
-    if opts.final == "prediction" and "pred_rotmats" in ex and "pred_trans" in ex:
-        return (ex["pred_rotmats"][b, :L].to(torch.float64), ex["pred_trans"][b, :L].to(torch.float64), psi,
-                labels[mstar], "prediction")
+    if mstar in preds:
+        R, T = preds[mstar]
+        return R[b, :L].to(torch.float64), T[b, :L].to(torch.float64), psi, labels[mstar], "prediction"
     return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, psi,
             labels[mstar], "state")
 
@@ -1127,7 +1156,7 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
     scale = _angstrom_per_unit(space)
     cols = _csv_columns(labels, comps, opts.kappa_scope)
 
-    pad = opts.pad_lengths and all(getattr(m, "supports_padding", False) for m in models)
+    pad = opts.pad_lengths and all(_supports_padding(m) for m in models)
     if opts.pad_lengths and not pad:
         _log("pad_lengths=true ignored: not every model supports padded batches")
     batches = _make_batches(todo, opts.batch_size, pad)
@@ -1170,9 +1199,21 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
                     raise GenerationFailed(f"sampling failed in the batch of [{names}]: {e}; nothing of this "
                                            "batch was written (complete samples are kept; rerun to resume)") from None
                 _surface_warnings(wl, warned)
+            mstar = _final_choice(res)
+            try:
+                preds = _final_predictions(res, models, mstar, mask, opts)
+            except Exception as e:
+                raise GenerationFailed(f"the final prediction failed ({type(e).__name__}: {e}); nothing of this "
+                                       "batch was written") from None
             dt = (time.perf_counter() - t0) / B
+            finals = [_final_frames(res, b, L, mstar[b], preds, labels, scale) for b, (L, _) in enumerate(batch)]
             for b, (L, i) in enumerate(batch):
-                rows[(L, i)] = _write_sample(out_dir, res, b, L, i, seeds[b], opts, labels, comps, dt, scale)
+                if not all(bool(torch.isfinite(v).all()) for v in finals[b][:2]):
+                    raise GenerationFailed(f"length {L} sample {i}: the final structure is not finite; nothing "
+                                           "of this batch was written")
+            for b, (L, i) in enumerate(batch):
+                rows[(L, i)] = _write_sample(out_dir, res, b, L, i, seeds[b], opts, labels, comps, dt, scale,
+                                             finals[b])
                 touched_lengths.add(L)
                 generated += 1
             _write_rows(csv_path, list(rows.values()), cols)
@@ -1193,12 +1234,21 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
 
 
 def _space_for(models: Sequence[Any]) -> ProductSpace:
-    """The sampler's space: the first model's ``space`` attribute when it has one, else the frame space."""
+    """The sampler's space: the first model's ``space`` (or ``diffuser.space``), else the frame space.
+    (All models must share its signature; that is checked separately.)"""
     for m in models:
-        sp = getattr(m, "space", None)
-        if isinstance(sp, ProductSpace):
-            return sp
+        for sp in (getattr(m, "space", None), getattr(getattr(m, "diffuser", None), "space", None)):
+            if isinstance(sp, ProductSpace):
+                return sp
     return _exact_space()
+
+
+def _supports_padding(m: Any) -> bool:
+    """Frame networks (FrameScoreModel) take residue masks; others must say ``supports_padding = True``."""
+    flag = getattr(m, "supports_padding", None)
+    if flag is not None:
+        return bool(flag)
+    return hasattr(m, "predictor") and hasattr(m, "diffuser")
 
 
 def _make_batches(todo: list[tuple[int, int]], bs: int, pad: bool) -> list[list[tuple[int, int]]]:
@@ -1217,10 +1267,10 @@ def _fmt(v: float) -> str:
 
 
 def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: _Opts, labels: list[str],
-                  comps: list[str], wall: float, scale: float) -> dict:
+                  comps: list[str], wall: float, scale: float, final: tuple) -> dict:
     ldir = out_dir / f"length_{L}"
     ldir.mkdir(exist_ok=True)
-    rot, trans, psi, mlab, source = _final_frames(res, b, L, opts, labels, scale)
+    rot, trans, psi, mlab, source = final
     atoms = _atoms(rot, trans, psi)
     bias = "" if opts.bias is None else ";".join(_fmt(x) for x in opts.bias)
     remarks = [
