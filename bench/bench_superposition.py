@@ -166,7 +166,12 @@ def main() -> int:
             for route, kw in [("sde_ito", dict(estimator="ito")),
                               ("ode_hutchinson", dict(sampling="ode", estimator="hutchinson")),
                               ("sde_eta0.1_hutchinson", dict(noise_scale=0.1, estimator="hutchinson"))]:
-                s, peak, ok = timed_steps(fd, OrRule(), n, 8, min(a.steps, 10), dev, **kw)
+                try:
+                    s, peak, ok = timed_steps(fd, OrRule(), n, 8, min(a.steps, 10), dev, **kw)
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    log("ito_vs_hutchinson", dict(length=n, batch=8, route=route, error="out of memory"))
+                    continue
                 log("ito_vs_hutchinson", dict(length=n, batch=8, route=route, ms_per_step=round(s * 1000, 2),
                                               peak_mib=round(peak, 1), finite=ok))
     if "overhead" in a.questions:

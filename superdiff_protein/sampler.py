@@ -170,10 +170,17 @@ def _probe(x: Tensor, gens, kind: str, space_c) -> Tensor:
     return z
 
 
-def _eval_models(models, x: State, t: Tensor, mask, states, space: ProductSpace, need_grad: bool):
+def _eval_models(models, x: State, t: Tensor, mask, states, space: ProductSpace, need_grad: bool,
+                 probes: list[State] | None = None, keep_graphs: bool = False):
     """Evaluate all models. With ``need_grad`` the state is perturbed by a zero tangent ``u`` that
-    requires grad, so quadratic forms of the score Jacobian can be taken afterwards (one VJP each)."""
-    outs, graphs = [], []
+    requires grad, so quadratic forms of the score Jacobian can be taken (one VJP each).
+
+    With ``probes`` the Hutchinson quadratic forms are taken right after each model's forward, so
+    only one model's graph is alive at a time; graphs are returned only when ``keep_graphs``
+    (needed by the AND correction, whose directions depend on every model's score).
+    Returns ``(outputs, graphs or Nones, per-model probe quadratic forms or None)``.
+    """
+    outs, graphs, quads = [], [], []
     for i, m in enumerate(models):
         if not need_grad:
             with torch.no_grad():
@@ -184,22 +191,28 @@ def _eval_models(models, x: State, t: Tensor, mask, states, space: ProductSpace,
             u = {k: space.components[k].zeros_tangent(v).requires_grad_(True) for k, v in x.items()}
             xu = {k: space.components[k].step(x[k], u[k]) for k in x}
             out = m(xu, t, mask, states[i])
-        graphs.append((u, out.scores))
+        graph = (u, out.scores)
+        if probes:
+            quads.append(_quadratic_forms(graph, probes, space, mask, retain=keep_graphs))
+        graphs.append(graph if keep_graphs else None)
         outs.append(ModelOutput({k: v.detach() for k, v in out.scores.items()}, out.state,
                                 {k: v.detach() for k, v in out.extras.items()}))
-    return outs, graphs
+        del out, graph
+    return outs, graphs, (quads if probes else None)
 
 
-def _quadratic_forms(graph, directions: list[State], space: ProductSpace, mask) -> dict[str, Tensor]:
+def _quadratic_forms(graph, directions: list[State], space: ProductSpace, mask, retain: bool = True
+                     ) -> dict[str, Tensor]:
     """sum_a v_a^T J v_a per sample, split by component (J = Jacobian of the score, i.e. the Hessian of
     log q in the space's tangent coordinates), from one vector-Jacobian product per direction."""
     u, scores = graph
     names = list(u)
     out = {k: torch.zeros(u[k].shape[0], dtype=u[k].dtype, device=u[k].device) for k in names}
     with torch.enable_grad():
-        for v in directions:
+        for a, v in enumerate(directions):
             proj = sum((space.components[k].project(scores[k], mask) * v[k]).flatten(1).sum() for k in names)
-            grads = torch.autograd.grad(proj, [u[k] for k in names], retain_graph=True, allow_unused=True)
+            keep = retain or a < len(directions) - 1
+            grads = torch.autograd.grad(proj, [u[k] for k in names], retain_graph=keep, allow_unused=True)
             for k, gk in zip(names, grads):
                 if gk is not None:
                     out[k] = out[k] + space.components[k].inner(gk, v[k], mask).detach()
@@ -309,7 +322,8 @@ def superpose(
             probes = [{k: _probe(x[k], gens, config.probe, space.components[k]) for k in comps}
                       for _ in range(config.num_probes)]
             probes = [{k: space.components[k].project(z[k], mask) for k in comps} for z in probes]
-        outs, graphs = _eval_models(models, x, tb, mask, states, space, use_lap or and_corr)
+        outs, graphs, lap_q = _eval_models(models, x, tb, mask, states, space, use_lap or and_corr,
+                                           probes if use_lap else None, keep_graphs=and_corr)
         states = [o.state for o in outs]
 
         A_c, b_c, fixed_c, S_c, g2_c = {}, {}, {}, {}, {}
@@ -320,9 +334,8 @@ def superpose(
         extra = {k: torch.zeros(B, M, dtype=dtype, device=device) for k in comps}
         if use_lap:     # (eta^2 - 1) g^2 / 2 * Hutchinson estimate of Lap(log q_i)
             for i in range(M):
-                q = _quadratic_forms(graphs[i], probes, space, mask)
                 for k in comps:
-                    extra[k][:, i] += 0.5 * (eta**2 - 1.0) * g2_c[k] * q[k] / len(probes) * dtau
+                    extra[k][:, i] += 0.5 * (eta**2 - 1.0) * g2_c[k] * lap_q[i][k] / len(probes) * dtau
         if and_corr:    # noise cancelled by AND's kappa: -eta^2 / 2 * v^T H_i v per cancelled direction
             dirs = _noise_cancelling_directions(S_c, {k: torch.sqrt(g2_c[k]) for k in comps}, space, mask,
                                                 config.kappa_scope)
