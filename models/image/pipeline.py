@@ -149,6 +149,9 @@ class SuperDiffPipeline:
             except Exception as e:  # noqa: BLE001
                 raise ImageModelError(f"cannot read model_index.json of {p!r} (a local diffusers model directory "
                                       f"or a cached hub id): {e}") from e
+            if "transformer" in index and "unet" not in index:
+                raise ImageModelError(f"{p!r} is a transformer (DiT / flow-matching) pipeline; only UNet diffusion "
+                                      "models with VP schedulers (SD 1.x/2.x, DDPM) can be superposed here")
             for need in ("unet", "scheduler"):
                 if need not in index:
                     raise ImageModelError(f"{p!r}: model_index.json lists no {need!r} component")
