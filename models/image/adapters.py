@@ -349,6 +349,7 @@ class PromptGroup:
         if c is not None and (c.graph or not graph) and c.x.shape == xd.shape and torch.equal(c.x, xd) \
                 and torch.equal(c.t, t.detach()):
             return c
+        self._cache = c = None          # free the previous step's graph before building this one (peak memory)
         _, s = _coeffs(self.schedule, t, xd)
         if graph:
             z = xd.clone().requires_grad_(True)
