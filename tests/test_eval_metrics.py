@@ -189,5 +189,5 @@ def test_novelty_on_full_pdownb_exact_vs_heuristic(chains):
     exact = novelty(queries, ref, workers=2)
     heur = novelty(queries, ref, workers=2, top_k=300)
     for bb, e, h in zip(chains, exact, heur):
-        assert e.best_ref == bb.name and e.max_tm > 0.8  # the noisy copy finds its source chain
+        assert e.best_ref == bb.name and e.max_tm > 0.6  # the noisy copy (1 A noise) finds its source chain
         assert h.max_tm <= e.max_tm + 1e-12
