@@ -72,6 +72,9 @@ class SamplerConfig:
     # correction for that costs one VJP per model and cancelled direction (docs/superposition.md).
     # False reproduces the paper's (biased) AND.
     and_correction: bool = True
+    # steps between checks for NaN/inf (each check syncs with the device); None: 1 on CPU, 16 on CUDA.
+    # The error always names the first bad step.
+    nan_check_every: int | None = None
 
     def validate(self) -> None:
         if int(self.num_steps) < 1:
@@ -307,6 +310,8 @@ def superpose(
     kappa_tr, logq_tr = [], [logq.clone()]
     traj = [{k: v.clone() for k, v in x.items()}] if save_trajectory else None
     outs: list[ModelOutput] = []
+    first_bad = torch.full((B,), -1, dtype=torch.long, device=device)
+    check_every = config.nan_check_every or (16 if device.type == "cuda" else 1)
 
     for step in range(config.num_steps):
         t_now, dtau = ts[step], dtaus[step]
@@ -379,11 +384,17 @@ def superpose(
         for k in comps:
             bad |= ~torch.isfinite(x[k]).flatten(1).all(1)
         bad |= ~torch.isfinite(kappa).flatten(1).all(1)
-        if bad.any():
-            idx = bad.nonzero().flatten().tolist()
-            raise SamplingError(
-                f"non-finite values at step {step + 1}/{config.num_steps} (t={float(t_now):.4f}) for sample(s) "
-                f"{idx} (seeds {[int(seeds[i]) for i in idx]}); the batch was stopped")
+        # record each sample's first bad step on the device; look at it (a host sync) only every
+        # `check_every` steps so that kernel launches keep overlapping GPU work
+        first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
+        if (step + 1) % check_every == 0 or step + 1 == config.num_steps:
+            if bool((first_bad >= 0).any()):
+                fb = first_bad.tolist()
+                s0 = min(v for v in fb if v >= 0)
+                idx = [i for i, v in enumerate(fb) if v == s0]
+                raise SamplingError(
+                    f"non-finite values at step {s0 + 1}/{config.num_steps} (t={float(ts[s0]):.4f}) for sample(s) "
+                    f"{idx} (seeds {[int(seeds[i]) for i in idx]}); the batch was stopped")
         kappa_tr.append(kappa.clone())
         logq_tr.append(logq.clone())
         if traj is not None:

@@ -225,3 +225,22 @@ def test_bad_config_rejected():
                 dict(estimator="y"), dict(kappa_scope="z")):
         with pytest.raises(ValueError):
             superpose(m1.space, [m1, m2], OrRule(), SamplerConfig(**bad), [0], {"x": (2,)})
+
+
+def test_deferred_nan_check_names_first_bad_step():
+    m1, _ = two_gmms()
+
+    class Broken:
+        name = "broken"
+        def signature(self): return m1.signature()
+        def init_state(self, b, mask): return 0
+        def __call__(self, x, t, mask, state):
+            s = m1(x, t, mask, None).scores["x"].clone()
+            if state >= 3:
+                s[1] = float("nan")
+            return ModelOutput({"x": s}, state + 1)
+
+    # checked only every 16 steps (as on CUDA), the error still names step 4 and sample 1
+    with pytest.raises(SamplingError, match=r"step 4/30.*\[1\]"):
+        superpose(m1.space, [m1, Broken()], OrRule(), SamplerConfig(num_steps=30, nan_check_every=16), [0, 1, 2],
+                  {"x": (2,)})
