@@ -239,12 +239,6 @@ def _seq_idx(batch: Mapping[str, Tensor], mode: str) -> Tensor:
     return ((rid - rid[:, :1] + 1) * mask.long()).clamp_min(0)
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """sum over (N, ...) of ``x * mask`` / (mask count + 1e-10), per batch element."""
-    dims = tuple(range(1, x.dim()))
-    return (x * mask).sum(dims) / (mask.reshape(mask.shape[0], -1).sum(-1) + 1e-10)
-
-
 def framediff_loss(
     pred_rotmats: Tensor, pred_trans: Tensor, pred_psi: Tensor,
     pred_rot_score: Tensor, pred_trans_score: Tensor,
@@ -319,16 +313,11 @@ def framediff_loss(
         dist_mat_loss = ((gd - pd) ** 2 * pmask).sum((1, 2)) / (pmask.sum((1, 2)) - n_res).clamp_min(1.0)
         dist_mat_loss = dist_mat_loss * float(exp["dist_mat_loss_weight"]) * (t < float(exp["dist_mat_loss_t_filter"]))
         dist_mat_loss = dist_mat_loss * float(exp["aux_loss_weight"])
-    rot_loss = rot_loss * bool(noised_flag(exp, "diffuse_rot"))
-    trans_loss = trans_loss * bool(noised_flag(exp, "diffuse_trans"))
+    rot_loss = rot_loss * bool(exp.get("diffuse_rot", True))
+    trans_loss = trans_loss * bool(exp.get("diffuse_trans", True))
     loss = rot_loss + trans_loss + bb_atom_loss + dist_mat_loss
     return {"loss": loss, "rot_loss": rot_loss, "trans_loss": trans_loss,
             "bb_atom_loss": bb_atom_loss, "dist_mat_loss": dist_mat_loss}
-
-
-def noised_flag(exp: Mapping[str, Any], key: str) -> bool:
-    """``diffuse_rot`` / ``diffuse_trans`` copied into the experiment section (default True)."""
-    return bool(exp.get(key, True))
 
 
 def _safe_pdist(x: Tensor) -> Tensor:
@@ -464,12 +453,19 @@ def _build_network(cfg: dict):
     return FrameDiffScoreNetwork(FrameDiffConfig.from_dict(cfg["model"]))
 
 
+_DIFFUSERS: dict[str, Any] = {}
+
+
 def _build_diffuser(cfg: dict):
+    """SE3Diffuser of the config (cached per diffuser section: its IGSO(3) tables fill lazily)."""
+    import json
+
     from .se3 import SE3Diffuser
 
-    if hasattr(SE3Diffuser, "from_conf"):
-        return SE3Diffuser.from_conf(cfg)
-    return SE3Diffuser.framediff_default()  # pragma: no cover
+    key = json.dumps(cfg["diffuser"], sort_keys=True)
+    if key not in _DIFFUSERS:
+        _DIFFUSERS[key] = SE3Diffuser.from_conf(cfg)
+    return _DIFFUSERS[key]
 
 
 def _lr_lambda(exp: Mapping[str, Any], max_steps: int) -> Callable[[int], float]:
@@ -510,6 +506,7 @@ def _make_module_cls():
             self._residues = 0
             self.metrics_path: Optional[Path] = None
             self.eval_batch: Optional[dict] = None
+            self._time_offset = 0.0
 
         # -------------------------------------------------------------- core
         def _adapter(self, net):
@@ -545,7 +542,8 @@ def _make_module_cls():
             out = adapter(noised.rotmats_t, noised.trans_t, t, mask, sc, seq_idx=seq_idx)
             with torch.autocast(device_type=mask.device.type, enabled=False):
                 pr, ptr, psi = out.rotmats.float(), out.trans.float(), out.psi.float()
-                prs, pts = self.diffuser.scores_from_prediction(noised.rotmats_t, noised.trans_t, pr, ptr, t, mask)
+                prs, pts = self.diffuser.scores_from_prediction(
+                    noised.rotmats_t, noised.trans_t, pr, ptr, t, mask, pred_quats=out.quats.float())
                 gt_psi, psi_mask = _psi_targets(batch)
                 exp2 = dict(exp, diffuse_rot=self.cfg["diffuser"]["diffuse_rot"],
                             diffuse_trans=self.cfg["diffuser"]["diffuse_trans"])
@@ -602,7 +600,7 @@ def _make_module_cls():
         def _write_row(self, step: int, extra: Optional[dict] = None) -> None:
             now = time.time()
             row: dict[str, Any] = {"step": step, "epoch": self._data_epoch(step),
-                                   "time_s": round(now - _PROCESS_START, 2)}
+                                   "train_min": round(self.train_minutes(), 3)}
             for k, v in self._acc.items():
                 if v:
                     row[k] = float(np.mean(v))
@@ -645,7 +643,7 @@ def _make_module_cls():
                 res[f"{name}_loss"] = float(ls["loss"])
                 res[f"{name}_rot_loss"] = float(ls["rot_loss"])
                 res[f"{name}_trans_loss"] = float(ls["trans_loss"])
-            row = {"step": step, "epoch": self._data_epoch(step), "time_s": round(time.time() - _PROCESS_START, 2), **res}
+            row = {"step": step, "epoch": self._data_epoch(step), "train_min": round(self.train_minutes(), 3), **res}
             if self.trainer.is_global_zero and self.metrics_path is not None:
                 _append_metrics(self.metrics_path, row)
             for lg in self.trainer.loggers:
@@ -661,8 +659,23 @@ def _make_module_cls():
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(exp, int(self.cfg["max_steps"])))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+        def on_train_start(self) -> None:
+            self._fit_start = time.time()
+            self._last_log_time = self._fit_start
+            if int(self.global_step) == 0:
+                self._evaluate(0)
+
+        def train_minutes(self) -> float:
+            """Training wall-clock minutes so far, summed over resumed chunks (startup excluded)."""
+            start = getattr(self, "_fit_start", None)
+            return (self._time_offset + (time.time() - start if start else 0.0)) / 60.0
+
         def on_save_checkpoint(self, checkpoint: dict) -> None:
             checkpoint["superdiff_config"] = copy.deepcopy(self.cfg)
+            checkpoint["superdiff_train_seconds"] = 60.0 * self.train_minutes()
+
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            self._time_offset = float(checkpoint.get("superdiff_train_seconds", 0.0))
 
     return FrameDiffusionModule
 
@@ -681,7 +694,7 @@ def __getattr__(name: str) -> Any:  # lazy Lightning classes (the module imports
 
 
 # ============================================================================ files
-_METRIC_ORDER = ["step", "epoch", "time_s", "loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss",
+_METRIC_ORDER = ["step", "epoch", "train_min", "loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss",
                  "grad_norm", "lr", "chains_per_s", "residues_per_s", "eval_loss", "eval_rot_loss",
                  "eval_trans_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"]
 
@@ -770,7 +783,6 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss (mean over log_every steps)")
-    axes[0].legend(fontsize=8)
     for key in ("eval_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"):
         x, y = series(key)
         if x:
@@ -778,7 +790,9 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
     axes[1].set_yscale("log")
     axes[1].set_xlabel("step")
     axes[1].set_title("fixed-noise evaluation loss")
-    axes[1].legend(fontsize=8)
+    for ax in axes:
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
     tmp = out_png.with_name(out_png.name + ".tmp.png")
@@ -873,8 +887,8 @@ def _make_budget_callback():
     class _SaveAndBudget(pl.Callback):
         """Periodic ``last.ckpt`` + ``model.pth``, and a clean stop before ``max_minutes``."""
 
-        def __init__(self, cfg: dict, out_dir: Path):
-            self.cfg, self.out = cfg, out_dir
+        def __init__(self, cfg: dict, out_dir: Path, start_time: float):
+            self.cfg, self.out, self.start_time = cfg, out_dir, start_time
             self.last_save = time.time()
             self.step_times: list[float] = []
             self._t_prev: Optional[float] = None
@@ -908,7 +922,7 @@ def _make_budget_callback():
             if mm is not None:
                 per_step = float(np.median(self.step_times)) if self.step_times else 1.0
                 margin = 3 * per_step + 2 * self.save_seconds + 10.0
-                if now - _PROCESS_START + margin > 60 * float(mm):
+                if now - self.start_time + margin > 60 * float(mm):
                     self.stopped_for_time = True
                     trainer.should_stop = True
 
@@ -921,9 +935,13 @@ def _make_budget_callback():
     return _SaveAndBudget
 
 
-def train(cfg: dict) -> dict:
-    """Run (or resume) a training job described by a composed config; returns a summary dict."""
+def train(cfg: dict, start_time: Optional[float] = None) -> dict:
+    """Run (or resume) a training job described by a composed config; returns a summary dict.
+
+    ``max_minutes`` counts from ``start_time`` (default: now; the CLI passes the process start).
+    """
     pl = _import_lightning()
+    start_time = time.time() if start_time is None else start_time
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     last = out / "last.ckpt"
@@ -976,7 +994,7 @@ def train(cfg: dict) -> dict:
         except ImportError:
             if tb is True or tb == "true":
                 raise TrainError("trainer.tensorboard=true but tensorboard is not installed")
-    cb = _make_budget_callback()(cfg, out)
+    cb = _make_budget_callback()(cfg, out, start_time)
     trainer = pl.Trainer(
         accelerator=tr["accelerator"], devices=tr["devices"], precision=tr["precision"],
         max_steps=int(cfg["max_steps"]), max_epochs=-1, logger=loggers or False,
@@ -1002,7 +1020,8 @@ def train(cfg: dict) -> dict:
     step = int(trainer.global_step)
     return {"out_dir": str(out), "start_step": start_step, "step": step, "seconds": time.time() - t0,
             "stopped_for_time": cb.stopped_for_time, "done": step >= int(cfg["max_steps"]),
-            "params": sum(p.numel() for p in module.model.parameters())}
+            "params": sum(p.numel() for p in module.model.parameters()),
+            "train_minutes": module.train_minutes()}
 
 
 _USAGE = """usage:
@@ -1042,7 +1061,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
             print(yaml.safe_dump(cfg, sort_keys=False))
             return
-        s = train(cfg)
+        s = train(cfg, start_time=_PROCESS_START)
     except TrainError as e:
         print(f"train_frame_model: error: {e}", file=sys.stderr)
         sys.exit(2)
