@@ -75,6 +75,7 @@ __all__ = [
     "resolve_models",
     "load_exact_model",
     "build_exact_frame_set",
+    "plot_ca_trace",
     "main",
 ]
 
@@ -960,6 +961,40 @@ def _savefig(fig, path: Path) -> Path:
 def _sample_index(p: Path) -> int:
     m = re.search(r"sample_(\d+)", p.name)
     return int(m.group(1)) if m else -1
+
+
+def plot_ca_trace(pdb_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> Path:
+    """Render the CA trace of a backbone PDB as a 3-D line plot (PNG, matplotlib Agg), coloured from
+    N- to C-terminus: a quick look at a sample without a molecular viewer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .pdb_io import read_backbone
+
+    bb = read_backbone(pdb_path)
+    ca = np.asarray(bb.atoms[:, 1], dtype=np.float64)
+    ca = ca - ca.mean(0)
+    fig = plt.figure(figsize=(5, 5))
+    ax = fig.add_subplot(projection="3d")
+    cmap = plt.get_cmap("viridis")
+    n = len(ca)
+    for k in range(n - 1):
+        ax.plot(*ca[k:k + 2].T, color=cmap(k / max(1, n - 2)), lw=2.2)
+    ax.scatter(*ca.T, c=np.arange(n), cmap="viridis", s=9, depthshade=False)
+    r = np.abs(ca).max()
+    for setter in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+        setter(-r, r)
+    ax.set_box_aspect((1, 1, 1))
+    ax.set_xlabel("x (A)")
+    ax.set_ylabel("y (A)")
+    ax.set_zlabel("z (A)")
+    ax.set_title(title or f"{Path(pdb_path).name}: CA trace, {n} residues (N -> C: purple -> yellow)", fontsize=9)
+    fig.tight_layout()
+    out = _savefig(fig, Path(png_path))
+    plt.close(fig)
+    return out
 
 
 # ----------------------------------------------------------------------------------- summary
