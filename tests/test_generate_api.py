@@ -61,6 +61,16 @@ def test_api_accepts_model_objects_and_presets(tmp_path):
 
 @pytest.mark.parametrize("kw, msg", [
     ({"temperature": 0.0}, "T must be > 0"),
+    ({"temperature": -2}, "T must be > 0"),
+    ({"lengths": [-5, 10]}, ">= 1"),
+    ({"lengths": [100000]}, "maximum"),
+    ({"lengths": "sixty"}, "cannot parse"),
+    ({"rule": "xor"}, "rule"),
+    ({"num_steps": 0}, "num_steps"),
+    ({"min_t": 1.5}, "min_t"),
+    ({"noise_scale": -1}, "noise_scale"),
+    ({"device": "tpu"}, "device"),
+    ({"final": "best"}, "final"),
     ({"tempreature": 1.0}, "unknown option"),
     ({"lengths": "0-5"}, ">= 1"),
     ({"models": ["exact-helix"], "bias": [0.0, 1.0]}, "one per model"),
