@@ -191,10 +191,7 @@ def parse_lengths(spec: Any) -> list[int]:
     out: list[int] = []
 
     def rng(start, stop, step, what) -> list[int]:
-        try:
-            a, b, s = _int(start, what), _int(stop, what), _int(step, what)
-        except GenerateError:
-            raise
+        a, b, s = _int(start, what), _int(stop, what), _int(step, what)
         if s < 1:
             raise GenerateError(f"lengths: step must be >= 1 in {what!r}")
         if b < a:

@@ -1,8 +1,6 @@
 """Python API of generate_backbones (in-process, fast) and the config contract."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
