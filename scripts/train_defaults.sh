@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Train the two embedded default frame models (helix-rich and strand-rich halves of PDownB) on ONE GPU,
+# both at once (two processes), in resumable chunks.  Recipe and rationale: docs/training.md.
+#
+#   bash scripts/train_defaults.sh chunk MINUTES    # on the GPU machine, repo root: train/resume both runs
+#                                                   # for MINUTES wall-clock (<= 9), write results to $OUT
+#   bash scripts/train_defaults.sh collect DIR      # here, after each chunk: DIR = the folder the chunk's
+#                                                   # $OUT files came back to (files_at)
+#   bash scripts/train_defaults.sh status           # steps / training minutes done so far
+#
+# State between chunks lives in .gpu_data/runs/{helix,strand}/{last.ckpt,metrics.csv} (git-ignored; carry
+# .gpu_data).  Full outputs of the last collected chunk: runs/defaults/{helix,strand}/ (model.pth = official
+# FrameDiff container with the EMA weights, metrics.csv, config.yaml, loss_curve.png, train.log).
+# Limits this is built for: a command <= 10 min, files back <= 8 x 16 MiB (last.ckpt is split in parts),
+# carried tree <= 64 MiB (.gpu_data ~13 MB data + 2 x 21 MB resume state, .whl 3.7 MB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS_STATE=${RUNS_STATE:-.gpu_data/runs}
+RUNS_OUT=${RUNS_OUT:-runs/defaults}
+SUBSETS=(helix strand)
+PY=${PYTHON:-python3}
+
+# The recipe (identical for both halves except data.subset).  Constant LR after warm-up + EMA: the step
+# count a chunk reaches is set by the time budget, so no schedule depends on max_steps.
+recipe() {
+  local subset=$1 minutes=$2
+  echo model=small seed=0 "data.path=.gpu_data/pdownb.pt" "data.subset=${subset}" \
+       data.max_length=160 data.batch_size=64 data.num_workers=4 \
+       max_steps=200000 "max_minutes=${minutes}" resume=true "out_dir=${RUNS_STATE}/${subset}" \
+       experiment.learning_rate=0.0003 experiment.warmup_steps=300 experiment.ema_decay=0.999 \
+       experiment.grad_clip=1.0 experiment.log_every=50 experiment.eval_every=500 experiment.eval_size=32 \
+       experiment.ckpt_every_steps=2000 experiment.ckpt_every_minutes=3 \
+       trainer.accelerator=gpu trainer.devices=1 trainer.precision=32-true trainer.tf32=true
+}
+
+chunk() {
+  local minutes=${1:?usage: chunk MINUTES}
+  : "${OUT:?OUT is not set (run this through the device tool)}"
+  export PYTHONUNBUFFERED=1
+  # omegaconf (for the official conf object in model.pth) and hydra are not installed on the GPU image
+  if ! $PY -c "import omegaconf" 2>/dev/null; then
+    if ls .whl/omegaconf-*.whl >/dev/null 2>&1; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/omegaconf-*.whl .whl/antlr4_python3_runtime-*.whl .whl/hydra_core-*.whl
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+      echo "note: omegaconf not available: model.pth gets a plain-dict conf (re-export here with 'collect')"
+    fi
+  fi
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  local pids=()
+  for s in "${SUBSETS[@]}"; do
+    mkdir -p "${RUNS_STATE}/${s}"
+    # EXTRA="key=value ..." replaces recipe entries with the same key (smoke tests: EXTRA="model=tiny ...")
+    local args=() kv
+    for kv in $(recipe "$s" "$minutes"); do
+      case " ${EXTRA:-} " in *" ${kv%%=*}="*) ;; *) args+=("$kv") ;; esac
+    done
+    # shellcheck disable=SC2206
+    args+=(${EXTRA:-})
+    $PY -m superdiff_protein.train "${args[@]}" >"${RUNS_STATE}/${s}/train.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  for s in "${SUBSETS[@]}"; do
+    echo "== ${s}"; tail -n 5 "${RUNS_STATE}/${s}/train.log" || true
+    mkdir -p "${OUT}/${s}"
+    if [ -f "${RUNS_STATE}/${s}/last.ckpt" ]; then
+      split -b 15m -d "${RUNS_STATE}/${s}/last.ckpt" "${OUT}/${s}/last.ckpt.part-"
+    fi
+    tar -czf "${OUT}/${s}/meta.tar.gz" -C "${RUNS_STATE}/${s}" \
+      $(cd "${RUNS_STATE}/${s}" && ls metrics.csv config.yaml train.log loss_curve.png 2>/dev/null)
+  done
+  return $rc
+}
+
+collect() {
+  local src=${1:?usage: collect DIR (the folder the chunk files came back to)}
+  for s in "${SUBSETS[@]}"; do
+    [ -d "${src}/${s}" ] || { echo "no ${src}/${s}"; exit 1; }
+    mkdir -p "${RUNS_STATE}/${s}" "${RUNS_OUT}/${s}"
+    cat "${src}/${s}"/last.ckpt.part-* >"${RUNS_STATE}/${s}/.last.ckpt.tmp"
+    mv "${RUNS_STATE}/${s}/.last.ckpt.tmp" "${RUNS_STATE}/${s}/last.ckpt"
+    tar -xzf "${src}/${s}/meta.tar.gz" -C "${RUNS_OUT}/${s}"
+    cp "${RUNS_OUT}/${s}/metrics.csv" "${RUNS_STATE}/${s}/metrics.csv"   # resumed runs append to it
+    $PY -m superdiff_protein.train export "${RUNS_STATE}/${s}/last.ckpt" "${RUNS_OUT}/${s}/model.pth"
+    $PY -m superdiff_protein.train plot "${RUNS_OUT}/${s}"
+  done
+  status
+}
+
+status() {
+  for s in "${SUBSETS[@]}"; do
+    local f="${RUNS_STATE}/${s}/last.ckpt"
+    if [ -f "$f" ]; then
+      $PY - "$f" "$s" <<'EOF'
+import sys, torch
+ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+print(f"{sys.argv[2]}: step {ck['global_step']}, training minutes {ck.get('superdiff_train_seconds', 0) / 60:.1f}")
+EOF
+    else
+      echo "${s}: not started"
+    fi
+  done
+}
+
+case "${1:-}" in
+  chunk) shift; chunk "$@" ;;
+  collect) shift; collect "$@" ;;
+  status) status ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
+esac
