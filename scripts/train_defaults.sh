@@ -12,7 +12,7 @@
 # .gpu_data).  Full outputs of the last collected chunk: runs/defaults/{helix,strand}/ (model.pth = official
 # FrameDiff container with the EMA weights, metrics.csv, config.yaml, loss_curve.png, train.log).
 # Limits this is built for: a command <= 10 min, files back <= 8 x 16 MiB (last.ckpt is split in parts),
-# carried tree <= 64 MiB (.gpu_data ~13 MB data + 2 x 21 MB resume state, .whl 3.7 MB).
+# carried tree <= 64 MiB (.gpu_data: 13 MB data + 2 x 22 MB resume state + 0.4 MB wheels in .gpu_data/whl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,9 +40,11 @@ chunk() {
   export PYTHONUNBUFFERED=1
   # omegaconf (for the official conf object in model.pth) and hydra are not installed on the GPU image
   if ! $PY -c "import omegaconf" 2>/dev/null; then
-    if ls .whl/omegaconf-*.whl >/dev/null 2>&1; then
+    local w=""
+    for d in .gpu_data/whl .whl; do ls "$d"/omegaconf-*.whl >/dev/null 2>&1 && { w=$d; break; }; done
+    if [ -n "$w" ]; then
       $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/omegaconf-*.whl .whl/antlr4_python3_runtime-*.whl .whl/hydra_core-*.whl
+        "$w"/omegaconf-*.whl "$w"/antlr4_python3_runtime-*.whl $(ls "$w"/hydra_core-*.whl 2>/dev/null)
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     else
       echo "note: omegaconf not available: model.pth gets a plain-dict conf (re-export here with 'collect')"
