@@ -142,6 +142,7 @@ class GenerateConfig:
     plots: bool = True
     progress: bool = True
     exact: Any = field(default_factory=lambda: {"trans_std": 0.1, "windows_per_chain": 4})
+    shard: Any = None
 
 
 _FIELDS = [f.name for f in fields(GenerateConfig)]
@@ -298,6 +299,8 @@ class _Opts:
     plots: bool
     progress: bool
     exact: dict
+    shard: tuple[int, int] = (0, 1)
+    distributed: bool = False
 
 
 def _num(v: Any, key: str) -> float:
@@ -414,7 +417,6 @@ def _validate(c: Mapping[str, Any]) -> _Opts:
         samples_per_length=_int_in(c["samples_per_length"], "samples_per_length", 1, MAX_SAMPLES),
         batch_size=_int_in(c["batch_size"], "batch_size", 1, 100_000),
         seed=_int_in(c["seed"], "seed", 0, 2**63 - 1),
-        device=resolve_device(c["device"]),
         precision=_choice(c["precision"], "precision", ("auto", "float32", "float64", "bf16", "bfloat16")),
         out_dir=Path(os.path.expanduser(str(out_dir))),
         save_traj=_bool(c["save_traj"], "save_traj"),
@@ -430,7 +432,43 @@ def _validate(c: Mapping[str, Any]) -> _Opts:
         plots=_bool(c["plots"], "plots"),
         progress=_bool(c["progress"], "progress"),
         exact=exact,
+        **_shard_opts(c.get("shard"), resolve_device(c["device"])),
     )
+
+
+def _shard_opts(spec: Any, device: torch.device) -> dict:
+    """This process's share of the work: ``(index, count)``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the rank and world size come from torch.distributed and each
+    rank takes ``cuda:LOCAL_RANK``; otherwise ``shard="i/n"`` (e.g. one Hydra multirun job per shard)
+    or no sharding. Work is split by *batches* of the single-process batch plan, so every batch is the
+    one a single process would run and the samples are the same.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        if spec not in (None, "", "null"):
+            raise GenerateError("shard: do not combine shard= with torchrun (the rank decides the shard)")
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if device.type == "cuda":
+            if local >= torch.cuda.device_count():
+                raise GenerateError(f"torchrun: LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA "
+                                    "device(s)")
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return {"shard": (dist.get_rank(), dist.get_world_size()), "distributed": True, "device": device}
+    if spec in (None, "", "null"):
+        return {"shard": (0, 1), "distributed": False, "device": device}
+    try:
+        i, n = (int(v) for v in str(spec).split("/"))
+    except ValueError:
+        raise GenerateError(f"shard: expected 'i/n' (e.g. 0/4), got {spec!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise GenerateError(f"shard: need 0 <= i < n, got {spec!r}")
+    return {"shard": (i, n), "distributed": False, "device": device}
 
 
 # ------------------------------------------------------------------------------- exact frame models
@@ -747,6 +785,19 @@ def _csv_columns(labels: list[str], comps: list[str], scope: str) -> list[str]:
     return cols + ["wall_time_s", "pdb_path", "traj_path", "traces_path"]
 
 
+def _shard_csvs(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("samples.shard-*.csv"))
+
+
+def _read_all_rows(out_dir: Path) -> list[dict]:
+    """Rows of ``samples.csv`` plus those of shard files left by sharded runs (later files win)."""
+    rows: dict[tuple[str, str], dict] = {}
+    for p in [out_dir / "samples.csv"] + _shard_csvs(out_dir):
+        for r in _read_rows(p):
+            rows[(r.get("length", ""), r.get("sample", ""))] = r
+    return list(rows.values())
+
+
 def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -827,8 +878,8 @@ class _OutDirLock:
     """``out_dir/.generate.lock`` (O_EXCL, holds the pid): two runs never write one directory at once.
     A lock left by a killed run (its pid is gone) is taken over."""
 
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / ".generate.lock"
+    def __init__(self, out_dir: Path, name: str = ".generate.lock"):
+        self.path = out_dir / name
         self.fd: int | None = None
 
     def __enter__(self):
@@ -1164,17 +1215,28 @@ def generate(cfg: Any = None, /, **kwargs: Any) -> GenerateSummary:
 
     out_dir = opts.out_dir
     _check_resume(out_dir, resolved)
-    _read_rows(out_dir / "samples.csv")          # unreadable csv: refuse before writing anything
+    _read_all_rows(out_dir)                      # unreadable csv: refuse before writing anything
     _prepare_out_dir(out_dir)
-    with _OutDirLock(out_dir):
-        return _generate_into(out_dir, opts, models, labels, space, rule, scfg, resolved, t_start)
+    rank, world = opts.shard
+    lock = ".generate.lock" if world == 1 else f".generate.shard-{rank}-of-{world}.lock"
+    try:
+        with _OutDirLock(out_dir, lock):
+            return _generate_into(out_dir, opts, models, labels, space, rule, scfg, resolved, t_start)
+    finally:
+        if opts.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], space: ProductSpace, rule,
                    scfg: SamplerConfig, resolved: dict, t_start: float) -> GenerateSummary:
-    _remove_stale_temp_files(out_dir)
-    csv_path = out_dir / "samples.csv"
-    old_rows = _read_rows(csv_path)
+    rank, world = opts.shard
+    if world == 1:
+        _remove_stale_temp_files(out_dir)   # with shards, another process may be writing its temp files
+    csv_path = out_dir / "samples.csv" if world == 1 else out_dir / f"samples.shard-{rank}-of-{world}.csv"
+    old_rows = _read_all_rows(out_dir)
     with atomic_open(out_dir / "config.yaml", "w", encoding="utf-8") as fh:
         fh.write(_yaml_text(resolved))
 
@@ -1192,6 +1254,19 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
     if opts.pad_lengths and not pad:
         _log("pad_lengths=true ignored: not every model supports padded batches")
     batches = _make_batches(todo, opts.batch_size, pad)
+    if world > 1:
+        # this shard's batches: the single-process plan of ALL jobs dealt round-robin (so every shard sees
+        # the same plan whatever is done already), then finished samples dropped
+        alljobs = [(L, i) for L in opts.lengths for i in range(opts.samples_per_length)]
+        plan = _make_batches(alljobs, opts.batch_size, pad)[rank::world]
+        batches = [[x for x in bt if x not in done] for bt in plan]
+        batches = [bt for bt in batches if bt]
+        mine = {x for bt in batches for x in bt}
+        todo = [x for x in todo if x in mine]
+        # the shard file holds this shard's rows only (plus those of its own interrupted earlier run)
+        own = {(int(r["length"]), int(r["sample"])) for r in _read_rows(csv_path)
+               if r.get("length", "").isdigit() and r.get("sample", "").isdigit()}
+        rows = {k: r for k, r in rows.items() if k in own}
 
     warned: list[str] = []
     pbar = None
@@ -1249,6 +1324,12 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
                 touched_lengths.add(L)
                 generated += 1
             _write_rows(csv_path, list(rows.values()), cols)
+        if world > 1:
+            rows = _merge_shard(out_dir, csv_path, cols)
+        elif _shard_csvs(out_dir):   # rows of an interrupted sharded run are folded into samples.csv
+            _write_rows(csv_path, list(rows.values()), cols)
+            for p in _shard_csvs(out_dir):
+                p.unlink(missing_ok=True)
         if opts.plots:
             for L in sorted(set(opts.lengths)):
                 if L in touched_lengths or not (out_dir / f"length_{L}" / "kappa_traces.png").is_file():
@@ -1263,6 +1344,27 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
                            models=labels, wall_time_s=time.perf_counter() - t_start, csv_path=csv_path,
                            rows=sorted(rows.values(), key=lambda r: (int(r["length"]), int(r["sample"]))),
                            warnings=warned)
+
+
+def _merge_shard(out_dir: Path, shard_csv: Path, cols: list[str]) -> dict:
+    """Fold this shard's rows into ``samples.csv`` (under a lock, so shards can finish in any order)
+    and remove the shard file. Returns all rows now in ``samples.csv``."""
+    import time as _t
+
+    deadline = _t.monotonic() + 600
+    while True:
+        try:
+            with _OutDirLock(out_dir, ".samples_csv.lock"):
+                rows = {(int(r["length"]), int(r["sample"])): r for r in _read_rows(out_dir / "samples.csv")}
+                for r in _read_rows(shard_csv):
+                    rows[(int(r["length"]), int(r["sample"]))] = r
+                _write_rows(out_dir / "samples.csv", list(rows.values()), cols)
+                shard_csv.unlink(missing_ok=True)
+                return rows
+        except GenerateError:
+            if _t.monotonic() > deadline:
+                raise
+            _t.sleep(0.2)
 
 
 def _space_for(models: Sequence[Any]) -> ProductSpace:
