@@ -1341,7 +1341,8 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
         if pbar is not None:
             pbar.close()
     return GenerateSummary(out_dir=out_dir, generated=generated, skipped=skipped, lengths=opts.lengths,
-                           models=labels, wall_time_s=time.perf_counter() - t_start, csv_path=csv_path,
+                           models=labels, wall_time_s=time.perf_counter() - t_start,
+                           csv_path=out_dir / "samples.csv",
                            rows=sorted(rows.values(), key=lambda r: (int(r["length"]), int(r["sample"]))),
                            warnings=warned)
 
