@@ -119,21 +119,13 @@ class SE3DiffuserConfig:
 
 
 def _to_plain(conf: Any) -> dict:
-    if conf is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    """OmegaConf / mapping -> plain dict (the checkpoint module's conversion, with this module's error)."""
+    from .checkpoints import CheckpointError, conf_to_container
 
-        if isinstance(conf, DictConfig):
-            try:
-                return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
-            except Exception:  # noqa: BLE001 - unresolvable interpolation: keep raw strings
-                return OmegaConf.to_container(conf, resolve=False)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(conf, Mapping):
-        return dict(conf)
-    raise DiffuserConfigError(f"expected a mapping / OmegaConf config, got {type(conf).__name__}")
+    try:
+        return conf_to_container(conf)
+    except CheckpointError:
+        raise DiffuserConfigError(f"expected a mapping / OmegaConf config, got {type(conf).__name__}") from None
 
 
 # ------------------------------------------------------------------------------------- IGSO(3) numerics
