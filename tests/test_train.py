@@ -95,8 +95,9 @@ def test_loss_falls(runs):
     assert raw[-1][1] < 0.8 * raw[0][1], raw
     assert ev[-1][1] < ev[0][1], ev
     tr = [v for _, v in _col(rows, "loss")]
-    assert len(tr) >= 6
-    assert np.mean(tr[-3:]) < np.mean(tr[:3]), tr
+    assert len(tr) >= 6 and all(np.isfinite(tr))
+    # (no first-vs-last comparison of training losses: t is drawn per batch, so a few of them are
+    # too noisy to rank on another dataset; the fixed-noise eval loss above is the measurement)
     for key in ("rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss", "grad_norm", "lr"):
         vals = [v for _, v in _col(rows, key)]
         assert vals and all(np.isfinite(vals)), key
