@@ -113,18 +113,18 @@ class GenerationFailed(GenerateError):
 class GenerateConfig:
     """All options of :func:`generate` (mirrors ``configs/generate_backbones.yaml``)."""
 
-    models: Any = field(default_factory=lambda: ["exact-helix", "exact-strand"])
+    models: Any = field(default_factory=lambda: ["default-helix", "default-strand"])
     rule: str = "or"
     temperature: float = 1.0
     bias: Any = None
     kappa_scope: str = "joint"
     estimator: str = "ito"
-    num_steps: int = 500
+    num_steps: int = 100
     min_t: float = 0.01
     noise_scale: float = 1.0
-    lengths: Any = field(default_factory=lambda: [60, 80, 100])
-    samples_per_length: int = 4
-    batch_size: int = 4
+    lengths: Any = field(default_factory=lambda: [100])
+    samples_per_length: int = 10
+    batch_size: int = 10
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"

@@ -16,7 +16,8 @@ from superdiff_protein.generate import (
 
 CONTRACT = ["models", "rule", "temperature", "bias", "kappa_scope", "estimator", "num_steps", "min_t", "noise_scale",
             "lengths", "samples_per_length", "batch_size", "seed", "device", "precision", "out_dir", "save_traj"]
-TINY = dict(lengths=[10], samples_per_length=2, num_steps=4, plots=False, progress=False)
+TINY = dict(models=["exact-helix", "exact-strand"], lengths=[10], samples_per_length=2, num_steps=4, plots=False,
+            progress=False)
 
 
 def test_yaml_holds_the_public_contract_and_matches_the_schema():
@@ -49,7 +50,7 @@ def test_api_runs_and_resumes(tmp_path):
 
 def test_api_accepts_model_objects_and_presets(tmp_path):
     m = load_exact_model("exact-strand", windows_per_chain=1)
-    s = generate(models=[m, "exact-helix"], rule="single", single_index=0, out_dir=str(tmp_path / "o"), **TINY)
+    s = generate(**{**TINY, "models": [m, "exact-helix"]}, rule="single", single_index=0, out_dir=str(tmp_path / "o"))
     assert all(r["final_model"] == "exact-strand" for r in s.rows)
     assert all(float(r["kappa.exact-strand"]) == 1.0 for r in s.rows)
     s = generate({"out_dir": str(tmp_path / "p"), **TINY}, preset="paper_and")
@@ -82,3 +83,17 @@ def test_api_bad_input_raises_and_writes_nothing(tmp_path, kw, msg):
     with pytest.raises(GenerateError, match=msg):
         generate(**{**TINY, "out_dir": str(out), **kw})
     assert not out.exists()
+
+
+def test_defaults_are_the_shipped_trained_models(tmp_path):
+    """The plain job uses the two trained checkpoints of models/checkpoints/ (both load through the registry)."""
+    from superdiff_protein.registry import BUILTIN_CHECKPOINTS, available_models
+
+    cfg = load_config()
+    assert cfg["models"] == ["default-helix", "default-strand"]
+    assert all(name in available_models() for name in cfg["models"])
+    assert set(cfg["models"]) <= set(BUILTIN_CHECKPOINTS)
+    s = generate(out_dir=str(tmp_path / "d"), lengths=[12], samples_per_length=2, batch_size=2, num_steps=3,
+                 plots=False, progress=False)
+    assert s.generated == 2
+    assert [r["models"] for r in s.rows] == ["default-helix;default-strand"] * 2

@@ -22,6 +22,7 @@ from superdiff_protein.geometry import IDEAL_BACKBONE_LOCAL
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 SMALL = ["num_steps=6", "plots=false", "progress=false"]
+EXACT_MODELS = "models=[exact-helix,exact-strand]"
 
 IDEAL = {
     "N-CA": float(np.linalg.norm(IDEAL_BACKBONE_LOCAL["N"])),
@@ -44,6 +45,10 @@ def _env() -> dict:
 
 
 def run_cli(*args: str, timeout: float = 180, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI; without a ``models=`` argument the exact models are used (the shipped defaults are
+    neural networks, whose float32 batched outputs are not bit-identical across batch sizes)."""
+    if not any(a.startswith("models=") for a in args):
+        args = (EXACT_MODELS, *args)
     return subprocess.run((exe or _cmd()) + list(args), capture_output=True, text=True, timeout=timeout,
                           env=_env(), cwd=str(TESTS))
 
@@ -171,7 +176,8 @@ def test_same_seed_gives_identical_pdbs_whatever_the_batch_size(tmp_path, rule, 
 
 # ----------------------------------------------------------------------------------------- resume
 def test_resume_after_killed_run_matches_uninterrupted_run(tmp_path):
-    args = ["lengths=[14]", "samples_per_length=5", "num_steps=40", "seed=1", "plots=false", "progress=false"]
+    args = [EXACT_MODELS, "lengths=[14]", "samples_per_length=5", "num_steps=40", "seed=1", "plots=false",
+            "progress=false"]
     ref = tmp_path / "ref"
     assert run_cli(*args, "batch_size=3", f"out_dir={ref}").returncode == 0
 

@@ -8,7 +8,7 @@ import pytest
 
 from superdiff_protein.generate import GenerateError, generate
 
-COMMON = dict(lengths=[20, 24], samples_per_length=3, batch_size=2, num_steps=6, seed=3, device="cpu",
+COMMON = dict(models=["exact-helix", "exact-strand"], lengths=[20, 24], samples_per_length=3, batch_size=2, num_steps=6, seed=3, device="cpu",
               plots=False, progress=False)
 
 
@@ -58,7 +58,7 @@ def test_torchrun_two_ranks_cpu(tmp_path):
     single = tmp_path / "single"
     generate(out_dir=str(single), **COMMON)
     out = tmp_path / "ddp"
-    args = [f"out_dir={out}", "lengths=[20,24]", "samples_per_length=3", "batch_size=2", "num_steps=6", "seed=3",
+    args = [f"out_dir={out}", "models=[exact-helix,exact-strand]", "lengths=[20,24]", "samples_per_length=3", "batch_size=2", "num_steps=6", "seed=3",
             "device=cpu", "plots=false", "progress=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
