@@ -273,7 +273,7 @@ class EdgeTransition(nn.Module):
     """Edge update from the concatenation of edge and projected node features."""
 
     def __init__(self, node_embed_size: int, edge_embed_in: int, edge_embed_out: int,
-                 num_layers: int = 2, node_dilation: int = 2):
+                 num_layers: int = 2, node_dilation: int = 2, zero_init: bool = True):
         super().__init__()
         bias = node_embed_size // node_dilation
         self.initial_embed = nn.Linear(node_embed_size, bias)
@@ -284,8 +284,9 @@ class EdgeTransition(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.final_layer = nn.Linear(hidden, edge_embed_out)
         self.layer_norm = nn.LayerNorm(edge_embed_out)
-        nn.init.zeros_(self.final_layer.weight)
-        nn.init.zeros_(self.final_layer.bias)
+        if zero_init:
+            nn.init.zeros_(self.final_layer.weight)
+            nn.init.zeros_(self.final_layer.bias)
 
     def forward(self, node: Tensor, edge: Tensor) -> Tensor:
         x = self.initial_embed(node)

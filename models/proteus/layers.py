@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _rigid
+from models.framediff.network import EdgeTransition as _FrameDiffEdgeTransition
 
 
 class Attention(nn.Module):
@@ -235,27 +236,16 @@ class InvariantPointAttention(nn.Module):
         return self.linear_out(torch.cat(feats, dim=-1))
 
 
-class EdgeTransition(nn.Module):
-    """Simple edge MLP used when ``local_triangle_attention_new`` is disabled (FrameDiff style)."""
+class EdgeTransition(_FrameDiffEdgeTransition):
+    """FrameDiff's edge MLP, used when ``local_triangle_attention_new`` is disabled; Proteus keeps the
+    default initialisation and passes (unused) geometry arguments."""
 
     def __init__(self, node_embed_size: int, edge_embed_in: int, edge_embed_out: int, num_layers: int = 2,
                  node_dilation: int = 2):
-        super().__init__()
-        bias = node_embed_size // node_dilation
-        self.initial_embed = nn.Linear(node_embed_size, bias)
-        hidden = 2 * bias + edge_embed_in
-        layers: list[nn.Module] = []
-        for _ in range(num_layers):
-            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
-        self.trunk = nn.Sequential(*layers)
-        self.final_layer = nn.Linear(hidden, edge_embed_out)
-        self.layer_norm = nn.LayerNorm(edge_embed_out)
+        super().__init__(node_embed_size, edge_embed_in, edge_embed_out, num_layers, node_dilation, zero_init=False)
 
     def forward(self, node_embed: Tensor, edge_embed: Tensor, trans_ang: Tensor, edge_mask: Tensor) -> Tensor:
-        n = self.initial_embed(node_embed)
-        N = n.shape[1]
-        e = torch.cat([edge_embed, n[:, :, None].expand(-1, -1, N, -1), n[:, None].expand(-1, N, -1, -1)], -1)
-        return self.layer_norm(self.final_layer(self.trunk(e) + e))
+        return super().forward(node_embed, edge_embed)
 
 
 class LocalTriangleAttention(nn.Module):

@@ -11,23 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _rigid
+from models.framediff.network import timestep_embedding
+
 from .config import model_config
 from .layers import (AuxiliaryHeads, BackboneUpdate, EdgeTransition, InvariantPointAttention,
                      LocalTriangleAttention, SeqTransformer, StructureModuleTransition, TorsionAngles)
 from .template import UNK, TemplateEmbedder, backbone_atoms
-
-
-def timestep_embedding(t: Tensor, dim: int, max_positions: int = 10000) -> Tensor:
-    """Sinusoidal embedding of t in [0, 1] (B,) -> (B, dim) (DDPM style, t scaled by 10000)."""
-    t = t * max_positions
-    half = dim // 2
-    scale = math.log(max_positions) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -scale)
-    emb = t.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    if dim % 2 == 1:
-        emb = nn.functional.pad(emb, (0, 1))
-    return emb
 
 
 def _mlp(d_in: int, d: int) -> nn.Sequential:
