@@ -374,7 +374,7 @@ def superpose(
         for ci, k in enumerate(comps):
             sp = space.components[k]
             kk = kappa[:, ci]
-            g2 = sp.diffusion(tb) ** 2
+            g2 = g2_c[k]
             mix = (kk.reshape(kk.shape + (1,) * (S_c[k].dim() - 2)) * S_c[k]).sum(1)
             dx = cs * (g2 * dtau).reshape((B,) + (1,) * (mix.dim() - 1)) * mix + fixed_c[k]
             x[k] = sp.step(x[k], dx)
