@@ -121,11 +121,67 @@ class Embedder(nn.Module):
             t_emb[:, None, :, :].expand(b, n, n, -1),
             index_embedding(seq_idx[:, :, None] - seq_idx[:, None, :], e.index_embed_size),
         ]
+        node = self.node_embedder(torch.cat([f.to(dtype) for f in node_feats], dim=-1))
+        if not torch.is_grad_enabled():
+            return node, self._edge_embed_inference(seq_idx, t_emb.to(dtype), sc_ca)
         if e.embed_self_conditioning:
             pair_feats.append(calc_distogram(sc_ca, e.min_bin, e.max_bin, e.num_bins))
-        node = self.node_embedder(torch.cat([f.to(dtype) for f in node_feats], dim=-1))
         edge = self.edge_embedder(torch.cat([f.to(dtype) for f in pair_feats], dim=-1))
         return node, edge
+
+    def _edge_embed_inference(self, seq_idx: Tensor, t_emb: Tensor, sc_ca: Tensor) -> Tensor:
+        """The edge embedding without materialising the (B,N,N,120) feature concatenation.
+
+        The first linear layer is split by input block: the two time blocks are per-residue
+        (B,N,C) products broadcast over pairs, the relative-index block is a lookup in a table of
+        the distinct offsets (CPU, integer indices), and the one-hot distogram block is a lookup of
+        weight columns. Same maths as the concatenation; only the float32 summation order differs.
+        """
+        e = self.cfg.embed
+        lin = self.edge_embedder[0]
+        w = lin.weight
+        k0, ki = t_emb.shape[-1], e.index_embed_size
+        pair = _rel_index_linear(seq_idx, w[:, 2 * k0:2 * k0 + ki], ki)
+        pair += F.linear(t_emb, w[:, :k0], lin.bias)[:, :, None]
+        pair += F.linear(t_emb, w[:, k0:2 * k0])[:, None]
+        if e.embed_self_conditioning:
+            pair += _distogram_linear(sc_ca, w[:, 2 * k0 + ki:], e.min_bin, e.max_bin, e.num_bins)
+        for layer in list(self.edge_embedder)[1:]:
+            pair = pair.relu_() if isinstance(layer, nn.ReLU) else layer(pair)
+        return pair
+
+
+def _rel_index_linear(seq_idx: Tensor, w: Tensor, dim: int) -> Tensor:
+    """``F.linear(index_embedding(seq_idx[:, :, None] - seq_idx[:, None, :], dim), w)`` (B,N,N,C_out).
+
+    On CPU with integer indices the embedding and the product are taken once per distinct offset
+    and gathered (the embedding of an offset is the same number whichever pair it comes from).
+    """
+    rel = seq_idx[:, :, None] - seq_idx[:, None, :]
+    if rel.device.type == "cpu" and not rel.is_floating_point() and rel.numel() > 0:
+        lo, hi = int(rel.min()), int(rel.max())
+        if hi - lo < 4 * rel.shape[-1] + 64:
+            offs = torch.arange(lo, hi + 1, dtype=rel.dtype)
+            table = F.linear(index_embedding(offs, dim).to(w.dtype), w)
+            return table.index_select(0, (rel - lo).reshape(-1)).reshape(rel.shape + (w.shape[0],))
+    return F.linear(index_embedding(rel, dim).to(w.dtype), w)
+
+
+def _distogram_linear(pos: Tensor, w: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
+    """``F.linear(calc_distogram(pos, ...), w)`` (B,N,N,C_out) as a lookup of ``w``'s columns.
+
+    A pair in bin k gets column k; a pair in no bin (distance exactly on a bin edge, 0, NaN) gets 0.
+    """
+    d = torch.linalg.norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1)
+    lower = torch.linspace(min_bin, max_bin, num_bins, device=pos.device)
+    upper = torch.cat([lower[1:], lower.new_tensor([1e8])], dim=-1)
+    dc = d.contiguous()
+    k = torch.searchsorted(lower.to(d.dtype), dc) - 1          # number of edges below d, minus 1
+    kc = k.clamp(0, num_bins - 1)
+    ok = (k >= 0) & (dc < upper.to(d.dtype)[kc])
+    table = torch.cat([w.t(), w.new_zeros(1, w.shape[0])], 0)  # row num_bins: "no bin"
+    idx = torch.where(ok, kc, torch.full_like(kc, num_bins))
+    return table.index_select(0, idx.reshape(-1)).reshape(d.shape + (w.shape[0],))
 
 
 # ----------------------------------------------------------------------------- trunk modules
@@ -174,16 +230,23 @@ class InvariantPointAttention(nn.Module):
         a = a + math.sqrt(1.0 / 3) * bias.permute(0, 3, 1, 2)
 
         # squared point distances, summed x + y + z in that order (as official), one coordinate
-        # at a time to keep the (B,N,N,H,P) temporaries small
+        # at a time to keep the temporaries small; laid out (B,H,P,N,N) so that every operand is
+        # contiguous and the result lands in the logits' (B,H,N,N) layout
+        q_c = q_pts.permute(0, 2, 4, 3, 1).contiguous()  # (B,H,3,P,N)
+        k_c = k_pts.permute(0, 2, 4, 3, 1).contiguous()
         d2 = None
         for xyz in range(3):
-            diff = q_pts[:, :, None, :, :, xyz] - k_pts[:, None, :, :, :, xyz]  # (B,N,N,H,P)
-            d2 = diff * diff if d2 is None else d2 + diff * diff
+            diff = q_c[:, :, xyz, :, :, None] - k_c[:, :, xyz, :, None, :]  # (B,H,P,N,N)
+            if torch.is_grad_enabled():
+                d2 = diff * diff if d2 is None else d2 + diff * diff
+            else:
+                diff.mul_(diff)
+                d2 = diff if d2 is None else d2.add_(diff)
         hw = F.softplus(self.head_weights) * math.sqrt(1.0 / (3 * (pq * 9.0 / 2)))
-        pt_att = (d2 * hw[:, None]).sum(-1) * (-0.5)  # (B,N,N,H)
+        pt_att = (d2 * hw[None, :, None, None, None]).sum(2) * (-0.5)  # (B,H,N,N)
         m = mask.to(a.dtype)
         square_mask = self.inf * (m[:, :, None] * m[:, None, :] - 1)
-        a = a + pt_att.permute(0, 3, 1, 2) + square_mask[:, None]
+        a = a + pt_att + square_mask[:, None]
         a = torch.softmax(a, dim=-1)  # (B,H,N,N)
 
         o = torch.einsum("bhij,bjhc->bihc", a, v.to(a.dtype)).reshape(b, n, h * c)
@@ -290,9 +353,32 @@ class EdgeTransition(nn.Module):
 
     def forward(self, node: Tensor, edge: Tensor) -> Tensor:
         x = self.initial_embed(node)
+        if not torch.is_grad_enabled() and len(self.trunk) > 0:
+            return self._forward_inference(x, edge)
         b, n, _ = x.shape
         e = torch.cat([edge, x[:, :, None, :].expand(b, n, n, -1), x[:, None, :, :].expand(b, n, n, -1)], -1)
         return self.layer_norm(self.final_layer(self.trunk(e) + e))
+
+    def _forward_inference(self, x: Tensor, edge: Tensor) -> Tensor:
+        """The same MLP without the (B,N,N,C_e+2C_x) concatenation ``e = [edge, x_i, x_j]`` (no grad).
+
+        The first layer is split by input block (``W e = W_e edge + (W_i x)_i + (W_j x)_j``: a
+        (B,N,N) product with C_e inputs plus two per-residue products broadcast over pairs), and the
+        residual ``h + e`` is added block by block in place. In-place updates make this path
+        unusable under autograd; only the float32 summation order of the first layer differs.
+        """
+        ce, cx = edge.shape[-1], x.shape[-1]
+        first = self.trunk[0]
+        w = first.weight
+        h = F.linear(edge, w[:, :ce])
+        h += F.linear(x, w[:, ce:ce + cx], first.bias)[:, :, None]
+        h += F.linear(x, w[:, ce + cx:])[:, None]
+        for layer in list(self.trunk)[1:]:
+            h = h.relu_() if isinstance(layer, nn.ReLU) else layer(h)
+        h[..., :ce] += edge
+        h[..., ce:ce + cx] += x[:, :, None]
+        h[..., ce + cx:] += x[:, None]
+        return self.layer_norm(self.final_layer(h))
 
 
 class TorsionAngles(nn.Module):
@@ -361,7 +447,9 @@ class IpaScore(nn.Module):
         m = res_mask.to(node.dtype)
         dm = diffuse_mask.to(node.dtype)[..., None]
         key_mask = res_mask.bool()
-        edge_mask = (m[:, :, None] * m[:, None, :])[..., None]
+        # multiplying by an all-ones mask is the identity: skip the (B,N,N,C) products (checked on
+        # CPU only, where looking at the mask costs no device sync)
+        edge_mask = None if _all_ones(m) else (m[:, :, None] * m[:, None, :])[..., None]
         init_node = node * m[..., None]
         node = init_node
         fdt = torch.promote_types(node.dtype, torch.float32)  # frames in >= float32 (official)
@@ -377,9 +465,16 @@ class IpaScore(nn.Module):
             update = self.trunk[f"bb_update_{bi}"](node * dm)
             q, t = quat_update_compose(q, t, update.to(q.dtype), dm.to(q.dtype))
             if bi < self.cfg.ipa.num_blocks - 1:
-                edge = self.trunk[f"edge_transition_{bi}"](node, edge) * edge_mask
+                edge = self.trunk[f"edge_transition_{bi}"](node, edge)
+                if edge_mask is not None:
+                    edge = edge * edge_mask
         psi_un, psi = self.torsion_pred(node)
         return {"quats": q, "trans_nm": t, "psi": psi, "psi_unnormalized": psi_un, "node_embed": node}
+
+
+def _all_ones(m: Tensor) -> bool:
+    """True for a CPU mask of ones (multiplying by it is exact identity); False on other devices."""
+    return m.device.type == "cpu" and bool((m == 1).all())
 
 
 class FrameDiffScoreNetwork(nn.Module):
@@ -424,7 +519,8 @@ class FrameDiffScoreNetwork(nn.Module):
         m = res_mask.to(node.dtype)
         fm = fm.to(node.dtype)
         node = node * m[..., None]
-        edge = edge * (m[:, :, None] * m[:, None, :])[..., None]
+        if not _all_ones(m):
+            edge = edge * (m[:, :, None] * m[:, None, :])[..., None]
         scale = self.cfg.ipa.coordinate_scaling
         out = self.score_model(node, edge, quats, trans * scale, m, (1 - fm) * m)
         out["trans"] = out.pop("trans_nm") / scale
