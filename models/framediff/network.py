@@ -31,8 +31,6 @@ from torch import Tensor, nn
 from superdiff_protein.geometry import (
     quat_to_rotmat,
     quat_update_compose,
-    rigid_apply,
-    rigid_invert_apply,
 )
 
 from .config import FrameDiffConfig
@@ -141,9 +139,9 @@ class Embedder(nn.Module):
         lin = self.edge_embedder[0]
         w = lin.weight
         k0, ki = t_emb.shape[-1], e.index_embed_size
-        pair = _rel_index_linear(seq_idx, w[:, 2 * k0:2 * k0 + ki], ki)
-        pair += F.linear(t_emb, w[:, :k0], lin.bias)[:, :, None]
-        pair += F.linear(t_emb, w[:, k0:2 * k0])[:, None]
+        pair = _rel_index_linear(seq_idx, w[:, 2 * k0:2 * k0 + ki].contiguous(), ki)
+        pair += F.linear(t_emb, w[:, :k0].contiguous(), lin.bias)[:, :, None]
+        pair += F.linear(t_emb, w[:, k0:2 * k0].contiguous())[:, None]
         if e.embed_self_conditioning:
             pair += _distogram_linear(sc_ca, w[:, 2 * k0 + ki:], e.min_bin, e.max_bin, e.num_bins)
         for layer in list(self.edge_embedder)[1:]:
@@ -211,10 +209,13 @@ class InvariantPointAttention(nn.Module):
 
     def _points(self, x: Tensor, rot: Tensor, trans: Tensor, n_pts: int) -> Tensor:
         b, n, _ = x.shape
-        # official layout: [x-block | y-block | z-block], each of size H * n_pts
-        x = torch.stack(torch.split(x, x.shape[-1] // 3, dim=-1), dim=-1)  # (B,N,H*P,3)
-        x = rigid_apply(rot[:, :, None], trans[:, :, None], x)
-        return x.view(b, n, self.no_heads, n_pts, 3)
+        # official layout: [x-block | y-block | z-block], each of size H * n_pts. R x + t written
+        # out per output coordinate ((R_i0 x + R_i1 y) + R_i2 z) + t_i: the order of
+        # geometry.rigid_apply, on (B,N,H*P) blocks instead of (B,N,H*P,3,3) products
+        xs, ys, zs = torch.split(x, x.shape[-1] // 3, dim=-1)
+        r = rot[:, :, None]
+        out = [r[..., i, 0] * xs + r[..., i, 1] * ys + r[..., i, 2] * zs + trans[:, :, None, i] for i in range(3)]
+        return torch.stack(out, dim=-1).view(b, n, self.no_heads, n_pts, 3)
 
     def forward(self, s: Tensor, z: Tensor, rot: Tensor, trans: Tensor, mask: Tensor) -> Tensor:
         """s (B,N,C_s), z (B,N,N,C_z), frames (B,N,3,3)/(B,N,3) in nm, mask (B,N) -> (B,N,C_s)."""
@@ -225,7 +226,10 @@ class InvariantPointAttention(nn.Module):
         q_pts = self._points(self.linear_q_points(s), rot, trans, pq)
         k_pts, v_pts = self._points(self.linear_kv_points(s), rot, trans, pq + pv).split([pq, pv], dim=-2)
 
-        bias = self.linear_b(z)  # (B,N,N,H)
+        # linear_b and down_z in one pass over z (their weights stacked; same products)
+        zp = F.linear(z, torch.cat([self.linear_b.weight, self.down_z.weight]),
+                      torch.cat([self.linear_b.bias, self.down_z.bias]))
+        bias, down_z = zp[..., :h], zp[..., h:]  # (B,N,N,H), (B,N,N,C_z/4)
         a = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * c))
         a = a + math.sqrt(1.0 / 3) * bias.permute(0, 3, 1, 2)
 
@@ -251,11 +255,14 @@ class InvariantPointAttention(nn.Module):
 
         o = torch.einsum("bhij,bjhc->bihc", a, v.to(a.dtype)).reshape(b, n, h * c)
         o_pt = torch.einsum("bhij,bjhpx->bihpx", a, v_pts.to(a.dtype))  # (B,N,H,Pv,3)
-        o_pt = rigid_invert_apply(rot[:, :, None, None], trans[:, :, None, None], o_pt)
-        o_pt_norm = torch.sqrt((o_pt**2).sum(-1) + self.eps).reshape(b, n, h * pv)
-        o_pt = o_pt.reshape(b, n, h * pv, 3)
-        o_pair = torch.einsum("bhij,bijc->bihc", a, self.down_z(z).to(a.dtype)).reshape(b, n, -1)
-        feats = torch.cat([o, o_pt[..., 0], o_pt[..., 1], o_pt[..., 2], o_pt_norm, o_pair], dim=-1)
+        # back to local frames, R^T (x - t), per coordinate in geometry.rigid_invert_apply's order
+        d = o_pt - trans[:, :, None, None]
+        dx, dy, dz = d.unbind(-1)
+        r = rot[:, :, None, None]
+        loc = [(r[..., 0, i] * dx + r[..., 1, i] * dy + r[..., 2, i] * dz).reshape(b, n, h * pv) for i in range(3)]
+        o_pt_norm = torch.sqrt(loc[0] * loc[0] + loc[1] * loc[1] + loc[2] * loc[2] + self.eps)
+        o_pair = torch.einsum("bhij,bijc->bihc", a, down_z.to(a.dtype)).reshape(b, n, -1)
+        feats = torch.cat([o, *loc, o_pt_norm, o_pair], dim=-1)
         return self.linear_out(feats.to(z.dtype))
 
 
@@ -370,9 +377,11 @@ class EdgeTransition(nn.Module):
         ce, cx = edge.shape[-1], x.shape[-1]
         first = self.trunk[0]
         w = first.weight
-        h = F.linear(edge, w[:, :ce])
-        h += F.linear(x, w[:, ce:ce + cx], first.bias)[:, :, None]
-        h += F.linear(x, w[:, ce + cx:])[:, None]
+        # contiguous weight blocks: a column slice as the weight makes matmul return a transposed
+        # (non-contiguous) product, which every later layer would have to copy
+        h = F.linear(edge, w[:, :ce].contiguous())
+        h += F.linear(x, w[:, ce:ce + cx].contiguous(), first.bias)[:, :, None]
+        h += F.linear(x, w[:, ce + cx:].contiguous())[:, None]
         for layer in list(self.trunk)[1:]:
             h = h.relu_() if isinstance(layer, nn.ReLU) else layer(h)
         h[..., :ce] += edge
