@@ -7,6 +7,8 @@
 #   bash scripts/train_defaults.sh collect DIR      # here, after each chunk: DIR = the folder the chunk's
 #                                                   # $OUT files came back to (files_at)
 #   bash scripts/train_defaults.sh status           # steps / training minutes done so far
+#   bash scripts/train_defaults.sh pack             # here: xz-compress data + resume state into .gpu_carry
+#                                                   # (then carry=[".gpu_carry"]: .gpu_data exceeds the 64 MiB carry)
 #
 # State between chunks lives in .gpu_data/runs/{helix,strand}/{last.ckpt,metrics.csv} (git-ignored; carry
 # .gpu_data).  Full outputs of the last collected chunk: runs/defaults/{helix,strand}/ (model.pth = official
@@ -37,6 +39,8 @@ recipe() {
 chunk() {
   local minutes=${1:?usage: chunk MINUTES}
   : "${OUT:?OUT is not set (run this through the device tool)}"
+  # a warm machine still has the newer state from the previous chunk: unpack only on a fresh one
+  if [ -d .gpu_carry ] && [ ! -f .gpu_data/pdownb.pt ]; then unpack; fi
   export PYTHONUNBUFFERED=1
   # omegaconf (for the official conf object in model.pth) and hydra are not installed on the GPU image
   if ! $PY -c "import omegaconf" 2>/dev/null; then
@@ -93,6 +97,40 @@ collect() {
   status
 }
 
+# The carry limit is 64 MiB for the whole tree; the two resume states (2 x 22 MB) + data (13 MB) + the tracked
+# files no longer fit uncompressed, so they travel xz-compressed in .gpu_carry and are unpacked on the device.
+pack() {
+  rm -rf .gpu_carry.tmp && mkdir -p .gpu_carry.tmp/whl
+  cp .gpu_data/whl/*.whl .gpu_carry.tmp/whl/ 2>/dev/null || true
+  xz -6 -T2 -c .gpu_data/pdownb.pt >.gpu_carry.tmp/pdownb.pt.xz
+  for s in "${SUBSETS[@]}"; do
+    [ -f "${RUNS_STATE}/${s}/last.ckpt" ] || continue
+    mkdir -p ".gpu_carry.tmp/runs/${s}"
+    xz -6 -T2 -c "${RUNS_STATE}/${s}/last.ckpt" >".gpu_carry.tmp/runs/${s}/last.ckpt.xz"
+    cp "${RUNS_STATE}/${s}/metrics.csv" ".gpu_carry.tmp/runs/${s}/" 2>/dev/null || true
+  done
+  rm -rf .gpu_carry && mv .gpu_carry.tmp .gpu_carry
+  du -sh .gpu_carry
+}
+
+unpack() {
+  mkdir -p .gpu_data/whl
+  cp .gpu_carry/whl/*.whl .gpu_data/whl/ 2>/dev/null || true
+  $PY -c '
+import lzma, pathlib, shutil
+for src in pathlib.Path(".gpu_carry").rglob("*.xz"):
+    dst = pathlib.Path(".gpu_data") / src.relative_to(".gpu_carry").with_suffix("")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with lzma.open(src) as fi, open(dst, "wb") as fo:
+        shutil.copyfileobj(fi, fo)
+    print("unpacked", dst)
+'
+  local s
+  for s in "${SUBSETS[@]}"; do
+    if [ -f ".gpu_carry/runs/${s}/metrics.csv" ]; then cp ".gpu_carry/runs/${s}/metrics.csv" "${RUNS_STATE}/${s}/"; fi
+  done
+}
+
 status() {
   for s in "${SUBSETS[@]}"; do
     local f="${RUNS_STATE}/${s}/last.ckpt"
@@ -112,5 +150,6 @@ case "${1:-}" in
   chunk) shift; chunk "$@" ;;
   collect) shift; collect "$@" ;;
   status) status ;;
+  pack) pack ;;
   *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -223,6 +223,8 @@ def finalize_config(cfg: dict) -> dict:
         raise TrainError("experiment.ema_decay must be in (0, 1) or null")
     if e["export_weights"] == "ema" and e.get("ema_decay") is None:
         raise TrainError("experiment.export_weights=ema needs experiment.ema_decay")
+    if float(e.get("clash_loss_weight") or 0.0) < 0 or float(e.get("clash_dist", 3.8)) <= 0:
+        raise TrainError("experiment.clash_loss_weight must be >= 0 and experiment.clash_dist > 0")
     if int(cfg["max_steps"]) < 1:
         raise TrainError("max_steps must be >= 1")
     if cfg.get("max_minutes") is not None and float(cfg["max_minutes"]) <= 0:
@@ -256,7 +258,8 @@ def framediff_loss(
 
     Returns:
         dict of (B,) tensors ``loss``, ``rot_loss``, ``trans_loss``, ``bb_atom_loss``,
-        ``dist_mat_loss`` (weighted, already gated by their t ranges).
+        ``dist_mat_loss`` (weighted, already gated by their t ranges), plus ``clash_loss`` when
+        ``exp["clash_loss_weight"] > 0`` (our addition, :func:`ca_clash_loss`; included in ``loss``).
     """
     from .geometry import backbone_atoms_from_frames
 
@@ -316,8 +319,38 @@ def framediff_loss(
     rot_loss = rot_loss * bool(exp.get("diffuse_rot", True))
     trans_loss = trans_loss * bool(exp.get("diffuse_trans", True))
     loss = rot_loss + trans_loss + bb_atom_loss + dist_mat_loss
-    return {"loss": loss, "rot_loss": rot_loss, "trans_loss": trans_loss,
-            "bb_atom_loss": bb_atom_loss, "dist_mat_loss": dist_mat_loss}
+    out = {"loss": loss, "rot_loss": rot_loss, "trans_loss": trans_loss,
+           "bb_atom_loss": bb_atom_loss, "dist_mat_loss": dist_mat_loss}
+    w_clash = float(exp.get("clash_loss_weight") or 0.0)
+    if w_clash > 0:
+        clash = ca_clash_loss(pred_trans, gt["trans"], mask, float(exp.get("clash_dist", 3.8)),
+                              int(exp.get("clash_min_sep", 3)))
+        clash = clash * w_clash * (t < float(exp.get("clash_loss_t_filter", 0.5)))
+        out["clash_loss"] = clash
+        out["loss"] = loss + clash
+    return out
+
+
+def ca_clash_loss(pred_ca: Tensor, gt_ca: Tensor, mask: Tensor, clash_dist: float = 3.8,
+                  min_sep: int = 3) -> Tensor:
+    """One-sided CA clash penalty per chain (not in official FrameDiff; off unless ``clash_loss_weight > 0``).
+
+    For residue pairs ``|i - j| >= min_sep``: ``relu(min(d_gt, clash_dist) - d_pred)^2`` summed over pairs
+    and divided by the number of residues (A^2). The threshold never exceeds the true distance, so the
+    ground truth costs exactly zero; only predicted pairs closer than both the truth and ``clash_dist``
+    are pushed apart. FrameDiff's distance loss only sees pairs closer than 6 A in the *truth*, so it
+    never penalises two distant segments predicted on top of each other -- the clashes small models make.
+    """
+    m = mask.float()
+    n = m.shape[-1]
+    idx = torch.arange(n, device=m.device)
+    far = ((idx[:, None] - idx[None, :]).abs() >= min_sep).to(m.dtype)
+    pm = m[:, :, None] * m[:, None, :] * far
+    gd = torch.cdist(gt_ca.float(), gt_ca.float())
+    pd = _safe_pdist(pred_ca.float())
+    thr = gd.clamp_max(clash_dist)
+    pen = torch.relu(thr - pd) ** 2 * pm
+    return pen.sum((1, 2)) / 2.0 / m.sum(-1).clamp_min(1.0)
 
 
 def _safe_pdist(x: Tensor) -> Tensor:
@@ -695,7 +728,7 @@ def __getattr__(name: str) -> Any:  # lazy Lightning classes (the module imports
 
 # ============================================================================ files
 _METRIC_ORDER = ["step", "epoch", "train_min", "loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss",
-                 "grad_norm", "lr", "chains_per_s", "residues_per_s", "eval_loss", "eval_rot_loss",
+                 "clash_loss", "grad_norm", "lr", "chains_per_s", "residues_per_s", "eval_loss", "eval_rot_loss",
                  "eval_trans_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"]
 
 
@@ -776,7 +809,7 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
         return xs, ys
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss"):
+    for key in ("loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss", "clash_loss"):
         x, y = series(key)
         if x:
             axes[0].plot(x, y, label=key, lw=1)

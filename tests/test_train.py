@@ -329,3 +329,48 @@ def test_training_path_needs_no_biotite_hydra_or_omegaconf(dataset, tmp_path):
 
     model = FrameDiffAdapter.from_checkpoint(tmp_path / "nb" / "model.pth")
     assert model.config.node_embed_size == 32
+
+
+def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
+    from superdiff_protein.se3 import SE3Diffuser
+
+    rot, trans, psi, mask, _ = _fake_batch()
+    # the truth costs nothing, whatever its own close contacts
+    assert float(T.ca_clash_loss(trans, trans, mask).abs().max()) == 0.0
+    # fold residue 8 of each chain onto residue 1 (|i-j| = 7): a clash the truth does not have
+    bad = trans.clone()
+    bad[:, 8] = bad[:, 1] + torch.tensor([0.5, 0.0, 0.0])
+    bad = bad.requires_grad_(True)
+    loss = T.ca_clash_loss(bad, trans, mask)
+    assert (loss[mask.sum(-1) > 8] > 0.1).all()
+    loss.sum().backward()
+    d0 = (bad[:, 8] - bad[:, 1]).norm(dim=-1)
+    moved = bad.detach() - 0.1 * bad.grad
+    d1 = (moved[:, 8] - moved[:, 1]).norm(dim=-1)
+    assert (d1 > d0 + 1e-3)[mask.sum(-1) > 8].all()
+    # neighbours closer than min_sep never count; masked residues never count
+    near = trans.clone()
+    near[:, 2] = near[:, 1] + torch.tensor([0.3, 0.0, 0.0])
+    assert float(T.ca_clash_loss(near, trans, mask, min_sep=3).abs().max()) == 0.0
+    m2 = mask.clone()
+    m2[:, 8] = 0
+    assert float(T.ca_clash_loss(bad.detach(), trans, m2).abs().max()) == 0.0
+
+    # wired into framediff_loss only when clash_loss_weight > 0, gated by clash_loss_t_filter
+    cfg = T.compose_config(["model=tiny"], use_hydra=False)
+    exp = dict(cfg["experiment"])
+    assert float(exp["clash_loss_weight"]) == 0.0
+    d = SE3Diffuser.from_conf(cfg)
+    gt = {"rotmats": rot, "trans": trans, "psi": psi, "psi_mask": mask.bool()}
+    g = torch.Generator().manual_seed(3)
+    for tv in (0.1, 0.9):
+        t = torch.full((3,), tv)
+        noised = d.forward_marginal(rot, trans, t, mask, generator=g)
+        prs, pts = d.scores_from_prediction(noised.rotmats_t, noised.trans_t, rot, bad.detach(), t, mask)
+        off = T.framediff_loss(rot, bad.detach(), psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
+        assert "clash_loss" not in off
+        on = T.framediff_loss(rot, bad.detach(), psi, prs.float(), pts.float(), gt, noised, t, mask,
+                              dict(exp, clash_loss_weight=2.0, clash_loss_t_filter=0.5))
+        expect = 2.0 * T.ca_clash_loss(bad.detach(), trans, mask) * (tv < 0.5)
+        assert torch.allclose(on["clash_loss"], expect, atol=1e-6)
+        assert torch.allclose(on["loss"], off["loss"] + expect, atol=1e-5)
