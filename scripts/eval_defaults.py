@@ -43,9 +43,7 @@ def _generate(out: Path, name: str, args) -> Path:
     want = len(args.lengths) * args.n
     if len(list(d.glob("length_*/sample_*.pdb"))) >= want:
         return d
-    if d.exists():
-        shutil.rmtree(d)
-    generate(models=MODELS, lengths=args.lengths, samples_per_length=args.n, batch_size=args.n,
+    generate(  # resumes: complete samples of an interrupted run are keptmodels=MODELS, lengths=args.lengths, samples_per_length=args.n, batch_size=args.n,
              num_steps=args.steps, seed=args.seed, out_dir=str(d), progress=False, **SETTINGS[name])
     return d
 
@@ -180,7 +178,8 @@ def main(argv=None) -> int:
         d = _generate(out, name, args)
         _evaluate(d, out / "eval" / name, mpnn={"enabled": False}, workers=args.workers)
         rows = _read(out / "eval" / name / "metrics.csv")
-        groups = json.loads((out / "eval" / name / "summary.json").read_text())["groups"]
+        groups = [g for g in json.loads((out / "eval" / name / "summary.json").read_text())["groups"]
+                  if str(g.get("length")).isdigit()]  # per-length groups only (not the pooled "all")
         sub_rows: list[dict] = []
         if args.reference or not args.no_mpnn:
             sub = out / "subset" / name

@@ -433,3 +433,43 @@ def test_bf16_precision_runs_and_stays_close_to_float32(tmp_path, framediff_ckpt
         assert np.isfinite(y).all()
         rmsd = float(np.sqrt(((x - y) ** 2).sum(-1).mean()))
         assert 0.0 < rmsd < 2.0, rmsd   # > 0: bf16 really ran
+
+
+def _official_small_checkpoints() -> dict[str, Path]:
+    """kind -> the official small random-weight checkpoint of every *_small_public_reference.json fixture."""
+    import json
+
+    fixtures = Path(os.environ.get("SUPERDIFF_OFFICIAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+    out: dict[str, Path] = {}
+    for ref in sorted(fixtures.glob("*_small_public_reference.json")):
+        meta = json.loads(ref.read_text())
+        kind = "proteus" if "ema" in meta.get("checkpoint_container_keys", []) else "framediff"
+        if (ref.parent / meta["checkpoint_file"]).is_file():
+            out[kind] = ref.parent / meta["checkpoint_file"]
+    return out
+
+
+OFFICIAL_SMALL = _official_small_checkpoints()
+
+
+@pytest.mark.skipif("proteus" not in OFFICIAL_SMALL, reason="official Proteus fixture checkpoint not found")
+@pytest.mark.parametrize("combo", ["proteus", "or", "and"])
+def test_proteus_end_to_end_alone_and_superposed_with_framediff(tmp_path, combo):
+    """generate_backbones on the official (random-weight) Proteus checkpoint: alone, OR and AND with FrameDiff."""
+    p = f"proteus:{OFFICIAL_SMALL['proteus']}"
+    if combo == "proteus":
+        args = [f"models=[{p}]", "rule=single"]
+    else:
+        if "framediff" not in OFFICIAL_SMALL:
+            pytest.skip("official FrameDiff fixture checkpoint not found")
+        args = [f"models=[framediff:{OFFICIAL_SMALL['framediff']},{p}]", f"rule={combo}"]
+    out = tmp_path / combo
+    r = run_cli(*args, "lengths=[11]", "samples_per_length=2", f"out_dir={out}", *SMALL)
+    assert r.returncode == 0, r.stderr
+    rows = _rows(out)
+    assert len(rows) == 2
+    for row in rows:
+        _check_backbone_pdb(out / row["pdb_path"], 11, ca_tol=None)
+        if combo != "proteus":
+            kappas = [float(v) for k, v in row.items() if k.startswith("kappa.")]
+            assert len(kappas) == 2 and all(np.isfinite(kappas))
