@@ -43,7 +43,8 @@ def _generate(out: Path, name: str, args) -> Path:
     want = len(args.lengths) * args.n
     if len(list(d.glob("length_*/sample_*.pdb"))) >= want:
         return d
-    generate(  # resumes: complete samples of an interrupted run are keptmodels=MODELS, lengths=args.lengths, samples_per_length=args.n, batch_size=args.n,
+    # generate() resumes: complete samples of an interrupted run are kept
+    generate(models=MODELS, lengths=args.lengths, samples_per_length=args.n, batch_size=args.n,
              num_steps=args.steps, seed=args.seed, out_dir=str(d), progress=False, **SETTINGS[name])
     return d
 
