@@ -103,7 +103,7 @@ def summarise(rows: list[dict], groups: list[dict], sub_rows: list[dict]) -> dic
     c = [_f(r["coil_frac"]) for r in rows]
     cls = [ss_class(a, b) for a, b in zip(h, e)]
     fm = [r.get("final_model") for r in rows]
-    multi = any(r.get("rule") not in ("single",) for r in rows)
+    multi = any(r.get("rule") in ("or", "and") for r in rows)  # average: kappa fixed, no "largest"
     return {
         "n": n, "ca_ca": pooled,
         "clash_frac": sum(x > 0 for x in clashes) / n, "clashes": sum(clashes) / n,
