@@ -1103,6 +1103,9 @@ e.g. train_frame_model data.subset=helix out_dir=runs/helix max_steps=4000 resum
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``train_frame_model`` (also ``python -m superdiff_protein.train``)."""
+    from ._runtime import tune_malloc
+
+    tune_malloc()  # CPU training allocates the same (B, N, N, C) edge tensors each step (docs/benchmarks.md)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in ("-h", "--help"):
