@@ -73,14 +73,14 @@ def _f(x) -> float:
 
 
 def _mse(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    v = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, math.sqrt(v / len(xs))
+    """Mean and standard error of the finite values (eval.report.mean_se; NaN where undefined)."""
+    import numpy as np
+
+    from eval.report import mean_se
+
+    a = np.asarray(xs, dtype=np.float64)
+    m, se, _ = mean_se(a[np.isfinite(a)])
+    return (float("nan") if m is None else m), (float("nan") if se is None else se)
 
 
 def ss_class(h: float, e: float) -> str:

@@ -10,11 +10,12 @@
 #   bash scripts/train_defaults.sh pack             # here: xz-compress data + resume state into .gpu_carry
 #                                                   # (then carry=[".gpu_carry"]: .gpu_data exceeds the 64 MiB carry)
 #
-# State between chunks lives in .gpu_data/runs/{helix,strand}/{last.ckpt,metrics.csv} (git-ignored; carry
-# .gpu_data).  Full outputs of the last collected chunk: runs/defaults/{helix,strand}/ (model.pth = official
-# FrameDiff container with the EMA weights, metrics.csv, config.yaml, loss_curve.png, train.log).
+# State between chunks lives in .gpu_data/runs/{helix,strand}/{last.ckpt,metrics.csv} (git-ignored; the first
+# chunk carries .gpu_data, later ones the xz-compressed .gpu_carry from `pack`).  Full outputs of the last
+# collected chunk: runs/defaults/{helix,strand}/ (model.pth = official FrameDiff container with the EMA
+# weights, metrics.csv, config.yaml, loss_curve.png, train.log).
 # Limits this is built for: a command <= 10 min, files back <= 8 x 16 MiB (last.ckpt is split in parts),
-# carried tree <= 64 MiB (.gpu_data: 13 MB data + 2 x 22 MB resume state + 0.4 MB wheels in .gpu_data/whl).
+# carried tree <= 64 MiB (13 MB data + 2 x 22 MB resume state + 0.4 MB wheels: hence `pack`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,8 @@ SUBSETS=(helix strand)
 PY=${PYTHON:-python3}
 
 # The recipe (identical for both halves except data.subset).  Constant LR after warm-up + EMA: the step
-# count a chunk reaches is set by the time budget, so no schedule depends on max_steps.
+# count a chunk reaches is set by the time budget.  Later phases (cosine decay, clash loss) come in through
+# EXTRA (docs/training.md lists the exact values used for the shipped models).
 recipe() {
   local subset=$1 minutes=$2
   echo model=small seed=0 "data.path=.gpu_data/pdownb.pt" "data.subset=${subset}" \
@@ -151,5 +153,5 @@ case "${1:-}" in
   collect) shift; collect "$@" ;;
   status) status ;;
   pack) pack ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

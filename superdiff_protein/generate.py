@@ -1350,9 +1350,7 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
 def _merge_shard(out_dir: Path, shard_csv: Path, cols: list[str]) -> dict:
     """Fold this shard's rows into ``samples.csv`` (under a lock, so shards can finish in any order)
     and remove the shard file. Returns all rows now in ``samples.csv``."""
-    import time as _t
-
-    deadline = _t.monotonic() + 600
+    deadline = time.monotonic() + 600
     while True:
         try:
             with _OutDirLock(out_dir, ".samples_csv.lock"):
@@ -1363,9 +1361,9 @@ def _merge_shard(out_dir: Path, shard_csv: Path, cols: list[str]) -> dict:
                 shard_csv.unlink(missing_ok=True)
                 return rows
         except GenerateError:
-            if _t.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 raise
-            _t.sleep(0.2)
+            time.sleep(0.2)
 
 
 def _space_for(models: Sequence[Any]) -> ProductSpace:
