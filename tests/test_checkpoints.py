@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import official_fixtures_dir
+from conftest import official_fixtures_dir, official_params
 from superdiff_protein.checkpoints import (
     CheckpointError,
     load_checkpoint_file,
@@ -33,7 +33,7 @@ class _Evil:
         return (os.makedirs, (self.path,))
 
 
-@pytest.mark.parametrize("path", OFFICIAL, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", official_params(OFFICIAL, "official *.pth checkpoints", ids=lambda p: p.name))
 def test_official_containers_load_safely(path):
     obj = load_checkpoint_file(path)
     assert isinstance(obj, dict) and "model" in obj and "conf" in obj
