@@ -1,42 +1,36 @@
-"""Shared helpers for the eval tests (real chains from pdownb, tiny random models). Holds no tests itself."""
+"""Shared helpers for the eval tests (real PDownB chains shipped in tests/data, tiny random models). Holds no tests
+itself."""
 from __future__ import annotations
 
 import csv
-import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import pdownb_archive
+from conftest import real_chain_files
 
 _CHAINS: list | None = None
 
 
 def pdownb_chains(n: int = 8, min_len: int = 40, max_len: int = 90):
-    """The first ``n`` chains of the pdownb archive (archive order) with ``min_len..max_len`` residues, a complete
-    N/CA/C/O backbone and no chain break. Streams the archive only as far as needed; cached per process."""
+    """The first ``n`` real chains (archive order) with ``min_len..max_len`` residues, a complete N/CA/C/O backbone
+    and no chain break, from the chains shipped in tests/data/pdownb (set "short": the first 8 such members of the
+    PDownB archive, so at most 8 with the default length range). Cached per process."""
     global _CHAINS
     from eval.io import backbone_from_text
 
     if _CHAINS is not None and len(_CHAINS) >= n:
         return _CHAINS[:n]
-    arch = Path(pdownb_archive())
-    archives = sorted(arch.glob("*.tar*")) if arch.is_dir() else [arch]
-    if not archives:
-        pytest.skip(f"pdownb archive not found under {arch}")
     got = []
-    with tarfile.open(archives[0], "r:*") as tar:
-        for m in tar:
-            if not m.isfile() or not m.name.endswith(".pdb"):
-                continue
-            bb = backbone_from_text(tar.extractfile(m).read().decode(), ".pdb", Path(m.name).stem)
-            d = np.linalg.norm(np.diff(bb.ca, axis=0), axis=-1)
-            if min_len <= bb.length <= max_len and bb.has_full_backbone and (d < 4.2).all():
-                got.append(bb)
-            if len(got) >= n:
-                break
+    for f in real_chain_files("short"):
+        bb = backbone_from_text(f.read_text(), ".pdb", f.stem)
+        d = np.linalg.norm(np.diff(bb.ca, axis=0), axis=-1)
+        if min_len <= bb.length <= max_len and bb.has_full_backbone and (d < 4.2).all():
+            got.append(bb)
+        if len(got) >= n:
+            break
+    assert len(got) >= n, f"tests/data/pdownb has only {len(got)} chains of {min_len}-{max_len} residues"
     _CHAINS = got
     return got
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import gzip
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import pdownb_archive
+from conftest import real_chain_files
 from superdiff_protein.pdb_io import (
     BACKBONE_ATOMS,
     Backbone,
@@ -20,37 +19,19 @@ from superdiff_protein.pdb_io import (
     write_trajectory_pdb,
 )
 
-ARCHIVE_NAME = "pdownb_first_chain_pdb.tar.xz"
-EVERY = 400  # take every 400th structure member of the archive (~6 chains)
-
-
-def _archive() -> Path:
-    p = pdownb_archive()
-    return p / ARCHIVE_NAME if p.is_dir() else p
-
-
-_CHAIN_DIR: list[Path] = []  # shared by every module that imports the fixture (extract once)
+_CHAIN_DIR: list[Path] = []  # shared by every module that imports the fixture (copy once)
 
 
 @pytest.fixture(scope="session")
 def pdownb_chain_dir(tmp_path_factory) -> Path:
-    """A few real chains, streamed out of the PDownB archive in one pass (no listing)."""
+    """A few real PDownB chains shipped in tests/data/pdownb (set "spread": every 400th archive member),
+    copied to a scratch folder so that no test can write into the repository."""
     if _CHAIN_DIR and _CHAIN_DIR[0].is_dir():
         return _CHAIN_DIR[0]
-    arc = _archive()
-    if not arc.is_file():
-        pytest.skip(f"PDownB archive not found at {arc}")
     out = tmp_path_factory.mktemp("pdownb_chains")
-    k = 0
-    with tarfile.open(arc, "r|*") as tf:
-        for m in tf:
-            if not (m.isfile() and m.name.endswith(".pdb")):
-                continue
-            if k % EVERY == 0:
-                (out / Path(m.name).name).write_bytes(tf.extractfile(m).read())
-            k += 1
-    files = sorted(out.glob("*.pdb"))
-    assert len(files) >= 4
+    for f in real_chain_files("spread"):
+        (out / f.name).write_bytes(f.read_bytes())
+    assert len(chain_files(out)) >= 4
     _CHAIN_DIR.append(out)
     return out
 
