@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import official_fixtures_dir, official_skip_reason
 from superdiff_protein.geometry import IDEAL_BACKBONE_LOCAL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,7 +386,7 @@ def test_bad_checkpoints_fail_cleanly(tmp_path, framediff_ckpts):
     wrong = _tiny_framediff_checkpoint(tmp_path / "wrong_arch.pth", 0,
                                        model_conf={**SMALL_FRAMEDIFF, "node_embed_size": 48})
     cases = [(corrupt, "corrupt"), (truncated, "truncated"), (wrong, "wrong_arch")]
-    fixtures = Path(os.environ.get("SUPERDIFF_OFFICIAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+    fixtures = official_fixtures_dir()
     if (fixtures / "proteus_small_public.pth").is_file():
         cases.append((f"framediff:{fixtures / 'proteus_small_public.pth'}", "proteus_small_public"))
     for spec, name in cases:
@@ -439,7 +440,7 @@ def _official_small_checkpoints() -> dict[str, Path]:
     """kind -> the official small random-weight checkpoint of every *_small_public_reference.json fixture."""
     import json
 
-    fixtures = Path(os.environ.get("SUPERDIFF_OFFICIAL_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+    fixtures = official_fixtures_dir()
     out: dict[str, Path] = {}
     for ref in sorted(fixtures.glob("*_small_public_reference.json")):
         meta = json.loads(ref.read_text())
@@ -452,7 +453,7 @@ def _official_small_checkpoints() -> dict[str, Path]:
 OFFICIAL_SMALL = _official_small_checkpoints()
 
 
-@pytest.mark.skipif("proteus" not in OFFICIAL_SMALL, reason="official Proteus fixture checkpoint not found")
+@pytest.mark.skipif("proteus" not in OFFICIAL_SMALL, reason=official_skip_reason("official Proteus fixture checkpoint"))
 @pytest.mark.parametrize("combo", ["proteus", "or", "and"])
 def test_proteus_end_to_end_alone_and_superposed_with_framediff(tmp_path, combo):
     """generate_backbones on the official (random-weight) Proteus checkpoint: alone, OR and AND with FrameDiff."""
@@ -461,7 +462,7 @@ def test_proteus_end_to_end_alone_and_superposed_with_framediff(tmp_path, combo)
         args = [f"models=[{p}]", "rule=single"]
     else:
         if "framediff" not in OFFICIAL_SMALL:
-            pytest.skip("official FrameDiff fixture checkpoint not found")
+            pytest.skip(official_skip_reason("official FrameDiff fixture checkpoint"))
         args = [f"models=[framediff:{OFFICIAL_SMALL['framediff']},{p}]", f"rule={combo}"]
     out = tmp_path / combo
     r = run_cli(*args, "lengths=[11]", "samples_per_length=2", f"out_dir={out}", *SMALL)
