@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, official_fixtures_dir
+from conftest import REPO, official_fixtures_dir, official_skip_reason
 from superdiff_protein.data import (
     RESTYPES,
     DatasetError,
@@ -245,7 +245,7 @@ def _quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
 def test_frames_match_official_framediff_convention():
     ref = official_fixtures_dir() / "framediff_small_public_reference.pt"
     if not ref.is_file():
-        pytest.skip("official fixtures not available")
+        pytest.skip(official_skip_reason("framediff_small_public_reference.pt"))
     d = torch.load(ref, map_location="cpu", weights_only=False)
     prot, rig = d["traj/out/prot_traj"].double(), d["traj/out/rigid_traj"].double()
     for k in range(prot.shape[0]):  # atom37 of x_t (N=0, CA=1, C=2) built by the official code from rigid_traj[k]

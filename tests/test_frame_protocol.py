@@ -30,7 +30,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import official_fixtures_dir
+from conftest import official_fixtures_dir, official_skip_reason
 from models.frame_models import FrameModelState, FramePrediction, FrameScoreModel
 from superdiff_protein.geometry import quat_to_rotmat, so3_exp
 from superdiff_protein.kappa import SingleRule
@@ -42,7 +42,7 @@ from superdiff_protein.se3 import SE3Diffuser
 FIX = official_fixtures_dir()
 SETS = sorted(FIX.glob("*_small_public_reference.pt"))
 if not SETS:
-    pytest.skip(f"no *_small_public_reference.pt in {FIX}", allow_module_level=True)
+    pytest.skip(official_skip_reason("*_small_public_reference.pt"), allow_module_level=True)
 
 ROT_TOL, TRANS_REL = 5e-6, 1e-5
 

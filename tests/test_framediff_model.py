@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import official_fixtures_dir
+from conftest import official_fixtures_dir, official_params
 from models.framediff import FrameDiffAdapter, FrameDiffConfig, FrameDiffScoreNetwork
 from models.framediff.official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
 from superdiff_protein.geometry import quat_to_rotmat, rotmat_to_quat, so3_exp
@@ -36,7 +36,7 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("path", KEY_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", official_params(KEY_FILES, "framediff_*.json key lists", ids=lambda p: p.name))
 def test_architecture_matches_official_key_list(path):
     """Built from the json's model_config: exactly the official keys, shapes and parameter count."""
     spec = json.loads(path.read_text())

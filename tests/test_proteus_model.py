@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import official_fixtures_dir
+from conftest import official_fixtures_dir, official_skip_reason
 from models.proteus import ProteusAdapter, ProteusConfigError, ProteusNetwork
 from models.proteus.template import backbone_atoms
 from superdiff_protein.checkpoints import CheckpointError
@@ -18,7 +18,7 @@ SMALL = FIX / "proteus_small_public.pth"
 PAPER = FIX / "proteus_paper_keys.json"
 
 
-@pytest.mark.skipif(not PAPER.is_file(), reason="proteus_paper_keys.json not found")
+@pytest.mark.skipif(not PAPER.is_file(), reason=official_skip_reason("proteus_paper_keys.json"))
 def test_paper_configuration_keys_shapes_count():
     d = json.loads(PAPER.read_text())
     conf = d["model_config"]
@@ -39,7 +39,7 @@ def test_paper_configuration_keys_shapes_count():
 @pytest.fixture(scope="module")
 def adapter():
     if not SMALL.is_file():
-        pytest.skip("small Proteus checkpoint not found")
+        pytest.skip(official_skip_reason("proteus_small_public.pth"))
     return ProteusAdapter.from_checkpoint(SMALL)
 
 

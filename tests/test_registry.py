@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import official_fixtures_dir
+from conftest import official_fixtures_dir, official_skip_reason
 from superdiff_protein import registry
 from superdiff_protein.checkpoints import CheckpointError
 from superdiff_protein.registry import UnknownModelError, available_models, load_model, register_model
@@ -27,7 +27,7 @@ def _ckpts() -> dict[str, object]:
 
 
 CKPTS = _ckpts()
-needs_ckpts = pytest.mark.skipif(len(CKPTS) < 2, reason=f"FrameDiff and Proteus fixture checkpoints needed in {FIX}")
+needs_ckpts = pytest.mark.skipif(len(CKPTS) < 2, reason=official_skip_reason("FrameDiff and Proteus fixture checkpoints"))
 
 
 @needs_ckpts
