@@ -64,8 +64,14 @@ def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device 
         raise ModelUnavailableError(esmfold_help(spec))
     from transformers import EsmForProteinFolding
 
+    from superdiff_protein.safe_load import CheckpointError, pretrained_load_kwargs
+
     try:
-        model = EsmForProteinFolding.from_pretrained(str(path), local_files_only=True)
+        vetted = pretrained_load_kwargs(path)
+    except CheckpointError as exc:
+        raise ModelUnavailableError(f"ESMFold weights: {exc}") from exc
+    try:
+        model = EsmForProteinFolding.from_pretrained(str(path), local_files_only=True, **vetted)
     except Exception as exc:
         raise ModelUnavailableError(f"cannot load ESMFold from {path}: {exc}\n" + esmfold_help(spec)) from exc
     return prepare_esmfold(model, device=device, chunk_size=chunk_size, fp16_esm=fp16_esm)

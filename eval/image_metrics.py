@@ -11,7 +11,7 @@ FID / IS
     Weights: ``weights_path`` argument, else ``$SUPERDIFF_INCEPTION_WEIGHTS``, else the torch hub
     cache (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``, the file
     torch-fidelity downloads). Nothing is downloaded; without weights a clear error says where to put them.
-    The weights file is first checked to load with ``torch.load(weights_only=True)`` (no code execution).
+    The weights file is first read by the allow-listed loader (``superdiff_protein.safe_load``: no code runs).
 
 CLIP score
     ``100 * max(cos(E_img, E_txt), 0)`` averaged over (image, prompt) pairs (Hessel et al. 2021, as in
@@ -190,10 +190,12 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         super().__init__()
         path = find_inception_weights(weights_path)
+        from superdiff_protein.checkpoints import CheckpointError, load_checkpoint_file
+
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ImageMetricsError(f"{path}: not a plain tensor state dict (refusing to unpickle code): {e}") from e
+            sd = load_checkpoint_file(path, "cpu")
+        except CheckpointError as e:
+            raise ImageMetricsError(f"InceptionV3 weights: {e}") from e
         if not isinstance(sd, Mapping) or "fc.weight" not in sd or tuple(sd["fc.weight"].shape) != (1008, 2048):
             raise ImageMetricsError(f"{path}: not torch-fidelity's InceptionV3 weights (expected fc.weight (1008, 2048))")
         cls = _fidelity_inception_class()
@@ -252,8 +254,14 @@ class ClipScorer:
     def __init__(self, model_path: str | os.PathLike, device: str | torch.device = "cpu"):
         from transformers import CLIPModel, CLIPTokenizer
 
+        from superdiff_protein.safe_load import CheckpointError, pretrained_load_kwargs
+
         try:
-            self.model = CLIPModel.from_pretrained(str(model_path), local_files_only=True).to(device).eval()
+            vetted = pretrained_load_kwargs(model_path)
+        except CheckpointError as e:
+            raise ImageMetricsError(f"CLIP weights: {e}") from e
+        try:
+            self.model = CLIPModel.from_pretrained(str(model_path), local_files_only=True, **vetted).to(device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(str(model_path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise ImageMetricsError(

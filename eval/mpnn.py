@@ -64,7 +64,14 @@ def load_proteinmpnn(model_name: str = "v_48_020", ca_only: bool = False, weight
     path = Path(weights) if weights else weights_path(model_name, ca_only, soluble)
     if not path.is_file():
         raise ModelUnavailableError(f"ProteinMPNN checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from superdiff_protein.checkpoints import CheckpointError, load_checkpoint_file
+
+    try:
+        ckpt = load_checkpoint_file(path, "cpu")
+    except CheckpointError as e:
+        raise ModelUnavailableError(f"ProteinMPNN weights: {e}") from e
+    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "num_edges" not in ckpt:
+        raise ModelUnavailableError(f"{path}: not a ProteinMPNN checkpoint (needs 'model_state_dict' and 'num_edges')")
     model = build_proteinmpnn(ca_only=ca_only, k_neighbors=int(ckpt["num_edges"]),
                               hidden_dim=int(ckpt.get("hidden_dim", HIDDEN_DIM)),
                               num_layers=int(ckpt.get("num_layers", NUM_LAYERS)))

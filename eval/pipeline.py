@@ -174,6 +174,14 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
     if reference and not Path(str(reference)).expanduser().exists():
         raise BadInputError(f"reference {str(reference)!r} does not exist (a directory or tar archive of "
                             "PDB/mmCIF files, or a prepared .npz from `python -m eval.reference`)")
+    weights = cfg.get("mpnn", {}).get("weights")
+    if weights and cfg.mpnn.get("enabled", True):  # a user-given file is vetted before any work (exit 2)
+        from superdiff_protein.checkpoints import CheckpointError, load_checkpoint_file
+
+        try:
+            load_checkpoint_file(str(weights), "cpu")
+        except CheckpointError as exc:
+            raise BadInputError(f"mpnn.weights: {exc}") from exc
     files = discover_structures(samples_dir, exclude=[out_dir])
     if not files:
         raise BadInputError(f"no structure files (*.pdb, *.cif) found under {str(samples_dir)!r}")

@@ -123,13 +123,13 @@ class FrameScoreModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, kind: str | None = None, device: Any = "cpu",
-                        dtype: torch.dtype = torch.float32, trust_checkpoint: bool = False,
+                        dtype: torch.dtype = torch.float32,
                         name: str | None = None) -> "FrameScoreModel":
         """Load an official FrameDiff / Proteus checkpoint (``kind`` autodetected: Proteus has ``ema``)."""
         from superdiff_protein.registry import load_model
 
         spec = f"{kind}:{os.fspath(path)}" if kind else os.fspath(path)
-        return load_model(spec, device=device, dtype=dtype, trust_checkpoint=trust_checkpoint, name=name)
+        return load_model(spec, device=device, dtype=dtype, name=name)
 
     # -- protocol
     def signature(self) -> dict:

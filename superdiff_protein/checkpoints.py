@@ -1,20 +1,10 @@
 """Safe loading of official FrameDiff / Proteus checkpoints (shared by both model packages).
 
-Loading never executes code from the file unless the caller passes ``trust_checkpoint=True``:
-
-1. ``torch.load(weights_only=True)`` inside ``torch.serialization.safe_globals(SAFE_GLOBALS)``:
-   torch's own weights-only unpickler with only the OmegaConf classes and builtin types that the
-   official containers need allow-listed.
-2. The official checkpoints are written with ``pickle_protocol=pickle.HIGHEST_PROTOCOL`` (5).  Torch's
-   weights-only unpickler only understands protocol-2 opcodes and stops at the first ``FRAME``
-   opcode ("Unsupported operand 149").  For such files we fall back to a *restricted* unpickler:
-   the standard ``pickle.Unpickler`` whose ``find_class`` resolves **only** the same allow-list
-   (plus torch's own weights-only allow-list for tensor rebuilding).  Every global a pickle can
-   reference goes through ``find_class`` (GLOBAL, STACK_GLOBAL and the EXT opcodes), so nothing
-   outside the allow-list can be imported or called; anything else raises
-   :class:`CheckpointError`.
-3. ``trust_checkpoint=True`` skips both and uses plain ``torch.load(weights_only=False)`` - only
-   for files you created yourself or fully trust.
+Loading never executes code from the file: :func:`load_checkpoint_file` parses the torch file
+itself (zip and legacy formats, every pickle protocol) with the allow-listed unpickler of
+:mod:`superdiff_protein.safe_load`; anything outside the allow-list (OmegaConf configs, builtin
+containers, tensors) is refused with one line saying why and how to convert the file.  There is no
+"trust" switch: a file that needs one must be re-saved as plain data (``docs/security.md``).
 
 Key/shape checking (:func:`load_state_dict_checked`) always names missing, unexpected and
 shape-mismatched keys; a partial load never happens silently.
@@ -22,12 +12,7 @@ shape-mismatched keys; a partial load never happens silently.
 from __future__ import annotations
 
 import collections
-import io
 import os
-import pickle
-import types
-import warnings
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -35,9 +20,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .safe_load import CheckpointError, UnsafeCheckpointError, safe_load
+
 __all__ = [
     "CheckpointError",
-    "SAFE_GLOBALS",
+    "UnsafeCheckpointError",
     "LoadedCheckpoint",
     "load_checkpoint_file",
     "load_framediff_checkpoint",
@@ -48,145 +35,14 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt, unsafe or does not match the model."""
-
-
-def _omegaconf_globals() -> list[Any]:
-    try:
-        import omegaconf
-        from omegaconf import base, dictconfig, listconfig, nodes
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
-        return []
-    out: list[Any] = [
-        dictconfig.DictConfig,
-        listconfig.ListConfig,
-        base.ContainerMetadata,
-        base.Metadata,
-        nodes.AnyNode,
-    ]
-    # Value nodes that appear in typed (structured) configs; harmless data classes.
-    for name in ("StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode", "BytesNode", "PathNode"):
-        if hasattr(nodes, name):
-            out.append(getattr(nodes, name))
-    del omegaconf
-    return out
-
-
-#: Globals (beyond torch's own tensor-rebuilding allow-list) that official FrameDiff / Proteus
-#: containers need: OmegaConf config objects and plain builtin containers.  Found by listing the
-#: globals referenced by the official checkpoint files (``framediff_small_public.pth``,
-#: ``proteus_small_public.pth``).
-SAFE_GLOBALS: list[Any] = [
-    *_omegaconf_globals(),
-    dict,
-    list,
-    tuple,
-    set,
-    int,
-    float,
-    str,
-    bool,
-    collections.OrderedDict,
-    collections.defaultdict,
-    typing.Any,
-]
-
-
-def _global_name(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', repr(obj)))}"
-
-
-def _allowed_globals() -> dict[str, Any]:
-    allowed: dict[str, Any] = {}
-    try:  # torch's own weights-only allow-list (rebuild helpers, dtypes, storages)
-        from torch import _weights_only_unpickler as wou
-
-        allowed.update(wou._get_allowed_globals())
-    except Exception:  # pragma: no cover - private API moved: minimal fallback
-        allowed.update(
-            {
-                "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
-                "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
-                "collections.OrderedDict": collections.OrderedDict,
-            }
-        )
-    for obj in SAFE_GLOBALS:
-        allowed[_global_name(obj)] = obj
-    # builtins are pickled as "builtins.<name>"
-    for obj in (dict, list, tuple, set, int, float, str, bool):
-        allowed[f"builtins.{obj.__name__}"] = obj
-    allowed["typing.Any"] = typing.Any
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only allow-listed globals."""
-
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D401
-        full = f"{module}.{name}"
-        allowed = _allowed_globals()
-        if full in allowed:
-            return allowed[full]
-        raise CheckpointError(
-            f"refusing to load global {full!r} from the checkpoint: it is not on the safe allow-list "
-            "(OmegaConf configs, builtin containers, tensors). Pass trust_checkpoint=True only if you "
-            "trust the file completely (it may then execute arbitrary code)."
-        )
-
-
-_restricted_pickle_module = types.ModuleType("superdiff_restricted_pickle")
-_restricted_pickle_module.Unpickler = _RestrictedUnpickler  # type: ignore[attr-defined]
-_restricted_pickle_module.load = pickle.load  # type: ignore[attr-defined]
-_restricted_pickle_module.loads = pickle.loads  # type: ignore[attr-defined]
-_restricted_pickle_module.__name__ = "superdiff_restricted_pickle"
-
-
-def load_checkpoint_file(
-    path: str | os.PathLike, map_location: Any = "cpu", trust_checkpoint: bool = False
-) -> Any:
-    """Unpickle a torch checkpoint safely (see module docstring).
-
-    Args:
-        path: checkpoint file (``.pth`` / ``.pt``, torch zip format or legacy).
-        map_location: passed to ``torch.load``.
-        trust_checkpoint: if True, use ``torch.load(weights_only=False)``, which can run arbitrary
-            code embedded in the file.  Default False.
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Read a ``.pt/.pth/.ckpt`` file with the allow-listed unpickler (no code from the file runs).
 
     Raises:
-        CheckpointError: missing/corrupt file, or a global outside the allow-list.
+        UnsafeCheckpointError: the file references a global outside the allow-list (nothing ran).
+        CheckpointError: missing, empty, truncated or not a torch file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint file not found: {p}")
-    if trust_checkpoint:
-        try:
-            return torch.load(p, map_location=map_location, weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"could not read checkpoint {p}: {type(e).__name__}: {e}") from e
-    first_error: Exception | None = None
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_error = e
-    except Exception as e:  # noqa: BLE001 - corrupt / truncated / not a torch file
-        raise CheckpointError(
-            f"could not read checkpoint {p} (corrupt or not a torch file?): {type(e).__name__}: {e}"
-        ) from e
-    # Fallback for pickle protocols > 2 (the official files): restricted unpickler.
-    try:
-        return torch.load(
-            p, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle_module
-        )
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(
-            f"could not read checkpoint {p} safely: {type(e).__name__}: {e} "
-            f"(torch weights-only loader said: {first_error})"
-        ) from e
+    return safe_load(path, map_location)
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> "collections.OrderedDict[str, torch.Tensor]":
@@ -258,24 +114,20 @@ def _parse_container(
     return LoadedCheckpoint(strip_module_prefix(sd), conf, conf["model"], raw, path)
 
 
-def load_framediff_checkpoint(
-    path: str | os.PathLike, map_location: Any = "cpu", trust_checkpoint: bool = False
-) -> LoadedCheckpoint:
+def load_framediff_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedCheckpoint:
     """Read an official FrameDiff container ``{model, conf, optimizer, epoch, step}``."""
     p = Path(path)
-    obj = load_checkpoint_file(p, map_location, trust_checkpoint)
+    obj = load_checkpoint_file(p, map_location)
     return _parse_container(obj, p, ("model", "conf"), "FrameDiff")
 
 
-def load_proteus_checkpoint(
-    path: str | os.PathLike, map_location: Any = "cpu", trust_checkpoint: bool = False
-) -> LoadedCheckpoint:
+def load_proteus_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> LoadedCheckpoint:
     """Read an official Proteus container ``{model, ema, conf, optimizer, epoch, step, dataset_csvs}``.
 
     Only ``model`` is used (as the official sampler); ``ema`` is ignored.
     """
     p = Path(path)
-    obj = load_checkpoint_file(p, map_location, trust_checkpoint)
+    obj = load_checkpoint_file(p, map_location)
     return _parse_container(obj, p, ("model", "conf"), "Proteus")
 
 

@@ -582,14 +582,16 @@ _REQUIRED_KEYS = ("names", "lengths", "offsets", "coords_q", "coord_scale", "coo
 
 
 def load_dataset_file(path: str | os.PathLike) -> dict:
-    """Load and validate a dataset file written by :func:`prepare_dataset` (``weights_only`` load)."""
+    """Load and validate a dataset file written by :func:`prepare_dataset` (allow-listed loader: no code runs)."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"dataset file not found: {p}")
+    from .checkpoints import CheckpointError, load_checkpoint_file
+
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DatasetError(f"{p}: not a readable dataset file ({type(e).__name__}: {e})") from e
+        data = load_checkpoint_file(p, "cpu")
+    except CheckpointError as e:
+        raise DatasetError(f"not a readable dataset file: {e}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise DatasetError(f"{p}: not a superdiff_protein dataset file (missing format tag {FORMAT_NAME!r})")
     if data.get("version") != FORMAT_VERSION:

@@ -617,10 +617,12 @@ def load_exact_frame_set(path: str | os.PathLike = EXACT_FRAMES_FILE) -> dict:
     if not p.is_file():
         raise GenerateError(f"exact models: data file {p} is missing (rebuild it with "
                             "superdiff_protein.generate.build_exact_frame_set)")
+    from .checkpoints import CheckpointError, load_checkpoint_file
+
     try:
-        d = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GenerateError(f"exact models: {p} is not readable ({type(e).__name__}: {e})") from e
+        d = load_checkpoint_file(p, "cpu")
+    except CheckpointError as e:
+        raise GenerateError(f"exact models: {e}") from e
     if not isinstance(d, dict) or d.get("format") != EXACT_FORMAT:
         raise GenerateError(f"exact models: {p} is not a {EXACT_FORMAT} file")
     return d

@@ -112,7 +112,7 @@ def detect_checkpoint_kind(container: Any, path: str | os.PathLike = "") -> str:
 
 
 def load_frame_checkpoint(path: str | os.PathLike, kind: str = "auto", device: Any = "cpu",
-                          dtype: torch.dtype | None = torch.float32, trust_checkpoint: bool = False,
+                          dtype: torch.dtype | None = torch.float32,
                           name: str | None = None, self_condition: bool = True):
     """Load a FrameDiff / Proteus checkpoint as a :class:`models.frame_models.FrameScoreModel`."""
     from models.frame_models import FrameScoreModel
@@ -121,14 +121,14 @@ def load_frame_checkpoint(path: str | os.PathLike, kind: str = "auto", device: A
     if kind not in ("auto",) + _KINDS:
         raise UnknownModelError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(_KINDS)} or auto-detect")
     if kind == "auto":
-        kind = detect_checkpoint_kind(load_checkpoint_file(p, "cpu", trust_checkpoint), p)
+        kind = detect_checkpoint_kind(load_checkpoint_file(p, "cpu"), p)
     dtype = dtype or torch.float32
     if kind == "framediff":
         from models.framediff.adapter import FrameDiffAdapter as Adapter
     else:
         from models.proteus.adapter import ProteusAdapter as Adapter
     try:
-        adapter = Adapter.from_checkpoint(p, device=device, trust_checkpoint=trust_checkpoint, dtype=dtype)
+        adapter = Adapter.from_checkpoint(p, device=device, dtype=dtype)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # config of another architecture
@@ -146,7 +146,7 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", dtype: torch.dtype 
     """Build a score model from a registry name, ``kind:path`` or a checkpoint path (module docstring).
 
     Extra keywords go to the factory (registered / entry-point models) or to
-    :func:`load_frame_checkpoint` (``trust_checkpoint``, ``name``, ``self_condition``).
+    :func:`load_frame_checkpoint` (``name``, ``self_condition``).
     """
     s = os.fspath(spec) if not isinstance(spec, str) else spec.strip()
     if not s:
@@ -170,7 +170,7 @@ def load_model(spec: str | os.PathLike, device: Any = "cpu", dtype: torch.dtype 
                                     f"({type(e).__name__}: {e})") from e
         return factory(device=device, dtype=dtype, **kw)
     if _looks_like_path(s):
-        if not Path(s).is_file():
+        if not Path(s).exists():
             raise CheckpointError(f"checkpoint file not found: {s}")
         return load_frame_checkpoint(s, "auto", device=device, dtype=dtype, **kw)
     names = available_models()

@@ -885,17 +885,40 @@ def _weights_from_lightning(ckpt: Mapping[str, Any], which: str) -> dict[str, Te
     return out
 
 
+def _read_lightning_checkpoint(path: str | os.PathLike) -> dict:
+    """A ``last.ckpt`` through the allow-listed loader (no code from the file runs)."""
+    from .checkpoints import CheckpointError, load_checkpoint_file
+
+    try:
+        ck = load_checkpoint_file(path, "cpu")
+    except CheckpointError as e:
+        raise TrainError(f"resume: {e}") from e
+    if not isinstance(ck, dict):
+        raise TrainError(f"{path}: not a Lightning checkpoint (a {type(ck).__name__}, not a dict)")
+    return ck
+
+
+def _safe_checkpoint_io(pl: Any) -> Any:
+    """Lightning's checkpoint I/O, reading through the allow-listed loader instead of ``torch.load``."""
+    from .checkpoints import load_checkpoint_file
+
+    class SafeCheckpointIO(pl.plugins.TorchCheckpointIO):
+        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict:
+            return load_checkpoint_file(path, "cpu")
+
+    return SafeCheckpointIO()
+
+
 def export_from_lightning_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike,
                                      which: Optional[str] = None) -> Path:
     """Turn a ``last.ckpt`` (made by this module) into an official ``model.pth``.
 
-    Uses ``torch.load(weights_only=True)``: our Lightning checkpoints hold only tensors and plain
-    containers.
+    Read with the allow-listed loader: our Lightning checkpoints hold only tensors and plain containers.
     """
     p = Path(ckpt_path)
     if not p.is_file():
         raise TrainError(f"checkpoint {p} not found")
-    ck = torch.load(p, map_location="cpu", weights_only=True)
+    ck = _read_lightning_checkpoint(p)
     cfg = ck.get("superdiff_config")
     if cfg is None:
         raise TrainError(f"{p} was not written by superdiff_protein.train (no superdiff_config)")
@@ -982,12 +1005,13 @@ def train(cfg: dict, start_time: Optional[float] = None) -> dict:
     if last.is_file():
         if cfg.get("resume"):
             ckpt_path = str(last)
-            prev = torch.load(last, map_location="cpu", weights_only=True).get("superdiff_config", {})
+            resume_state = _read_lightning_checkpoint(last)
+            prev = resume_state.get("superdiff_config", {})
             for sec in ("model", "diffuser"):
                 if prev.get(sec) != cfg[sec]:
                     raise TrainError(f"resume: the {sec!r} section differs from the one in {last}; "
                                      "use the same settings (or overwrite=true to start again)")
-            prev_step = int(torch.load(last, map_location="cpu", weights_only=True).get("global_step", 0))
+            prev_step = int(resume_state.get("global_step", 0))
             _truncate_metrics(out / "metrics.csv", prev_step)
         elif not cfg.get("overwrite"):
             raise TrainError(f"{last} exists: pass resume=true to continue it or overwrite=true to start again")
@@ -1034,12 +1058,12 @@ def train(cfg: dict, start_time: Optional[float] = None) -> dict:
         enable_checkpointing=False, callbacks=[cb], gradient_clip_val=cfg["experiment"].get("grad_clip"),
         enable_progress_bar=bool(tr.get("progress_bar")), enable_model_summary=False,
         use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=int(cfg["experiment"]["log_every"]),
-        default_root_dir=str(out),
+        default_root_dir=str(out), plugins=[_safe_checkpoint_io(pl)],
     )
     t0 = time.time()
     start_step = 0
     if ckpt_path is not None:
-        start_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=True).get("global_step", 0))
+        start_step = int(resume_state.get("global_step", 0))
     if start_step >= int(cfg["max_steps"]):
         return {"out_dir": str(out), "start_step": start_step, "step": start_step, "seconds": 0.0,
                 "stopped_for_time": False, "done": True}

@@ -74,19 +74,18 @@ def test_code_in_checkpoint_is_refused_and_not_run(tmp_path, protocol):
     with pytest.raises(CheckpointError):
         load_framediff_checkpoint(f)
     assert not marker.exists()
-    # explicit trust loads it (and runs the payload: that is what trust means)
-    obj = load_checkpoint_file(f, trust_checkpoint=True)
-    assert marker.exists() and "model" in obj
+    with pytest.raises(TypeError):  # there is no trust switch any more
+        load_checkpoint_file(f, trust_checkpoint=True)
+    assert not marker.exists()
 
 
-def test_unknown_class_refused_unless_trusted(tmp_path):
+def test_unknown_class_refused(tmp_path):
     import fractions
 
     f = tmp_path / "frac.pth"
     torch.save({"model": {}, "conf": {"model": {}}, "x": fractions.Fraction(1, 3)}, f, pickle_protocol=5)
     with pytest.raises(CheckpointError, match="fractions.Fraction"):
         load_checkpoint_file(f)
-    assert load_checkpoint_file(f, trust_checkpoint=True)["x"] == fractions.Fraction(1, 3)
 
 
 def test_missing_and_corrupt_files(tmp_path):

@@ -142,7 +142,7 @@ def test_model_pth_is_official_container_and_loads_safely(runs):
         assert torch.equal(v, ck["state_dict"]["ema." + k]), k
     assert not all(torch.equal(ck["state_dict"]["ema." + k], ck["state_dict"]["model." + k]) for k in raw["model"])
 
-    model = FrameDiffAdapter.from_checkpoint(path)  # trust_checkpoint=False
+    model = FrameDiffAdapter.from_checkpoint(path)  # the allow-listed loader
     assert model.config.node_embed_size == cfg["model"]["node_embed_size"]
     assert model.config.ipa.num_blocks == cfg["model"]["ipa"]["num_blocks"]
     from superdiff_protein.geometry import so3_exp

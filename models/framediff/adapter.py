@@ -69,20 +69,18 @@ class FrameDiffAdapter(nn.Module):
         cls,
         path: str | os.PathLike,
         device: Any = "cpu",
-        trust_checkpoint: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> "FrameDiffAdapter":
         """Load an official FrameDiff checkpoint (``paper_weights.pth`` or any training checkpoint).
 
         The architecture is sized from the checkpoint's own ``conf.model``; keys are matched
-        strictly (``module.`` prefixes stripped).  ``trust_checkpoint=True`` allows arbitrary
-        pickled objects (and thus code execution) - see :mod:`superdiff_protein.checkpoints`.
-        The model is returned in ``eval()`` mode.
+        strictly (``module.`` prefixes stripped).  The file is read by the allow-listed loader
+        (:mod:`superdiff_protein.safe_load`): no code from it runs.  The model is returned in ``eval()`` mode.
 
         Raises:
             superdiff_protein.checkpoints.CheckpointError: unreadable/unsafe file or key mismatch.
         """
-        ck = load_framediff_checkpoint(path, map_location="cpu", trust_checkpoint=trust_checkpoint)
+        ck = load_framediff_checkpoint(path, map_location="cpu")
         net = FrameDiffScoreNetwork(FrameDiffConfig.from_dict(ck.model_conf))
         load_state_dict_checked(net, ck.state_dict, strict=True, source=str(path))
         model = cls(net, OfficialDiffuserConfig.from_conf(ck.conf))

@@ -35,20 +35,14 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 _TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("builtins", "list"), ("builtins", "dict"),
-                ("_codecs", "encode")}   # protocol-2 pickles written by Python 3 encode bytes with it
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR pickle (not plain data)")
-
-
 def _load_pickle(data: bytes) -> dict:
-    return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    """One archive member through the allow-listed unpickler (plain data and numpy arrays only)."""
+    from superdiff_protein.safe_load import CheckpointError, safe_unpickle
+
+    try:
+        return safe_unpickle(data, encoding="bytes")
+    except CheckpointError as e:
+        raise pickle.UnpicklingError(str(e)) from e
 
 
 def _class_ids(classes: Sequence[int | str] | None) -> list[int] | None:

@@ -156,15 +156,22 @@ class SuperDiffPipeline:
                 if need not in index:
                     raise ImageModelError(f"{p!r}: model_index.json lists no {need!r} component")
             unet_cls = getattr(diffusers, index["unet"][1])
+            from superdiff_protein.safe_load import CheckpointError, pretrained_load_kwargs
+
             try:
-                unet = unet_cls.from_pretrained(p, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
+                vetted = {sub: pretrained_load_kwargs(p, sub) for sub in ("unet", "text_encoder", "vae")}
+            except CheckpointError as e:
+                raise ImageModelError(f"model {p!r}: {e}") from e
+            try:
+                unet = unet_cls.from_pretrained(p, subfolder="unet", torch_dtype=torch_dtype, **vetted["unet"], **kwargs)
                 scheds.append(diffusers.DDPMScheduler.load_config(p, subfolder="scheduler", **kwargs))
                 if j == 0 and "text_encoder" in index and index["text_encoder"][0] is not None:
                     import transformers
                     te = getattr(transformers, index["text_encoder"][1]).from_pretrained(
-                        p, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs)
+                        p, subfolder="text_encoder", torch_dtype=torch_dtype, **vetted["text_encoder"], **kwargs)
                     tok = getattr(transformers, index["tokenizer"][1]).from_pretrained(p, subfolder="tokenizer", **kwargs)
-                    vae = getattr(diffusers, index["vae"][1]).from_pretrained(p, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
+                    vae = getattr(diffusers, index["vae"][1]).from_pretrained(
+                        p, subfolder="vae", torch_dtype=torch_dtype, **vetted["vae"], **kwargs)
             except ImageModelError:
                 raise
             except Exception as e:  # noqa: BLE001

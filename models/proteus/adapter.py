@@ -61,7 +61,6 @@ class ProteusAdapter(nn.Module):
         cls,
         path: str | os.PathLike,
         device: Any = "cpu",
-        trust_checkpoint: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> "ProteusAdapter":
         """Load an official Proteus checkpoint ``{model, ema, conf, optimizer, epoch, step, dataset_csvs}``.
@@ -70,11 +69,11 @@ class ProteusAdapter(nn.Module):
         used (``ema`` is ignored, as by the official sampler). Unlike the official non-strict load,
         keys and shapes must match exactly: any missing or unexpected key raises
         :class:`~superdiff_protein.checkpoints.CheckpointError` naming them (the official
-        checkpoints have no unused keys, so nothing needs to be ignored). ``trust_checkpoint=True``
-        allows arbitrary pickled objects (code execution!) - only for files you trust.
+        checkpoints have no unused keys, so nothing needs to be ignored). The file is read by the
+        allow-listed loader (:mod:`superdiff_protein.safe_load`): no code from it runs.
         Returns the model in ``eval()`` mode.
         """
-        ck = load_proteus_checkpoint(path, map_location="cpu", trust_checkpoint=trust_checkpoint)
+        ck = load_proteus_checkpoint(path, map_location="cpu")
         net = ProteusNetwork(ck.model_conf)
         load_state_dict_checked(net, ck.state_dict, strict=True, source=str(path))
         model = cls(net, ck.conf)
