@@ -14,6 +14,7 @@ from models.image.adapters import ImageModelError  # noqa: E402
 from models.image.pipeline import SuperDiffPipeline, lift_to_bias  # noqa: E402
 from models.image.tiny import save_components, tiny_ddpm_components, tiny_sd_components  # noqa: E402
 from superdiff_protein.image_cli import GenerateConfig, run_generate  # noqa: E402
+from tolerances import close, shadow_error, shadow_tol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat", "a dog"]
@@ -62,11 +63,24 @@ def test_and_lift_and_correction_and_hutchinson(sd_pipe):
     assert torch.isfinite(corr.logq).all() and torch.isfinite(ode.logq).all()
 
 
-def test_batch_independence_and_seeds(sd_pipe):
-    big = sd_pipe(PROMPTS, rule="and", num_inference_steps=4, seeds=[10, 11, 12], output_type="np")
-    one = sd_pipe(PROMPTS, rule="and", num_inference_steps=4, seeds=[11], output_type="np")
-    assert torch.allclose(big.latents[1], one.latents[0], atol=1e-6)
-    assert torch.allclose(big.kappa[:, 1], one.kappa[:, 0], atol=1e-6)
+def test_batch_independence_and_seeds(sd_pipe, sd_dir):
+    """Sample 1 of a batch of 3 seeds == the same seed alone, to float32 rounding.
+
+    Each image has its own noise stream and its own kappa, so the batch only changes which kernels the UNet's
+    float32 convolutions and GEMMs use (oneDNN/MKL pick blockings by batch size and CPU: bit-identical here on
+    AVX-512, ~1e-4 apart on an AMD AVX2 machine). The bound is the rounding this computation really has
+    (tests/tolerances.py, docs/testing.md): 4x the distance between the float32 run and the same run with a float64
+    UNet, plus the float32 floor. A sample that leaked into another (noise, kappa) moves by O(1)."""
+    kw = dict(rule="and", num_inference_steps=4, output_type="np")
+    big = sd_pipe(PROMPTS, seeds=[10, 11, 12], **kw)
+    one = sd_pipe(PROMPTS, seeds=[11], **kw)
+    ref = SuperDiffPipeline.from_pretrained(str(sd_dir), torch_dtype=torch.float64)(PROMPTS, seeds=[11], **kw)
+    for name in ("latents", "kappa"):
+        b, o, r = getattr(big, name), getattr(one, name), getattr(ref, name)
+        b, o, r = (b[1], o[0], r[0]) if name == "latents" else (b[:, 1], o[:, 0], r[:, 0])
+        assert shadow_error(o, r) > 0  # the float64 run really is another computation
+        close(b, o, shadow_tol(o, r, dtype=torch.float32), f"batch vs single {name}")
+    assert not torch.allclose(big.latents[0], big.latents[1], atol=1e-2)  # distinct seeds give distinct samples
     g1 = sd_pipe(PROMPTS, num_inference_steps=2, batch_size=2, generator=torch.Generator().manual_seed(7), output_type="np")
     g2 = sd_pipe(PROMPTS, num_inference_steps=2, batch_size=2, generator=torch.Generator().manual_seed(7), output_type="np")
     assert g1.seeds == g2.seeds and torch.equal(g1.latents, g2.latents)

@@ -1,0 +1,112 @@
+"""The one tolerance rule of the numeric and fixture tests (written out, with its reasons, in docs/testing.md).
+
+Two evaluations of the same mathematical quantity (ours and the official code's, or one batch size and another, or
+one CPU's kernels and another's) differ only by rounding. How much rounding a computation has follows from its
+arithmetic, so every bound is built from
+
+* ``eps(dtype)``: the machine epsilon of the precision the computation runs in (the least precise stage);
+* ``scale``: the magnitude of the operands (not of the result: a small difference of large numbers keeps the
+  large numbers' absolute error);
+* ``n_ops``: the length of the longest chain of roundings (a sum of n terms, a dot product of length n, ...);
+  independent roundings add like a random walk, so the error grows like ``sqrt(n_ops)``;
+* ``cond``: the condition number of the formula (how much it amplifies a relative perturbation of its inputs).
+
+A priori (closed-form formulas, where ``cond`` and ``n_ops`` are known)::
+
+    atol = C * eps(dtype) * scale * cond * sqrt(n_ops)                       (rounding_tol)
+
+Measured (deep networks and multi-step samplers, whose ``cond`` has no closed form): run our own implementation on
+the same inputs once in its working dtype and once in float64. Their difference ``e`` is the rounding error of one
+float32 evaluation order (float64's own error is 2^29 times smaller); another evaluation order (the official code,
+another CPU's kernels, another batch composition) has an error of the same size, so::
+
+    atol = C * max|ours_dtype - ours_float64| + rounding_tol(dtype, scale)   (shadow_tol)
+
+``C = 4``: a factor 2 because two independent evaluations each carry their own rounding error, and a factor 2
+because the maximum of an accumulated rounding error varies between evaluation orders (a random-walk error's
+maximum over a tensor is stable to within about a factor of 2 between realisations). A bug moves the compared
+values by the size of the values themselves, orders of magnitude above these bounds, so the tests still fail on
+real differences.
+
+``close`` checks ``|actual - expected| <= atol`` elementwise (``atol`` a number or a broadcastable tensor) and reports
+the observed error against the allowed one. With ``SUPERDIFF_TOL_LOG=<file>`` every check appends one JSON line
+(test, quantity, observed, allowed) to that file: the margins quoted in docs/testing.md come from there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+C = 4.0
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of ``dtype`` (float32: 1.19e-7, float64: 2.22e-16, bfloat16: 7.8e-3)."""
+    return float(torch.finfo(dtype).eps)
+
+
+def rounding_tol(dtype: torch.dtype, scale=1.0, n_ops: float = 1, cond=1.0, c: float = C):
+    """A-priori rounding bound ``c * eps(dtype) * scale * cond * sqrt(n_ops)``. ``scale`` and ``cond`` may be tensors
+    (an elementwise bound)."""
+    return c * eps(dtype) * scale * cond * math.sqrt(max(1.0, float(n_ops)))
+
+
+def magnitude(*xs, floor: float = 0.0) -> float:
+    """The largest ``|x|`` over the given tensors (the ``scale`` of a comparison), at least ``floor``."""
+    m = floor
+    for x in xs:
+        if x is not None and torch.as_tensor(x).numel():
+            m = max(m, float(torch.as_tensor(x).double().abs().max()))
+    return m
+
+
+def shadow_error(low: torch.Tensor, high: torch.Tensor) -> float:
+    """``max |low - high|``: the measured rounding error of ``low`` (working dtype) against ``high`` (float64)."""
+    return float((low.double() - high.double()).abs().max()) if low.numel() else 0.0
+
+
+def shadow_tol(low: torch.Tensor, high: torch.Tensor, dtype: torch.dtype | None = None, scale=None,
+               n_ops: float = 1, c: float = C) -> float:
+    """Measured bound ``c * max|low - high| + rounding_tol(dtype, scale, n_ops)``: ``low`` is our computation in its
+    working dtype (default: ``low.dtype``), ``high`` the same computation in float64; ``scale`` defaults to the
+    magnitude of ``high``."""
+    dtype = dtype or low.dtype
+    scale = magnitude(high) if scale is None else scale
+    return c * shadow_error(low, high) + rounding_tol(dtype, scale, n_ops, c=c)
+
+
+def _log(what: str, observed: float, allowed: float, ratio: float) -> None:
+    path = os.environ.get("SUPERDIFF_TOL_LOG")
+    if not path:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"test": test, "what": what, "observed": observed, "allowed": allowed,
+                             "ratio": ratio}) + "\n")
+
+
+def close(actual, expected, atol, what: str = "value", mask: torch.Tensor | None = None) -> float:
+    """Assert ``|actual - expected| <= atol`` elementwise (where ``mask`` is true). Returns the observed max error.
+
+    The log (``SUPERDIFF_TOL_LOG``) gets the entry closest to its bound: observed error, its allowed error, ratio."""
+    a = torch.as_tensor(actual).double()
+    b = torch.as_tensor(expected).double()
+    diff = (a - b).abs()
+    tol = torch.broadcast_to(torch.as_tensor(atol, dtype=torch.float64), diff.shape)
+    if mask is not None:
+        m = torch.broadcast_to(torch.as_tensor(mask, dtype=torch.bool), diff.shape)
+        diff, tol = diff[m], tol[m]
+    diff, tol = diff.reshape(-1), tol.reshape(-1)
+    if diff.numel() == 0:
+        return 0.0
+    ratio = torch.where(torch.isnan(diff), torch.inf, diff / tol.clamp_min(1e-300))
+    worst = int(ratio.argmax())
+    observed = float(diff.max()) if not torch.isnan(diff).any() else float("nan")
+    _log(what, float(diff[worst]), float(tol[worst]), float(ratio[worst]))
+    bad = ~(diff <= tol)  # NaN counts as bad
+    assert not bad.any(), (f"{what}: |diff| {float(diff[worst]):.3g} > allowed {float(tol[worst]):.3g} "
+                           f"({int(bad.sum())} of {diff.numel()} entries over; max |diff| {observed:.3g})")
+    return observed
