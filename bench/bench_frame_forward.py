@@ -14,6 +14,7 @@ import argparse
 import ast
 import json
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -69,7 +70,8 @@ def main() -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--lengths", nargs="+", type=int, default=[100, 300])
     p.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"])
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=10, help="forwards averaged in one timing")
+    p.add_argument("--repeats", type=int, default=5, help="independent timings per row (median, spread)")
     p.add_argument("--proteus-keys", type=Path, default=Path("../shared/fixtures/official/proteus_paper_keys.json"))
     p.add_argument("--out", type=Path, default=Path("bench_frame_forward.json"))
     a = p.parse_args()
@@ -104,8 +106,13 @@ def main() -> int:
                     for pass_ in (1, 2):
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
+                        times = []
                         with torch.no_grad(), ac:
-                            ms, (out, key) = timed(lambda: forward(model, net, quats, trans, t, mask, state), a.reps)
+                            for _ in range(a.repeats):
+                                ms, (out, key) = timed(lambda: forward(model, net, quats, trans, t, mask, state), a.reps)
+                                times.append(ms)
+                        times.sort()
+                        ms = statistics.median(times)
                         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
                         key = key.float()
                         if prec == "fp32":
@@ -114,7 +121,8 @@ def main() -> int:
                         else:
                             dev_ = float((key - ref[pass_]).abs().max())
                         rec = dict(model=model, params=n_params, batch=b, length=n, precision=prec, pass_=pass_,
-                                   ms_per_forward=round(ms, 2), peak_mib=round(peak, 1), finite=bool(torch.isfinite(key).all()),
+                                   ms_per_forward=round(ms, 2), ms_min=round(times[0], 2), ms_max=round(times[-1], 2),
+                                   repeats=a.repeats, peak_mib=round(peak, 1), finite=bool(torch.isfinite(key).all()),
                                    max_abs_dev_vs_fp32_angstrom=dev_)
                         records.append(rec)
                         print(json.dumps(rec), flush=True)
@@ -124,10 +132,12 @@ def main() -> int:
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version(),
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv))
     a.out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    print("\n| model | batch | length | precision | pass | ms/forward | peak MiB | max dev vs fp32 (Å) |")
+    print(f"\n{meta['device']}, median of {a.repeats} timings of {a.reps} forwards (min–max)\n")
+    print("| model | batch | length | precision | pass | ms/forward | peak MiB | max dev vs fp32 (Å) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
-        print(f"| {r['model']} | {r['batch']} | {r['length']} | {r['precision']} | {r['pass_']} | {r['ms_per_forward']} | "
+        print(f"| {r['model']} | {r['batch']} | {r['length']} | {r['precision']} | {r['pass_']} | "
+              f"{r['ms_per_forward']} ({r['ms_min']}–{r['ms_max']}) | "
               f"{r['peak_mib']} | {r['max_abs_dev_vs_fp32_angstrom']:.2e} |")
     return 0
 

@@ -10,6 +10,10 @@ One script, four questions (issue "Speed and scale"); pick them with ``--questio
 * ``throughput``: OR(FrameDiff, Proteus) at length 100, by batch size. It times ``--steps`` steps and
   scales the per-step time to 500 steps; the extrapolation is stated in the output. Batch 1 is our
   faithful per-sample loop.
+
+Every figure is measured ``--repeats`` times (default 5) and reported as median, min, max and the raw
+values. The overhead question pairs each OR step with a forward measurement taken just before it, and
+flags launch-bound sizes (the batch's forwards cost under 1.5x one sample's).
 * ``scaling``: time per step per sample vs length, and vs number of models.
 
     python bench/bench_superposition.py --proteus-keys .gpu_data/proteus_paper_keys.json --out res.json
@@ -20,6 +24,7 @@ import argparse
 import ast
 import json
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -109,17 +114,31 @@ def run(models, rule, n, batch, steps, dev, **cfg_kw):
     return dt, (torch.cuda.max_memory_allocated() - base) / 2**20, ok
 
 
-def timed_steps(models, rule, n, batch, steps, dev, **kw):
-    """Per-step time from the difference of a long and a short run (removes set-up and the FrameDiff
-    extra first pass from the per-step figure)."""
+REPEATS = 5
+
+
+def stats(values: list[float], scale: float = 1.0, nd: int = 2) -> dict:
+    """Median and spread (min, max) of repeated measurements, plus the raw values."""
+    v = sorted(x * scale for x in values)
+    return {"median": round(statistics.median(v), nd), "min": round(v[0], nd), "max": round(v[-1], nd),
+            "n": len(v), "values": [round(x, nd) for x in values]}
+
+
+def timed_steps(models, rule, n, batch, steps, dev, repeats: int | None = None, **kw):
+    """Per-step times (one per repeat) from the difference of a long and a short run, which removes
+    set-up and the FrameDiff extra first pass from the per-step figure."""
     run(models, rule, n, batch, 2, dev, **kw)  # warm-up (allocator, cuBLAS handles)
-    short, _, _ = run(models, rule, n, batch, 2, dev, **kw)
-    long_, peak, ok = run(models, rule, n, batch, steps + 2, dev, **kw)
-    return (long_ - short) / steps, peak, ok
+    out, peak, ok = [], 0.0, True
+    for _ in range(repeats or REPEATS):
+        short, _, _ = run(models, rule, n, batch, 2, dev, **kw)
+        long_, pk, fin = run(models, rule, n, batch, steps + 2, dev, **kw)
+        out.append((long_ - short) / steps)
+        peak, ok = max(peak, pk), ok and fin
+    return out, peak, ok
 
 
 def forward_only(models, n, batch, dev, reps):
-    """Mean time of calling every model once at batch x n (scores included, no sampler)."""
+    """Mean time per model of ``reps`` calls at batch x n (scores included, no sampler)."""
     space = models[0].diffuser.space
     g = [torch.Generator(device=dev).manual_seed(i) for i in range(batch)]
     x = space.sample_prior(batch, {"rot": (n,), "trans": (n, 3)}, g, None, torch.float32, dev)
@@ -145,15 +164,19 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 128])
+    p.add_argument("--repeats", type=int, default=5, help="independent repeats per configuration (median, spread)")
     p.add_argument("--proteus-keys", type=Path, default=Path("../shared/fixtures/official/proteus_paper_keys.json"))
     p.add_argument("--out", type=Path, default=Path("bench_superposition.json"))
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_superposition: needs a CUDA device", file=sys.stderr)
         return 2
+    global REPEATS
+    REPEATS = a.repeats
     dev = torch.device("cuda")
     set_precision(a.precision)
-    rec: dict = {"precision": a.precision, "timed_steps": a.steps}
+    rec: dict = {"precision": a.precision, "timed_steps": a.steps, "repeats": a.repeats,
+                 "device": torch.cuda.get_device_name(0)}
     fd = [make_model("framediff", s, dev, a.precision, a.proteus_keys) for s in (1, 2)]
 
     def log(key, value):
@@ -172,15 +195,22 @@ def main() -> int:
                     torch.cuda.empty_cache()
                     log("ito_vs_hutchinson", dict(length=n, batch=8, route=route, error="out of memory"))
                     continue
-                log("ito_vs_hutchinson", dict(length=n, batch=8, route=route, ms_per_step=round(s * 1000, 2),
+                log("ito_vs_hutchinson", dict(length=n, batch=8, route=route, ms_per_step=stats(s, 1000),
                                               peak_mib=round(peak, 1), finite=ok))
     if "overhead" in a.questions:
-        for n, b in ((100, 8), (100, 32), (300, 8)):
-            fwd = forward_only(fd, n, b, dev, 10)
-            s_or, _, _ = timed_steps(fd, OrRule(), n, b, a.steps, dev)
-            log("overhead", dict(length=n, batch=b, or_step_ms=round(s_or * 1000, 2),
-                                 forwards_ms=[round(f * 1000, 2) for f in fwd],
-                                 overhead_pct=round(100 * (s_or - sum(fwd)) / sum(fwd), 1)))
+        for n, b in ((100, 8), (100, 32), (100, 64), (300, 8)):
+            one = [sum(forward_only(fd, n, 1, dev, 10)) for _ in range(a.repeats)]
+            steps_, fwds, pct = [], [], []
+            for _ in range(a.repeats):  # paired: forwards and the OR step measured back to back
+                f = sum(forward_only(fd, n, b, dev, 10))
+                s_or = timed_steps(fd, OrRule(), n, b, a.steps, dev, repeats=1)[0][0]
+                steps_.append(s_or)
+                fwds.append(f)
+                pct.append(100 * (s_or - f) / f)
+            # launch-bound: the batch's forwards cost less than 1.5x one sample's, so the GPU is not the limit
+            log("overhead", dict(length=n, batch=b, or_step_ms=stats(steps_, 1000), forwards_ms=stats(fwds, 1000),
+                                 forwards_batch1_ms=stats(one, 1000), overhead_pct=stats(pct, 1, 1),
+                                 launch_bound=statistics.median(fwds) < 1.5 * statistics.median(one)))
     if "throughput" in a.questions:
         pr = make_model("proteus", 3, dev, a.precision, a.proteus_keys)
         pair = [fd[0], pr]
@@ -191,20 +221,19 @@ def main() -> int:
                 log("throughput", dict(batch=b, error="out of memory"))
                 torch.cuda.empty_cache()
                 continue
-            fwd = forward_only(pair, 100, b, dev, 5)
-            per_sample_500 = s * 500 / b
-            log("throughput", dict(length=100, batch=b, ms_per_step=round(s * 1000, 2),
-                                   seconds_per_sample_500_steps=round(per_sample_500, 3),
-                                   backbones_per_hour=round(3600 / per_sample_500),
-                                   forward_limit_backbones_per_hour=round(3600 / (sum(fwd) * 500 / b)),
+            fwd = [sum(forward_only(pair, 100, b, dev, 5)) for _ in range(a.repeats)]
+            per_hour = [3600 * b / (x * 500) for x in s]
+            log("throughput", dict(length=100, batch=b, ms_per_step=stats(s, 1000),
+                                   backbones_per_hour=stats(per_hour, 1, 0),
+                                   forward_limit_backbones_per_hour=stats([3600 * b / (x * 500) for x in fwd], 1, 0),
                                    peak_mib=round(peak, 1), finite=ok))
         del pr
     if "scaling" in a.questions:
         for n in (50, 100, 200, 300, 400, 500):
             try:
                 s, peak, ok = timed_steps(fd[:1], SingleRule(0), n, 8, min(a.steps, 10), dev)
-                log("scaling_length", dict(length=n, batch=8, models=1, ms_per_step=round(s * 1000, 2),
-                                           ms_per_step_per_sample=round(s * 1000 / 8, 2), peak_mib=round(peak, 1)))
+                log("scaling_length", dict(length=n, batch=8, models=1, ms_per_step=stats(s, 1000),
+                                           ms_per_step_per_sample=stats(s, 1000 / 8), peak_mib=round(peak, 1)))
             except torch.OutOfMemoryError:
                 log("scaling_length", dict(length=n, batch=8, error="out of memory"))
                 torch.cuda.empty_cache()
@@ -212,7 +241,7 @@ def main() -> int:
         for m in (1, 2, 3, 4):
             rule = SingleRule(0) if m == 1 else OrRule()
             s, peak, ok = timed_steps(more[:m], rule, 100, 8, min(a.steps, 10), dev)
-            log("scaling_models", dict(length=100, batch=8, models=m, ms_per_step=round(s * 1000, 2),
+            log("scaling_models", dict(length=100, batch=8, models=m, ms_per_step=stats(s, 1000),
                                        peak_mib=round(peak, 1)))
     rec["meta"] = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version(),
                        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv))
