@@ -18,40 +18,44 @@ def load_config(overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns/exit code 0 on success, 2 on bad input, 1 on unexpected failure."""
+    """Entry point; returns/exit code 0 on success, 2 on bad input (one line on stderr, nothing written),
+    1 on an unexpected failure, 130 when interrupted (superdiff_protein._cli)."""
+    from superdiff_protein._cli import config_keys, guard, hydra_error_line
+
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         print(f"\nConfiguration ({CONFIG_DIR / (CONFIG_NAME + '.yaml')}):\n")
         print((CONFIG_DIR / f"{CONFIG_NAME}.yaml").read_text())
+        print("Exit codes: 0 done; 1 unexpected failure; 2 bad input (one line on stderr, nothing written); "
+              "130 interrupted.")
         return 0
-    from .errors import EvalError
 
-    try:
-        try:
-            cfg = load_config(argv)
-        except Exception as exc:  # hydra override / config errors
-            raise EvalBadArgs(f"bad arguments {argv}: {exc}") from exc
+    def run() -> None:
+        from hydra.errors import HydraException
         from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
+        from .errors import BadInputError
+
+        flags = [a for a in argv if a.startswith("-")]
+        if flags:
+            raise BadInputError(f"unknown flag(s) {' '.join(flags)}; options are key=value (see evaluate_backbones "
+                                "--help)")
+        try:
+            cfg = load_config(list(argv))
+        except (HydraException, OmegaConfBaseException) as exc:   # unknown key, unparsable override
+            raise BadInputError(hydra_error_line(exc, config_keys(CONFIG_NAME))) from exc
         if OmegaConf.is_missing(cfg, "samples_dir"):
-            raise EvalBadArgs("samples_dir is required: evaluate_backbones samples_dir=/path/to/backbones")
+            raise BadInputError("samples_dir is required: evaluate_backbones samples_dir=/path/to/backbones")
         from .pipeline import evaluate, log
 
         summary = evaluate(cfg)
         out = cfg.out_dir or str(Path(str(cfg.samples_dir)) / "eval")
         log(f"done: {summary['n_samples']} samples ({summary['n_failed']} with errors); see {out}/metrics.csv, "
             f"summary.json, table.md")
-        return 0
-    except EvalError as exc:
-        print(f"evaluate_backbones: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("evaluate_backbones: interrupted (rerun to resume)", file=sys.stderr)
-        return 130
 
-
-from .errors import BadInputError as EvalBadArgs  # noqa: E402
+    return guard("evaluate_backbones", run, interrupted="interrupted (rerun to resume)")
 
 
 def _entry() -> None:

@@ -1,9 +1,11 @@
 """Exception types of the evaluation package (clear messages, no raw tracebacks from the CLI)."""
 from __future__ import annotations
 
+from superdiff_protein._cli import UserError
 
-class EvalError(Exception):
-    """Base class for evaluation errors whose message is meant for the user."""
+
+class EvalError(UserError):
+    """Base class for evaluation errors whose message is meant for the user (exit code 2 in the CLI)."""
 
 
 class BadInputError(EvalError):

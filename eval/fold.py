@@ -28,11 +28,12 @@ def esmfold_help(spec: str | None) -> str:
         f"ESMFold weights not found for esmfold={spec!r}; folding metrics (sc_rmsd, sc_tm, plddt, designable) are "
         "skipped, everything else is computed. To enable them, download the transformers checkpoint "
         f"'{DEFAULT_ESMFOLD}' (about 8.5 GB), either into the Hugging Face cache ({hub}) with\n"
-        f"    huggingface-cli download {DEFAULT_ESMFOLD}\n"
+        f"    hf download {DEFAULT_ESMFOLD}\n"
         "or into a directory of your choice with\n"
-        f"    huggingface-cli download {DEFAULT_ESMFOLD} --local-dir /path/to/esmfold_v1\n"
+        f"    hf download {DEFAULT_ESMFOLD} --local-dir /path/to/esmfold_v1\n"
         "and pass esmfold=/path/to/esmfold_v1 (the directory holding config.json and model.safetensors / "
-        "pytorch_model.bin). Pass esmfold=null to silence this message."
+        "pytorch_model.bin). `hf` is the command line of huggingface_hub >= 0.34 (pip install -U huggingface_hub). "
+        "Pass esmfold=null to silence this message."
     )
 
 

@@ -1,5 +1,5 @@
-"""Reading protein backbones (PDB / mmCIF, plain or inside tar archives), discovering sample files,
-and atomic file writes.
+"""Reading protein backbones (PDB / mmCIF, plain, gzip-compressed (``.pdb.gz``) or inside tar archives),
+discovering sample files, and atomic file writes.
 
 A :class:`Backbone` is the first protein chain of the first model of a file: per residue the N, CA, C, O
 coordinates (float64, NaN where an atom is absent, e.g. CA-only files), the one-letter sequence (``X`` for
@@ -7,6 +7,7 @@ unknown residues) and the residue numbers. Residues without a CA atom are droppe
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -21,7 +22,11 @@ import numpy as np
 from .errors import BadInputError, StructureReadError
 
 BACKBONE_ATOMS = ("N", "CA", "C", "O")
-STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
+_PLAIN_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
+#: file names read as structures (gzip-compressed variants too, as prepare_dataset reads them)
+STRUCTURE_SUFFIXES = _PLAIN_SUFFIXES + tuple(s + ".gz" for s in _PLAIN_SUFFIXES)
+#: fewer residues than this cannot be evaluated (TM-align needs 3; ProteinMPNN and DSSP-like labels are meaningless)
+MIN_RESIDUES = 3
 
 _THREE_TO_ONE = {
     "ALA": "A", "ARG": "R", "ASN": "N", "ASP": "D", "CYS": "C", "GLN": "Q", "GLU": "E", "GLY": "G",
@@ -111,8 +116,16 @@ def _read_atoms(handle, suffix: str, name: str):
     return atoms
 
 
+def structure_suffix(name: str | os.PathLike) -> tuple[str, bool]:
+    """``(suffix, gzipped)`` of a structure file name: ``x.pdb.gz`` -> ``(".pdb", True)``."""
+    p = Path(name)
+    if p.suffix.lower() == ".gz":
+        return Path(p.stem).suffix.lower(), True
+    return p.suffix.lower(), False
+
+
 def read_backbone(path: str | os.PathLike, name: str | None = None) -> Backbone:
-    """Read the first protein chain of a PDB/mmCIF file as a :class:`Backbone`.
+    """Read the first protein chain of a PDB/mmCIF file (plain or ``.gz``) as a :class:`Backbone`.
 
     Raises :class:`StructureReadError` when the file is missing, malformed or has no CA atoms.
     """
@@ -120,16 +133,17 @@ def read_backbone(path: str | os.PathLike, name: str | None = None) -> Backbone:
     name = name or path.name
     if not path.is_file():
         raise StructureReadError(f"{path}: file not found")
-    suffix = path.suffix.lower()
+    suffix, gz = structure_suffix(path)
+    try:
+        data = path.read_bytes()
+        if gz:
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as exc:
+        raise StructureReadError(f"{name}: cannot read{' gzip data' if gz else ''} ({exc})") from exc
     if suffix == ".bcif":
-        with open(path, "rb") as fh:
-            atoms = _read_atoms(fh, suffix, name)
+        atoms = _read_atoms(io.BytesIO(data), suffix, name)
     else:
-        try:
-            text = path.read_text(errors="replace")
-        except OSError as exc:
-            raise StructureReadError(f"{path}: cannot read ({exc})") from exc
-        atoms = _read_atoms(io.StringIO(text), suffix, name)
+        atoms = _read_atoms(io.StringIO(data.decode("utf-8", errors="replace")), suffix, name)
     return _atom_array_to_backbone(atoms, name)
 
 
@@ -139,18 +153,25 @@ def backbone_from_text(text: str, suffix: str, name: str) -> Backbone:
 
 
 def iter_tar_structures(path: str | os.PathLike) -> Iterator[tuple[str, str, str]]:
-    """Yield ``(member_name, suffix, text)`` for each structure file of a tar archive (any compression)."""
+    """Yield ``(member_name, suffix, text)`` for each structure file of a tar archive (any compression;
+    ``.gz`` members are decompressed, corrupt ones skipped)."""
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            suffix = Path(member.name).suffix.lower()
+            suffix, gz = structure_suffix(member.name)
             if suffix not in (".pdb", ".ent", ".cif", ".mmcif"):
                 continue
             fh = tar.extractfile(member)
             if fh is None:
                 continue
-            yield member.name, suffix, fh.read().decode("utf-8", errors="replace")
+            data = fh.read()
+            if gz:
+                try:
+                    data = gzip.decompress(data)
+                except (OSError, EOFError):
+                    continue
+            yield member.name, suffix, data.decode("utf-8", errors="replace")
 
 
 def is_tar(path: str | os.PathLike) -> bool:
@@ -172,7 +193,8 @@ def discover_structures(root: str | os.PathLike, exclude: list[str | os.PathLike
         dirnames.sort()
         for fn in filenames:
             low = fn.lower()
-            if not low.endswith(STRUCTURE_SUFFIXES) or low.endswith(("_traj.pdb", "_traj.cif")):
+            if not low.endswith(STRUCTURE_SUFFIXES) or low.endswith(("_traj.pdb", "_traj.cif", "_traj.pdb.gz",
+                                                                     "_traj.cif.gz")):
                 continue
             out.append(Path(dirpath) / fn)
     return sorted(out)

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from .errors import BadInputError, ModelUnavailableError, StructureReadError
-from .io import Backbone, atomic_write_json, atomic_write_text, discover_structures, read_backbone, \
-    write_backbone_pdb
+from .io import MIN_RESIDUES, Backbone, atomic_write_json, atomic_write_text, discover_structures, \
+    read_backbone, write_backbone_pdb
 from .metrics import structure_metrics
 
 CACHE_VERSION = 1
@@ -118,11 +118,73 @@ def group_of(meta: dict) -> str:
 
 
 def _device(spec: str) -> str:
-    import torch
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``; CUDA requested but absent is bad input."""
+    from superdiff_protein._cli import resolve_device
 
-    if spec in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(spec)
+    return str(resolve_device(spec, "device", BadInputError))
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+_BOOL_KEYS = ("resume", "progress", "plots", "mpnn.enabled", "mpnn.ca_only", "fold.save_refolds", "novelty.refold",
+              "diversity.enabled")
+#: key: (lowest, highest, null allowed)
+_INT_KEYS = {"workers": (0, 4096, False), "seed": (0, 2**63 - 1, False), "mpnn.num_seqs": (1, 100_000, False),
+             "mpnn.batch_size": (1, 100_000, False), "fold.batch_size": (1, 100_000, False),
+             "fold.num_recycles": (0, 1000, True), "fold.chunk_size": (1, 1_000_000, True),
+             "novelty.top_k": (1, 10**9, True), "diversity.max_samples": (0, 10**9, True)}
+_CLUSTER_METHODS = ("greedy", "single", "average", "complete")
+
+
+def _get(cfg: Any, dotted: str, default: Any) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError, IndexError):
+            return default
+    return node
+
+
+def validate_config(cfg: Any) -> None:
+    """Refuse out-of-range or mistyped options with one line (:class:`BadInputError`) before any work.
+    Keys absent from ``cfg`` are not checked (the Python API may pass a partial config)."""
+    missing = object()
+    for k in _BOOL_KEYS:
+        v = _get(cfg, k, missing)
+        if v is not missing and not isinstance(v, bool):
+            raise BadInputError(f"{k} must be true or false, got {v!r}")
+    for k, (lo, hi, none_ok) in _INT_KEYS.items():
+        v = _get(cfg, k, missing)
+        if v is missing or (v is None and none_ok):
+            continue
+        ok = (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) or (
+            isinstance(v, float) and math.isfinite(v) and v == int(v))
+        if not ok or not lo <= int(v) <= hi:
+            what = " (0 = all cores)" if k == "workers" else ""
+            raise BadInputError(f"{k} must be an integer in [{lo}, {hi}]{' or null' if none_ok else ''}{what}, "
+                                f"got {v!r}")
+    for k, hi in (("mpnn.temperature", math.inf), ("fold.designable_rmsd", math.inf),
+                  ("diversity.cluster_tm_threshold", 1.0)):
+        v = _get(cfg, k, missing)
+        if v is missing:
+            continue
+        try:
+            f = math.nan if isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if not (math.isfinite(f) and 0.0 < f <= hi):
+            rng = "in (0, 1]" if hi == 1.0 else "> 0"
+            raise BadInputError(f"{k} must be a finite number {rng}, got {v!r}")
+    m = _get(cfg, "diversity.cluster_method", missing)
+    if m is not missing and m not in _CLUSTER_METHODS:
+        raise BadInputError(f"diversity.cluster_method must be one of {', '.join(_CLUSTER_METHODS)}, got {m!r}")
+    w = _get(cfg, "mpnn.weights", None)
+    if w not in (None, ""):
+        wp = Path(str(w)).expanduser()
+        if not wp.is_file():
+            raise BadInputError(f"mpnn.weights {str(w)!r} is not a file"
+                                f"{' (it is a directory)' if wp.is_dir() else ' (does it exist?)'}")
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -169,7 +231,11 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
     samples_dir = Path(str(cfg.samples_dir)).expanduser()
     if not samples_dir.is_dir():
         raise BadInputError(f"samples_dir {str(samples_dir)!r} is not a directory (does it exist?)")
-    out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.get("out_dir") else samples_dir / "eval"
+    validate_config(cfg)
+    device = _device(cfg.get("device", "auto"))
+    from superdiff_protein._cli import check_out_dir
+
+    out_dir = check_out_dir(cfg.out_dir if cfg.get("out_dir") else samples_dir / "eval", "out_dir", BadInputError)
     reference = cfg.get("reference")
     if reference and not Path(str(reference)).expanduser().exists():
         raise BadInputError(f"reference {str(reference)!r} does not exist (a directory or tar archive of "
@@ -184,13 +250,9 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
             raise BadInputError(f"mpnn.weights: {exc}") from exc
     files = discover_structures(samples_dir, exclude=[out_dir])
     if not files:
-        raise BadInputError(f"no structure files (*.pdb, *.cif) found under {str(samples_dir)!r}")
+        raise BadInputError(f"no structure files (*.pdb, *.cif, also .gz) found under {str(samples_dir)!r}")
     progress = bool(cfg.get("progress", True))
     resume = bool(cfg.get("resume", True))
-    device = _device(cfg.get("device", "auto"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = out_dir / "cache"
-    cache_dir.mkdir(exist_ok=True)
     from tqdm.auto import tqdm
 
     meta = read_samples_csv(samples_dir)
@@ -199,6 +261,32 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
         rel = p.relative_to(samples_dir).as_posix()
         m = meta.get(str(p.resolve()), {})
         samples.append(Sample(path=p, rel=rel, key=_safe_key(rel), meta=m))
+
+    # ---- read every structure before anything is written: when none is usable, that is bad input
+    read_errors: dict[str, str] = {}
+    for s in tqdm(samples, desc="reading structures", unit="file", disable=not progress or len(samples) < 100):
+        try:
+            s.backbone = read_backbone(s.path, name=s.rel)
+            if s.backbone.length < MIN_RESIDUES:
+                raise StructureReadError(f"{s.rel}: {s.backbone.length} residue(s); evaluation needs at least "
+                                         f"{MIN_RESIDUES} (TM-align's minimum)")
+        except StructureReadError as exc:
+            read_errors[s.rel] = str(exc)
+            s.backbone = None
+        except Exception as exc:  # isolate any per-sample failure
+            read_errors[s.rel] = f"{type(exc).__name__}: {exc}"
+            s.backbone = None
+    if len(read_errors) == len(samples):
+        first = next(iter(read_errors.values()))
+        more = f" (and {len(samples) - 1} more unusable file(s))" if len(samples) > 1 else ""
+        raise BadInputError(f"no usable structure under {str(samples_dir)!r}: {first}{more}")
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir = out_dir / "cache"
+        cache_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"out_dir: cannot create {str(out_dir)!r} ({exc.strerror or exc})") from exc
     log(f"{len(samples)} structure files under {samples_dir}; results in {out_dir}")
     status: dict[str, Any] = {}
 
@@ -207,13 +295,11 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
     for s in tqdm(samples, desc="structure metrics", unit="sample", disable=not progress):
         try:
             _load_cache(s, cache_dir, resume)
-            s.backbone = read_backbone(s.path, name=s.rel)
-            if not s.done("structure", fp_struct):
+            if s.rel in read_errors:
+                s.error("structure", fp_struct, read_errors[s.rel])
+            elif not s.done("structure", fp_struct):
                 m = structure_metrics(s.backbone)
                 s.put("structure", fp_struct, m)
-        except StructureReadError as exc:
-            s.error("structure", fp_struct, str(exc))
-            s.backbone = None
         except Exception as exc:  # isolate any per-sample failure
             s.error("structure", fp_struct, exc)
             s.backbone = None

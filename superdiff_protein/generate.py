@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._cli import UserError, run_hydra
+from ._cli import resolve_device as _resolve_device
 from .geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
 from .igso3 import igso3_dlog_domega, igso3_log_density
 from .kappa import make_rule
@@ -96,7 +98,7 @@ _SAMPLE_KEYS = ("models", "rule", "temperature", "bias", "kappa_scope", "estimat
 
 
 # ------------------------------------------------------------------------------------------ errors
-class GenerateError(RuntimeError):
+class GenerateError(RuntimeError, UserError):
     """Bad input or environment: nothing was written for the offending request (exit code 2)."""
 
     exit_code = 2
@@ -122,7 +124,7 @@ class GenerateConfig:
     num_steps: int = 100
     min_t: float = 0.01
     noise_scale: float = 1.0
-    lengths: Any = field(default_factory=lambda: [100])
+    lengths: Any = 100                # an int, a list, "60-150:10", "60,80,100" or {start, stop, step}
     samples_per_length: int = 10
     batch_size: int = 10
     seed: int = 0
@@ -353,22 +355,7 @@ def _num_list(v: Any, key: str) -> list[float] | None:
 
 def resolve_device(spec: Any) -> torch.device:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; refuses absent CUDA devices."""
-    s = str(spec).strip().lower()
-    if s == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(s)
-    except (RuntimeError, ValueError):
-        raise GenerateError(f"device: unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GenerateError(f"device={spec}: CUDA was requested but no CUDA device is available "
-                                "(torch.cuda.is_available() is False); use device=cpu or device=auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise GenerateError(f"device={spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
-        raise GenerateError(f"device: unsupported device type {dev.type!r} (use cpu or cuda)")
-    return dev
+    return _resolve_device(spec, "device", GenerateError)
 
 
 def _validate(c: Mapping[str, Any]) -> _Opts:
@@ -376,8 +363,12 @@ def _validate(c: Mapping[str, Any]) -> _Opts:
     if unknown:
         raise GenerateError(f"unknown option(s) {sorted(unknown)}; valid options: {', '.join(_FIELDS)}")
     models = c["models"]
-    if models is None or (isinstance(models, (list, tuple)) and not models) or models == "":
+    if models is None:
         models = load_config()["models"] or GenerateConfig().models
+    elif (isinstance(models, (list, tuple)) and not models) or (isinstance(models, str) and not models.strip()):
+        raise GenerateError(f"models: the list is empty (got {models!r}); give at least one model, or leave "
+                            "models out to use the defaults "
+                            f"{', '.join(map(str, load_config()['models'] or GenerateConfig().models))}")
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, Iterable):
         models = [models]
     models = [os.fspath(m) if isinstance(m, os.PathLike) else m for m in models]
@@ -722,9 +713,13 @@ def _load_one(spec: Any, opts: _Opts):
         except (ImportError, AttributeError) as e:
             raise GenerateError(f"models: cannot import {target!r} ({type(e).__name__}: {e})") from e
         try:
-            return _call_with_supported(fn, device=opts.device, dtype=_torch_dtype(opts.precision))
+            model = _call_with_supported(fn, device=opts.device, dtype=_torch_dtype(opts.precision))
         except Exception as e:
             raise GenerateError(f"models: {target!r} failed to build a model ({type(e).__name__}: {e})") from e
+        if not (callable(model) and hasattr(model, "signature") and hasattr(model, "init_state")):
+            raise GenerateError(f"models: {target!r} returned a {type(model).__name__}, not a ScoreModel "
+                                "(a callable with signature() and init_state(); docs/frame_model_protocol.md)")
+        return model
     reg = _registry()
     looks_like_path = os.sep in s or s.endswith((".pt", ".pth", ".ckpt")) or Path(s).exists()
     if reg is None:
@@ -1463,55 +1458,35 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: _
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def _run_from_cfg(cfg) -> int:
+def _run_from_cfg(cfg) -> None:
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as e:
-        print(f"{_PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    try:
-        summary = generate(_strip_hydra(opts))
-    except GenerateError as e:
-        print(f"{_PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{_PROG}: interrupted; complete samples are kept, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    summary = generate(_strip_hydra(opts))
     print(summary.text())
-    return 0
 
 
-def main() -> None:
-    """Console entry point ``generate_backbones`` (Hydra overrides, e.g. ``rule=and lengths=[60,100]``)."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``generate_backbones`` (Hydra overrides, e.g. ``rule=and lengths=[60,100]``).
+
+    Exit codes (``superdiff_protein._cli``): 0 done, 1 sampling failed (NaN), 2 bad input (one line on
+    stderr, nothing written), 130 interrupted.
+    """
     import signal
 
     from ._runtime import tune_malloc
 
     tune_malloc()                           # reuse big freed blocks (docs/benchmarks.md, main job)
 
-    import hydra
-
     def _on_term(signum, frame):            # let atomic writes clean up their temporary files
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _on_term)
-    rc = {"code": 0}
-    config_path = str(CONFIG_DIR) if (CONFIG_DIR / f"{CONFIG_NAME}.yaml").is_file() else None
-    if config_path is None:
-        from hydra.core.config_store import ConfigStore
-
-        ConfigStore.instance().store(name=CONFIG_NAME, node=_dataclass_defaults())
-
-    @hydra.main(config_path=config_path, config_name=CONFIG_NAME, version_base=None)
-    def _app(cfg) -> None:
-        rc["code"] = _run_from_cfg(cfg)
-
-    _app()
-    sys.exit(rc["code"])
+    if argv is None:
+        signal.signal(signal.SIGTERM, _on_term)
+    code = run_hydra(_PROG, CONFIG_NAME, _run_from_cfg, argv=argv, list_keys=("lengths", "models", "bias", "weights"),
+                     node=_dataclass_defaults(),
+                     interrupted="interrupted; complete samples are kept, rerun the same command to resume")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_esmfold_absent_message(tmp_path):
     with pytest.raises(ModelUnavailableError) as ei:
         load_esmfold(str(tmp_path / "nothing"))
     msg = str(ei.value)
-    assert "facebook/esmfold_v1" in msg and "huggingface-cli download" in msg and "esmfold=" in msg
+    assert "facebook/esmfold_v1" in msg and "hf download" in msg and "esmfold=" in msg
     assert "facebook/esmfold_v1" in esmfold_help(None)
 
 

@@ -1,0 +1,339 @@
+"""The exit-code contract shared by every command line of the package (not for library use).
+
+Every entry point (``generate_backbones``, ``evaluate_backbones``, ``prepare_dataset``,
+``train_frame_model``, ``generate_images``, ``train_image_model``) runs its body through :func:`guard`
+(or :func:`run_hydra`, which adds Hydra's command line), so they all behave the same:
+
+* ``0``: done;
+* ``1``: the run itself failed (NaN during sampling; an unexpected error, shown with its traceback:
+  that is a bug to report);
+* ``2``: bad input: one line ``<prog>: error: <what, and how to fix it>`` on stderr, no traceback,
+  and nothing written (checks run before the first file is created; outputs are written atomically);
+* ``130``: interrupted (Ctrl-C / SIGTERM).
+
+"Bad input" is any :class:`UserError` (every module's error class derives from it: ``GenerateError``,
+``DatasetError``, ``TrainError``, ``EvalError``, ``ImageCLIError``, ``ImageModelError``), the safe
+loader's ``CheckpointError``, and Hydra / OmegaConf errors from the command line (unknown keys,
+unparsable values, unknown presets). Messages are folded onto one line.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+__all__ = ["UserError", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "one_line",
+           "is_user_error", "error_line", "report", "guard", "check_out_dir", "resolve_device",
+           "hydra_error_line", "run_hydra", "config_keys"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class UserError(Exception):
+    """An error whose message is meant for the user: bad input or environment (exit code 2).
+
+    Subclasses may set ``exit_code`` (``GenerationFailed`` uses 1: the input was fine, sampling failed).
+    """
+
+    exit_code = EXIT_BAD_INPUT
+
+
+# ------------------------------------------------------------------------------------------ messages
+def one_line(text: Any) -> str:
+    """``text`` with every run of whitespace (newlines included) folded into one space."""
+    return " ".join(str(text).split())
+
+
+def _external_user_errors() -> tuple[type, ...]:
+    """Error types of other packages that mean bad input (imported lazily; absent ones are skipped)."""
+    out: list[type] = []
+    try:
+        from .checkpoints import CheckpointError
+
+        out.append(CheckpointError)
+    except Exception:  # pragma: no cover - a broken checkpoints module must not hide the real error
+        pass
+    try:
+        from hydra.errors import HydraException
+
+        out.append(HydraException)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from omegaconf.errors import OmegaConfBaseException
+
+        out.append(OmegaConfBaseException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(out)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors that mean bad input (see the module docstring)."""
+    return isinstance(exc, UserError) or isinstance(exc, _external_user_errors())
+
+
+def config_keys(config_name: str) -> dict:
+    """The options of ``configs/<config_name>.yaml`` as a plain dict (without ``defaults`` and ``hydra``), for
+    "unknown option" messages; empty when the file is absent or unreadable."""
+    p = _CONFIG_DIR / f"{config_name}.yaml"
+    try:
+        from omegaconf import OmegaConf
+
+        d = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except Exception:
+        return {}
+    return {k: v for k, v in d.items() if k not in ("defaults", "hydra")} if isinstance(d, dict) else {}
+
+
+def _unknown_key_line(key: str, valid: Mapping[str, Any] | Sequence[str]) -> str:
+    parts = key.lstrip("+~").split(".")
+    node: Any = valid
+    for p in parts[:-1]:                      # the section that lacks the last part
+        node = node.get(p) if isinstance(node, Mapping) else None
+    names = list(node) if isinstance(node, (Mapping, list, tuple)) else []
+    msg = f"unknown option {key!r}"
+    if names and parts[-1] not in names:
+        close = difflib.get_close_matches(parts[-1], [str(n) for n in names], n=1)
+        if close:
+            msg += f" (did you mean {'.'.join(parts[:-1] + [close[0]])!r}?)"
+        where = f"under {'.'.join(parts[:-1])}" if len(parts) > 1 else "options"
+        msg += f"; valid {where}: {', '.join(map(str, names))}"
+    return msg
+
+
+def hydra_error_line(exc: BaseException, valid: Mapping[str, Any] | Sequence[str] = ()) -> str:
+    """One readable line for a Hydra / OmegaConf command-line error (unknown key, bad value, ...)."""
+    msg = str(exc)
+    cause = exc.__cause__
+    cause_msg = str(cause) if cause is not None else ""
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m and ("not in struct" in cause_msg or "No match in the defaults list" in msg):
+        return _unknown_key_line(m.group(1), valid)
+    m = re.search(r"Ambiguous value for argument '([^'=]+)=([^']*)'", msg)
+    if m:
+        k, v = m.groups()
+        return (f"{k}={v}: a comma-separated value is ambiguous here; write {k}=[{v}] for a list, "
+                f"{k}='{v}' for a text, or add --multirun to sweep over it")
+    m = re.search(r"Could not find '([^']+)/([^']+)'", msg)
+    if m and getattr(exc, "options", None) is not None:
+        group, name = m.groups()
+        return f"{group}={name}: no such {group} config; available: {', '.join(exc.options) or '(none)'}"
+    if type(exc).__name__ == "OverrideParseException":
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith("See http")]
+        return (f"cannot parse {getattr(exc, 'override', '')!r}: {one_line('; '.join(lines))} "
+                "(write lists as key=[a,b] and quote texts with spaces or commas: 'key=a b')")
+    if cause is not None and cause_msg and cause_msg not in msg:
+        first = cause_msg.splitlines()[0]
+        return one_line(f"{msg} ({first})")
+    lines = [ln for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith(("full_key:", "object_type="))]
+    return one_line(" ".join(lines)) or type(exc).__name__
+
+
+def error_line(exc: BaseException, valid: Mapping[str, Any] | Sequence[str] = ()) -> str:
+    """The one-line message of a user error."""
+    names = {c.__module__.split(".")[0] for c in type(exc).__mro__}
+    if names & {"hydra", "omegaconf"} and not isinstance(exc, UserError):
+        return hydra_error_line(exc, valid)
+    text = one_line(exc)
+    return text or type(exc).__name__
+
+
+def report(prog: str, exc: BaseException, valid: Mapping[str, Any] | Sequence[str] = ()) -> int:
+    """Print ``<prog>: error: <one line>`` on stderr; return the exit code (2 unless the error says otherwise)."""
+    print(f"{prog}: error: {error_line(exc, valid)}", file=sys.stderr, flush=True)
+    return int(getattr(exc, "exit_code", EXIT_BAD_INPUT))
+
+
+def guard(prog: str, fn: Callable[[], Any], *, valid: Mapping[str, Any] | Sequence[str] = (),
+          interrupted: str = "interrupted") -> int:
+    """Run ``fn()`` under the exit-code contract; returns the exit code (``fn``'s own int result, else 0).
+
+    User errors print one line and give their exit code (2); Ctrl-C prints ``interrupted`` and gives 130;
+    anything else propagates (a bug: its traceback is the report).
+    """
+    try:
+        rc = fn()
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - filtered just below
+        if is_user_error(e):
+            return report(prog, e, valid)
+        raise
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_out_dir(path: Any, what: str = "out_dir", error: type[Exception] = UserError,
+                  file_ok: bool = False) -> Path:
+    """Check that the output directory ``path`` exists or can be created, without creating anything.
+
+    Refuses an existing non-directory, a parent that is not a directory (``/dev/null/x``) and an unwritable
+    place. ``file_ok=True`` checks an output *file* instead (its directory must be writable; an existing
+    directory in its place is refused). Returns the expanded path.
+    """
+    if path is None or str(path).strip() in ("", "???"):
+        raise error(f"{what}: an output {'file' if file_ok else 'directory'} is required")
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists():
+        if file_ok:
+            if p.is_dir():
+                raise error(f"{what}: {str(p)!r} is a directory; give a file name")
+            target = p.parent
+        else:
+            if not p.is_dir():
+                raise error(f"{what}: {str(p)!r} exists and is not a directory")
+            target = p
+    else:
+        target = p.parent
+    # nearest existing ancestor must be a writable directory
+    anc = target if str(target) else Path(".")
+    while not anc.exists():
+        if anc.is_symlink():
+            raise error(f"{what}: {str(anc)!r} is a dangling symbolic link")
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if not anc.is_dir():
+        raise error(f"{what}: cannot create {str(p)!r}: {str(anc)!r} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise error(f"{what}: cannot write to {str(anc)!r} (permission denied)")
+    return p
+
+
+def resolve_device(spec: Any, key: str = "device", error: type[Exception] = UserError):
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; refuses absent
+    CUDA devices and other device types."""
+    import torch
+
+    s = str(spec).strip().lower()
+    if s in ("auto", "", "none"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(s)
+    except (RuntimeError, ValueError):
+        raise error(f"{key}: unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise error(f"{key}={spec}: CUDA was requested but no CUDA device is available "
+                        "(torch.cuda.is_available() is False); use device=cpu or device=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise error(f"{key}={spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise error(f"{key}: unsupported device type {dev.type!r} (use cpu or cuda)")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------ Hydra
+class _ArgError(Exception):
+    pass
+
+
+def _split_top_level(value: str) -> list[str]:
+    """``value`` split at commas outside brackets and quotes (one part when there is no such comma)."""
+    parts, depth, quote, cur = [], 0, "", ""
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    parts.append(cur)
+    return parts
+
+
+def _rewrite_lists(overrides: Iterable[str], list_keys: Sequence[str]) -> list[str]:
+    """``key=a,b,c`` -> ``key=[a,b,c]`` for the list-valued ``list_keys`` (Hydra would read a sweep)."""
+    out = []
+    for o in overrides:
+        key, sep, val = o.partition("=")
+        if sep and key.lstrip("+") in list_keys and val and val[0] not in "[{'\"" \
+                and len(_split_top_level(val)) > 1:
+            o = f"{key}=[{val}]"
+        out.append(o)
+    return out
+
+
+def _parse_hydra_args(argv: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def _error(message: str) -> None:
+        raise _ArgError(message)
+
+    parser.error = _error  # type: ignore[method-assign]
+    return parser.parse_args(argv)
+
+
+def run_hydra(prog: str, config_name: str, body: Callable[[Any], Any], *, argv: Sequence[str] | None = None,
+              list_keys: Sequence[str] = (), node: Any = None, interrupted: str = "interrupted") -> int:
+    """Run ``body(cfg)`` as a Hydra app (``@hydra.main``: ``--help``, ``--cfg``, ``-m`` and launchers keep
+    working) under the exit-code contract; returns the exit code.
+
+    Hydra's own errors (unknown keys, unparsable overrides, unknown presets, bad flags) become one line and
+    exit code 2 instead of Hydra's multi-line report with exit code 1. Outside ``--multirun``,
+    ``key=a,b`` for a key of ``list_keys`` means the list ``[a,b]``. ``node`` is a structured config stored
+    under ``config_name`` when ``configs/<config_name>.yaml`` is absent; ``interrupted`` is the Ctrl-C line.
+    """
+    import hydra
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    valid = config_keys(config_name)
+    try:
+        parsed = _parse_hydra_args(args)
+    except _ArgError as e:
+        print(f"{prog}: error: {one_line(e)} (options are key=value; see {prog} --help)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not parsed.multirun and list_keys:
+        rewritten = _rewrite_lists(parsed.overrides, list_keys)
+        if rewritten != parsed.overrides:
+            k = 0
+            for i, a in enumerate(args):       # replace the overrides in place, keep the flags
+                if k < len(parsed.overrides) and a == parsed.overrides[k]:
+                    args[i] = rewritten[k]
+                    k += 1
+    config_path = str(_CONFIG_DIR) if (_CONFIG_DIR / f"{config_name}.yaml").is_file() else None
+    if config_path is None and node is not None:
+        from hydra.core.config_store import ConfigStore
+
+        ConfigStore.instance().store(name=config_name, node=node)
+    rc = {"code": EXIT_OK}
+
+    @hydra.main(config_path=config_path, config_name=config_name, version_base=None)
+    def _app(cfg) -> None:
+        rc["code"] = guard(prog, lambda: body(cfg), valid=valid, interrupted=interrupted)
+
+    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = [prog, *args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"          # Hydra re-raises; we report it in one line
+    try:
+        _app()
+    except Exception as e:  # noqa: BLE001 - filtered just below
+        if is_user_error(e):
+            return report(prog, e, valid)
+        raise
+    finally:
+        sys.argv = saved_argv
+        if saved_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_env
+    return rc["code"]
