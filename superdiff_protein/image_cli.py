@@ -41,6 +41,7 @@ class GenerateConfig:
     estimator: str = "ito"             # ito | hutchinson
     num_probes: int = 1
     and_correction: bool = False
+    density: str = "unguided"          # guided prompts: track the unguided conditional (default) | guided (warns)
     noise_scale: float = 1.0
     time_grid: str = "uniform"
     device: str = "auto"               # auto | cpu | cuda | cuda:1 ...
@@ -119,7 +120,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
                height=cfg.height, width=cfg.width, seeds=seeds, negative_prompt=cfg.negative_prompt,
                temperature=cfg.temperature, index=cfg.index, sampling=cfg.sampling, estimator=cfg.estimator,
                num_probes=cfg.num_probes, and_correction=cfg.and_correction, noise_scale=cfg.noise_scale,
-               time_grid=cfg.time_grid, max_batch=cfg.max_batch)
+               time_grid=cfg.time_grid, max_batch=cfg.max_batch, density=cfg.density)
     od = Path(cfg.output_dir)
     od.mkdir(parents=True, exist_ok=True)
     files = []

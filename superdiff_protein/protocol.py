@@ -17,11 +17,19 @@ __all__ = ["ModelOutput", "ScoreModel", "IncompatibleModelsError", "check_compat
 
 @dataclass
 class ModelOutput:
-    """What a model returns for one evaluation."""
+    """What a model returns for one evaluation.
+
+    ``scores`` drive the sampler (the superposed drift ``sum_i kappa_i s_i``). ``density_scores``
+    (optional) are the scores ``grad log q_i^t`` of the model's own forward-process marginal, whose
+    log-density the sampler tracks, when they differ from the drift: a classifier-free-guided prompt
+    drives the sampler with ``s_u + w (s_c - s_u)`` but only its conditional ``s_c`` is the score of a
+    marginal (``docs/images.md``). ``None`` (every model without guidance) means ``scores``.
+    """
 
     scores: dict[str, Tensor]
     state: Any = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    density_scores: dict[str, Tensor] | None = None
 
 
 @runtime_checkable

@@ -16,6 +16,12 @@ extra network call); ``estimator="hutchinson"`` keeps it with a Hutchinson trace
 for every eta; at eta = 0 this is the usual ODE divergence estimator). Both are linear in kappa,
 ``dlogq = A kappa + b``, which is what the AND rule solves.
 
+The formula holds along ANY path ``dx``, so the drift and the tracked densities may use different
+scores: a model whose :class:`~superdiff_protein.protocol.ModelOutput` carries ``density_scores``
+(a classifier-free-guided prompt: drift ``s_u + w (s_c - s_u)``, density score ``s_c``) drives the
+sampler with ``scores`` while ``s_i`` above (and in ``A``, ``b``, the Laplacian and the AND
+correction) is its density score; then ``A_ij = c_s g^2 dtau <s_i, d_j>`` with ``d_j`` the drift scores.
+
 Each sample owns a random stream (``torch.Generator`` seeded from its own seed) from which its prior
 draw, step noise and probes come, so a sample's trajectory does not depend on the batch it ran in.
 """
@@ -194,12 +200,14 @@ def _eval_models(models, x: State, t: Tensor, mask, states, space: ProductSpace,
             u = {k: space.components[k].zeros_tangent(v).requires_grad_(True) for k, v in x.items()}
             xu = {k: space.components[k].step(x[k], u[k]) for k in x}
             out = m(xu, t, mask, states[i])
-        graph = (u, out.scores)
+        # Jacobian terms (Laplacian, AND correction) are of the tracked log-density: the density scores
+        graph = (u, out.density_scores if out.density_scores is not None else out.scores)
         if probes:
             quads.append(_quadratic_forms(graph, probes, space, mask, retain=keep_graphs))
         graphs.append(graph if keep_graphs else None)
+        dens = None if out.density_scores is None else {k: v.detach() for k, v in out.density_scores.items()}
         outs.append(ModelOutput({k: v.detach() for k, v in out.scores.items()}, out.state,
-                                {k: v.detach() for k, v in out.extras.items()}))
+                                {k: v.detach() for k, v in out.extras.items()}, dens))
         del out, graph
     return outs, graphs, (quads if probes else None)
 
@@ -222,17 +230,14 @@ def _quadratic_forms(graph, directions: list[State], space: ProductSpace, mask, 
     return out
 
 
-def _noise_cancelling_directions(S: dict[str, Tensor], g: dict[str, Tensor], space: ProductSpace, mask,
-                                 scope: str) -> list[State]:
-    """Directions v_a = G e_a, with e_a an orthonormal basis (per sample) of span{w_i - w_1}, w_i = G s_i.
-
-    The AND rule solves for kappa with this step's noise, which cancels the noise along exactly this
-    span; the Itô formula's second-order term then lacks  -eta^2/2 sum_a v_a^T H_i v_a  dtau.
-    """
+def _diff_bases(S: dict[str, Tensor], g: dict[str, Tensor], space: ProductSpace, mask,
+                scope: str) -> list[tuple[list[str], list[dict[str, Tensor]]]]:
+    """Per kappa group (all components for ``joint``, each alone otherwise): an orthonormal basis e_a
+    (per sample; Gram-Schmidt, degenerate directions set to zero) of span{w_i - w_1}, w_i = G s_i."""
     names = list(S)
     groups = [names] if scope == "joint" else [[k] for k in names]
     M = next(iter(S.values())).shape[1]
-    dirs: list[State] = []
+    out = []
     for grp in groups:
         basis: list[dict[str, Tensor]] = []
         for i in range(1, M):
@@ -244,9 +249,86 @@ def _noise_cancelling_directions(S: dict[str, Tensor], g: dict[str, Tensor], spa
             ok = nrm > 1e-12 * (1 + nrm.max())
             inv = torch.where(ok, 1.0 / torch.where(ok, nrm, torch.ones_like(nrm)), torch.zeros_like(nrm))
             basis.append({k: d[k] * _bc(inv, d[k]) for k in grp})
-        for e in basis:
-            dirs.append({k: (e[k] * _bc(g[k], e[k]) if k in grp else torch.zeros_like(S[k][:, 0])) for k in names})
+        out.append((grp, basis))
+    return out
+
+
+def _pad_directions(basis: list[dict[str, Tensor]], grp: list[str], g: dict[str, Tensor],
+                    S: dict[str, Tensor]) -> list[State]:
+    """G e_a on the group's components, zero on the others."""
+    return [{k: (e[k] * _bc(g[k], e[k]) if k in grp else torch.zeros_like(S[k][:, 0])) for k in S} for e in basis]
+
+
+def _noise_cancelling_directions(S: dict[str, Tensor], g: dict[str, Tensor], space: ProductSpace, mask,
+                                 scope: str) -> list[State]:
+    """Directions v_a = G e_a, with e_a an orthonormal basis (per sample) of span{w_i - w_1}, w_i = G s_i.
+
+    The AND rule solves for kappa with this step's noise, which cancels the noise along exactly this
+    span; the Itô formula's second-order term then lacks  -eta^2/2 sum_a v_a^T H_i v_a  dtau.
+    """
+    dirs: list[State] = []
+    for grp, basis in _diff_bases(S, g, space, mask, scope):
+        dirs += _pad_directions(basis, grp, g, S)
     return dirs
+
+
+def _bilinear_forms(graph, lefts: list[State], rights: list[State], space: ProductSpace, mask
+                    ) -> dict[str, Tensor]:
+    """p_l^T J q_r per sample, (B, L, R) per component (the component's share of the inner product),
+    from one vector-Jacobian product per left direction (J = Jacobian of the graph's score)."""
+    u, scores = graph
+    names = list(u)
+    B = next(iter(u.values())).shape[0]
+    ref = next(iter(u.values()))
+    out = {k: torch.zeros(B, len(lefts), len(rights), dtype=ref.dtype, device=ref.device) for k in names}
+    with torch.enable_grad():
+        for a, p in enumerate(lefts):
+            proj = sum((space.components[k].project(scores[k], mask) * p[k]).flatten(1).sum() for k in names)
+            grads = torch.autograd.grad(proj, [u[k] for k in names], retain_graph=True, allow_unused=True)
+            for k, gk in zip(names, grads):
+                if gk is None:
+                    continue
+                gk = gk.detach()
+                for r, q in enumerate(rights):
+                    out[k][:, a, r] = space.components[k].inner(gk, q[k], mask)
+    return out
+
+
+def _oblique_and_corrections(S: dict[str, Tensor], D: dict[str, Tensor], g: dict[str, Tensor], graphs,
+                             space: ProductSpace, mask, scope: str) -> list[dict[str, Tensor]]:
+    """The AND Itô correction when the drift scores D differ from the tracked density scores S
+    (classifier-free guidance tracked with the unguided conditionals; docs/images.md).
+
+    AND fixes <G(s_i - s_1), z_eff> (the density-score differences) by moving along G(d_j - d_1) (the
+    drift-score differences), so the realised noise is  G P z  with the oblique projector
+    P = I - E_v W E_u^T,  E_u / E_v orthonormal bases of span{G(s_i - s_1)} / span{G(d_j - d_1)},
+    W = (E_u^T E_v)^+. The Itô second-order term of model i changes by
+    eta^2/2 tr(G J_i G (P P^T - I)) dtau = eta^2/2 [-tr(E_u^T K E_v W) - tr(E_v^T K E_u W^T)
+    + tr(E_v^T K E_v W W^T)] dtau,  K = G J_i G. With D = S, P is the orthogonal projector and this is
+    :func:`_noise_cancelling_directions`'s  -sum_a v_a^T J_i v_a. Returns, per model, the bracket per
+    component (to be multiplied by eta^2/2 dtau). 2(M-1) vector-Jacobian products per model and group.
+    """
+    names = list(S)
+    M = next(iter(S.values())).shape[1]
+    B = next(iter(S.values())).shape[0]
+    ref = next(iter(S.values()))
+    corr = [{k: torch.zeros(B, dtype=ref.dtype, device=ref.device) for k in names} for _ in range(M)]
+    for (grp, eu), (_, ev) in zip(_diff_bases(S, g, space, mask, scope), _diff_bases(D, g, space, mask, scope)):
+        r = len(eu)
+        if r == 0:
+            continue
+        C = torch.stack([torch.stack([sum(space.components[k].inner(eu[b][k], ev[a][k], mask) for k in grp)
+                                      for a in range(r)], -1) for b in range(r)], -2)          # C[b, a] = <eu_b, ev_a>
+        W = torch.linalg.pinv(C)                                                            # W[a, b]
+        WWt = W @ W.transpose(-1, -2)
+        dirs = _pad_directions(eu, grp, g, S) + _pad_directions(ev, grp, g, S)
+        for i in range(M):
+            bil = _bilinear_forms(graphs[i], dirs, dirs, space, mask)
+            for k in names:
+                X, Xp, Y = bil[k][:, :r, r:], bil[k][:, r:, :r], bil[k][:, r:, r:]
+                corr[i][k] = corr[i][k] - (X * W.transpose(-1, -2)).sum((-1, -2)) - (Xp * W).sum((-1, -2)) \
+                    + (Y * WWt).sum((-1, -2))
+    return corr
 
 
 def _bc(v: Tensor, like: Tensor) -> Tensor:
@@ -331,36 +413,48 @@ def superpose(
                                            probes if use_lap else None, keep_graphs=and_corr)
         states = [o.state for o in outs]
 
-        A_c, b_c, fixed_c, S_c, g2_c = {}, {}, {}, {}, {}
+        A_c, b_c, fixed_c, S_c, D_c, g2_c = {}, {}, {}, {}, {}, {}
+        # S: scores of the tracked densities; D: drift scores (differ only for models with density_scores)
+        split = any(o.density_scores is not None for o in outs)
         for k in comps:
             sp = space.components[k]
-            S_c[k] = torch.stack([sp.project(o.scores[k].to(dtype), mask) for o in outs], 1)  # (B, M, ...)
+            S_c[k] = torch.stack([sp.project((o.scores if o.density_scores is None else o.density_scores)[k].to(dtype),
+                                             mask) for o in outs], 1)  # (B, M, ...)
+            D_c[k] = torch.stack([sp.project(o.scores[k].to(dtype), mask) for o in outs], 1) if split else S_c[k]
             g2_c[k] = sp.diffusion(tb) ** 2
         extra = {k: torch.zeros(B, M, dtype=dtype, device=device) for k in comps}
         if use_lap:     # (eta^2 - 1) g^2 / 2 * Hutchinson estimate of Lap(log q_i)
             for i in range(M):
                 for k in comps:
                     extra[k][:, i] += 0.5 * (eta**2 - 1.0) * g2_c[k] * lap_q[i][k] / len(probes) * dtau
-        if and_corr:    # noise cancelled by AND's kappa: -eta^2 / 2 * v^T H_i v per cancelled direction
+        if and_corr and not split:    # noise cancelled by AND's kappa: -eta^2 / 2 * v^T H_i v per cancelled direction
             dirs = _noise_cancelling_directions(S_c, {k: torch.sqrt(g2_c[k]) for k in comps}, space, mask,
                                                 config.kappa_scope)
             for i in range(M):
                 q = _quadratic_forms(graphs[i], dirs, space, mask)
                 for k in comps:
                     extra[k][:, i] -= 0.5 * eta**2 * q[k] * dtau
+        elif and_corr:                # drift and density scores differ: oblique noise cancellation
+            corr = _oblique_and_corrections(S_c, D_c, {k: torch.sqrt(g2_c[k]) for k in comps}, graphs, space, mask,
+                                            config.kappa_scope)
+            for i in range(M):
+                for k in comps:
+                    extra[k][:, i] += 0.5 * eta**2 * corr[i][k] * dtau
         del graphs
 
         for k in comps:
             sp = space.components[k]
-            s, g2 = S_c[k], g2_c[k]
+            s, d, g2 = S_c[k], D_c[k], g2_c[k]
             f = sp.drift(x[k], tb, mask)
             fixed = -f * dtau + eta * (torch.sqrt(g2 * dtau)).reshape((B,) + (1,) * (f.dim() - 1)) * noise[k]
-            gram = torch.stack([torch.stack([sp.inner(s[:, i], s[:, j], mask) for j in range(M)], -1)
-                                for i in range(M)], -2)                                     # (B, M, M)
+            gram = torch.stack([torch.stack([sp.inner(s[:, i], d[:, j], mask) for j in range(M)], -1)
+                                for i in range(M)], -2)                                     # (B, M, M): <s_i, d_j>
+            sq = torch.diagonal(gram, dim1=-2, dim2=-1) if not split else \
+                torch.stack([sp.inner(s[:, i], s[:, i], mask) for i in range(M)], -1)       # |s_i|^2
             s_fixed = torch.stack([sp.inner(s[:, i], fixed, mask) for i in range(M)], -1)  # (B, M)
             s_f = torch.stack([sp.inner(s[:, i], f, mask) for i in range(M)], -1)
             divf = sp.div_drift(x[k], tb, mask)
-            b = s_fixed + (divf[:, None] + s_f - 0.5 * g2[:, None] * torch.diagonal(gram, dim1=-2, dim2=-1)) * dtau
+            b = s_fixed + (divf[:, None] + s_f - 0.5 * g2[:, None] * sq) * dtau
             A_c[k] = cs * (g2 * dtau)[:, None, None] * gram
             b_c[k], fixed_c[k] = b + extra[k], fixed
 
@@ -375,7 +469,7 @@ def superpose(
             sp = space.components[k]
             kk = kappa[:, ci]
             g2 = g2_c[k]
-            mix = (kk.reshape(kk.shape + (1,) * (S_c[k].dim() - 2)) * S_c[k]).sum(1)
+            mix = (kk.reshape(kk.shape + (1,) * (D_c[k].dim() - 2)) * D_c[k]).sum(1)
             dx = cs * (g2 * dtau).reshape((B,) + (1,) * (mix.dim() - 1)) * mix + fixed_c[k]
             x[k] = sp.step(x[k], dx)
             logq[:, ci] = logq[:, ci] + (A_c[k] @ kk[..., None]).squeeze(-1) + b_c[k]

@@ -26,10 +26,21 @@ Stable Diffusion prompts
     the cache. When the sampler needs Jacobian-vector products (Hutchinson estimator, AND noise
     correction), the group evaluates once with a graph and each view routes its VJPs into that graph
     through :class:`_RouteGrad`, so the core's per-model autograd calls stay exact.
+
+Guided densities
+    A guided field ``s_u + w (s_c - s_u)`` (``w != 1``) is not the score of any forward-process
+    marginal, and the Itô estimator's ``|s|^2`` term is not linear in ``s``, so log-densities tracked
+    with it are not the log of any density. By default (``density="unguided"``) every view drives the
+    sampler with its guided score but hands the core its **unguided conditional** score ``s_c`` as
+    ``ModelOutput.density_scores``: the tracked quantity is ``log q_t(x_t | prompt)`` of the model's own
+    conditional marginal along the guided path (Theorem 1 holds along any path), as in the paper's
+    official Stable Diffusion code. ``density="guided"`` (the old behaviour) tracks the guided field
+    and warns (:class:`GuidedDensityWarning`).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -49,9 +60,17 @@ __all__ = [
     "PromptGroup",
     "PromptView",
     "encode_prompts",
+    "GuidedDensityWarning",
+    "DENSITY_MODES",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# what the log-densities of classifier-free-guided prompts are tracked with (module docstring)
+DENSITY_MODES = ("unguided", "guided")
+
+
+class GuidedDensityWarning(UserWarning):
+    """Log-densities tracked with classifier-free-guided scores are not log-densities of any model."""
 
 
 class ImageModelError(ValueError):
@@ -242,26 +261,27 @@ class UNetScoreModel:
 
 # --------------------------------------------------------------------------------------------- SD prompts
 class _Cache:
-    __slots__ = ("x", "t", "z", "scores", "graph")
+    __slots__ = ("x", "t", "z", "scores", "dens", "graph")
 
-    def __init__(self, x, t, z, scores, graph):
-        self.x, self.t, self.z, self.scores, self.graph = x, t, z, scores, graph
+    def __init__(self, x, t, z, scores, dens, graph):
+        self.x, self.t, self.z, self.scores, self.dens, self.graph = x, t, z, scores, dens, graph
 
 
 class _RouteGrad(torch.autograd.Function):
-    """Returns a cached score (value) whose VJPs are taken through the cached batched graph."""
+    """Returns a cached score (value) whose VJPs are taken through the cached batched graph.
+    ``field``: ``"scores"`` (guided, the drift) or ``"dens"`` (unguided conditional, the density)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, cache: _Cache, index: int) -> Tensor:  # type: ignore[override]
-        ctx.cache, ctx.index = cache, index
-        return cache.scores[index].detach().clone()
+    def forward(ctx, x: Tensor, cache: _Cache, index: int, field: str = "scores") -> Tensor:  # type: ignore[override]
+        ctx.cache, ctx.index, ctx.field = cache, index, field
+        return getattr(cache, field)[index].detach().clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         c = ctx.cache
         with torch.enable_grad():
-            (gz,) = torch.autograd.grad(c.scores[ctx.index], c.z, grad, retain_graph=True)
-        return gz, None, None
+            (gz,) = torch.autograd.grad(getattr(c, ctx.field)[ctx.index], c.z, grad, retain_graph=True)
+        return gz, None, None, None
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device=None) -> Tensor:
@@ -285,12 +305,17 @@ class PromptGroup:
     ``eps_u + w_i (eps_i - eps_u)``; the unconditional branch is evaluated once and shared (and skipped
     when every ``w_i == 1``). ``max_batch`` splits the batched call into chunks (memory), which changes
     nothing numerically beyond floating-point reassociation.
+
+    ``density``: ``"unguided"`` (default) -- the views drive the sampler with the guided scores and
+    have the log-density of prompt i's own conditional marginal tracked (its unguided score, from the
+    same batched call: no extra UNet evaluation); ``"guided"`` -- track the guided field itself, which is
+    not the score of any marginal (warns :class:`GuidedDensityWarning` when some ``w_i != 1``).
     """
 
     def __init__(self, unet, cond: Tensor, uncond: Tensor | None, guidance_scale: float | Sequence[float],
                  scheduler=None, *, schedule: DiscreteVPSchedule | None = None, prediction_type: str | None = None,
                  representation: Mapping[str, Any] | None = None, names: Sequence[str] | None = None,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, density: str = "unguided"):
         if schedule is None:
             schedule, pred = schedule_from_scheduler(scheduler)
             prediction_type = prediction_type or pred
@@ -306,6 +331,18 @@ class PromptGroup:
         self.use_uncond = any(abs(v - 1.0) > 0 for v in w)
         if self.use_uncond and uncond is None:
             raise ImageModelError("classifier-free guidance (guidance_scale != 1) needs an unconditional embedding")
+        if density not in DENSITY_MODES:
+            raise ImageModelError(f"density must be one of {DENSITY_MODES}, got {density!r}")
+        self.density = density
+        # density scores differ from the drift only under guidance, and only when tracking the conditionals
+        self.split_density = self.use_uncond and density == "unguided"
+        if self.use_uncond and density == "guided":
+            warnings.warn(
+                "density='guided': the log-densities are tracked with the classifier-free-guided scores "
+                "s_u + w (s_c - s_u), which are not the score of any forward-process marginal; the Itô "
+                "estimate is then not the log of any density (and OR / AND weigh models by it). "
+                "density='unguided' (the default) tracks each prompt's conditional log q_t(x | prompt) along "
+                "the guided path (docs/images.md).", GuidedDensityWarning, stacklevel=2)
         self.unet, self.schedule, self.cond, self.uncond, self.w = unet, schedule, cond, uncond, w
         self.max_batch = max_batch
         self.space = image_space(schedule, representation or {"kind": "pixel", "channels": int(unet.config.in_channels)})
@@ -322,6 +359,11 @@ class PromptGroup:
 
     def guided_eps(self, x: Tensor, t: Tensor) -> Tensor:
         """Guided noise of every prompt, (P, B, C, H, W) in x's dtype, from one batched UNet call."""
+        return self.branch_eps(x, t)[0]
+
+    def branch_eps(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(guided, conditional)`` noise of every prompt, each (P, B, C, H, W) in x's dtype, from one
+        batched UNet call (the two are the same tensor when no prompt is guided)."""
         B, P = x.shape[0], self.cond.shape[0]
         dt = _module_dtype(self.unet)
         embeds = ([self.uncond] if self.use_uncond else []) + [self.cond[i:i + 1] for i in range(P)]
@@ -338,10 +380,10 @@ class PromptGroup:
         eps = model_output_to_eps(out.to(x.dtype).reshape(nb, *x.shape), x[None], a[None], s[None],
                                   self.prediction_type)
         if not self.use_uncond:
-            return eps
+            return eps, eps
         eu, ec = eps[0], eps[1:]
         w = torch.tensor(self.w, dtype=x.dtype, device=x.device).reshape(P, *([1] * x.dim()))
-        return eu[None] + w * (ec - eu[None])
+        return eu[None] + w * (ec - eu[None]), ec
 
     def _get(self, x: Tensor, t: Tensor, graph: bool) -> _Cache:
         c = self._cache
@@ -351,15 +393,12 @@ class PromptGroup:
             return c
         self._cache = c = None          # free the previous step's graph before building this one (peak memory)
         _, s = _coeffs(self.schedule, t, xd)
-        if graph:
-            z = xd.clone().requires_grad_(True)
-            with torch.enable_grad():
-                scores = -self.guided_eps(z, t) / s[None]
-        else:
-            z = None
-            with torch.no_grad():
-                scores = -self.guided_eps(xd, t) / s[None]
-        self._cache = _Cache(xd, t.detach().clone(), z, scores, graph)
+        z = xd.clone().requires_grad_(True) if graph else None
+        with torch.enable_grad() if graph else torch.no_grad():
+            eg, ec = self.branch_eps(z if graph else xd, t)
+            scores = -eg / s[None]
+            dens = -ec / s[None] if self.split_density else None
+        self._cache = _Cache(xd, t.detach().clone(), z, scores, dens, graph)
         return self._cache
 
 
@@ -376,11 +415,15 @@ class PromptView:
         return None
 
     def __call__(self, x, t, mask, state) -> ModelOutput:
+        """Guided score (the drift) as ``scores``; with ``density="unguided"`` and guidance, the prompt's
+        unguided conditional score as ``density_scores`` (what the core tracks the log-density of)."""
         xx = _check_state(x, mask)
         graph = xx.requires_grad and torch.is_grad_enabled()
         c = self.group._get(xx, t, graph)
         if graph:
-            s = _RouteGrad.apply(xx, c, self.index)
+            s = _RouteGrad.apply(xx, c, self.index, "scores")
+            d = _RouteGrad.apply(xx, c, self.index, "dens") if c.dens is not None else None
         else:
             s = c.scores[self.index].detach()
-        return ModelOutput({"x": s})
+            d = c.dens[self.index].detach() if c.dens is not None else None
+        return ModelOutput({"x": s}, density_scores=None if d is None else {"x": d})

@@ -12,6 +12,10 @@ branch). Sampling is :func:`superdiff_protein.sampler.superpose` with a kappa ru
 Rules: ``and`` (bias from ``lift``), ``or`` (bias from ``lift``, ``temperature``), ``average`` (the
 paper's average-of-scores baseline), ``joint`` (the joint-prompt baseline: the prompts joined by
 ``joint_joiner`` into one prompt, a single model) and ``single`` (``index``).
+
+Densities under classifier-free guidance: ``density="unguided"`` (default) samples along the guided
+drift and tracks each prompt's unguided conditional log-density; ``density="guided"`` tracks the guided
+field (not a density; warns). See :mod:`models.image.adapters` and ``docs/images.md``.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from torch import Tensor
 from superdiff_protein.kappa import AndRule, AverageRule, KappaRule, OrRule, SingleRule
 from superdiff_protein.sampler import SampleResult, SamplerConfig, superpose
 
-from .adapters import (ImageModelError, PromptGroup, UNetScoreModel, encode_prompts, latent_representation,
-                       pixel_representation, schedule_from_scheduler)
+from .adapters import (DENSITY_MODES, ImageModelError, PromptGroup, UNetScoreModel, encode_prompts,
+                       latent_representation, pixel_representation, schedule_from_scheduler)
 
 __all__ = ["SuperDiffPipeline", "SuperDiffOutput", "RULES", "lift_to_bias"]
 
@@ -49,6 +53,7 @@ class SuperDiffOutput:
     seeds: list[int]
     latents: Tensor | None = None    # final state x at t = min_t
     result: SampleResult | None = field(default=None, repr=False)
+    density: str = "unguided"        # what the log-densities of guided prompts track (DENSITY_MODES)
 
 
 def lift_to_bias(lift, m: int) -> list[float] | None:
@@ -201,8 +206,9 @@ class SuperDiffPipeline:
 
     # ----------------------------------------------------------------------------- models
     def build_models(self, prompts: Sequence[str] | None, guidance_scale: float | Sequence[float] = 7.5,
-                     negative_prompt: str = "", max_batch: int | None = None) -> list:
-        """The core models: views of one PromptGroup per UNet (SD) or one UNetScoreModel per UNet."""
+                     negative_prompt: str = "", max_batch: int | None = None, density: str = "unguided") -> list:
+        """The core models: views of one PromptGroup per UNet (SD) or one UNetScoreModel per UNet.
+        ``density``: ``unguided`` (track each prompt's conditional density) or ``guided`` (warns)."""
         models = []
         if self.conditional:
             if not prompts:
@@ -214,7 +220,7 @@ class SuperDiffPipeline:
             for j, unet in enumerate(self.unets):
                 sched, pred = self.schedules[j]
                 g = PromptGroup(unet, cond, uncond, guidance_scale, schedule=sched, prediction_type=pred,
-                                representation=rep, max_batch=max_batch,
+                                representation=rep, max_batch=max_batch, density=density,
                                 names=[f"{self.unet_names[j]}:{p}" if len(self.unets) > 1 else str(p) for p in prompts])
                 models += g.views
         else:
@@ -235,12 +241,18 @@ class SuperDiffPipeline:
                  and_correction: bool = False, noise_scale: float = 1.0, min_t: float | None = None,
                  time_grid: str = "uniform", state_dtype: torch.dtype = torch.float64,
                  final_denoise: bool = True, output_type: str = "pil", max_batch: int | None = None,
-                 joint_joiner: str = " and ", callback: Callable[[int, int], None] | None = None) -> SuperDiffOutput:
+                 joint_joiner: str = " and ", callback: Callable[[int, int], None] | None = None,
+                 density: str = "unguided") -> SuperDiffOutput:
         """Sample ``batch_size`` images from the superposition (module docstring). ``and_correction``
         (the core's exact Itô correction for AND, one VJP per model and step) is off by default here, as
-        in the paper; ``estimator="hutchinson"`` with ``sampling="ode"`` gives divergence-based densities."""
+        in the paper; ``estimator="hutchinson"`` with ``sampling="ode"`` gives divergence-based densities.
+        ``density``: with classifier-free guidance, ``"unguided"`` (default) tracks each prompt's own
+        conditional log-density along the guided path; ``"guided"`` tracks the guided field, which is not
+        the score of any density (``GuidedDensityWarning``)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if density not in DENSITY_MODES:
+            raise ImageModelError(f"density must be one of {DENSITY_MODES}, got {density!r}")
         r = str(rule).lower()
         if r not in RULES:
             raise ImageModelError(f"unknown rule {rule!r}; choose one of {RULES}")
@@ -252,7 +264,7 @@ class SuperDiffPipeline:
             if not self.conditional:
                 raise ImageModelError("the joint-prompt baseline needs a text-to-image pipeline")
             prompts = [joint_joiner.join(prompts or [])]
-        models = self.build_models(prompts, guidance_scale, negative_prompt, max_batch)
+        models = self.build_models(prompts, guidance_scale, negative_prompt, max_batch, density)
         kappa_rule = make_image_rule(r, len(models), lift, temperature, index)
         seeds = seeds_from(generator, int(batch_size), seeds)
         shape = self._state_shape(height, width)
@@ -281,7 +293,7 @@ class SuperDiffPipeline:
             raise ImageModelError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         return SuperDiffOutput(images=imgs, kappa=res.kappa_trace[:, :, 0].cpu(), logq=res.logq_trace[:, :, 0].cpu(),
                                t=res.t.cpu(), model_names=[m.name for m in models], rule=kappa_rule.describe(),
-                               seeds=seeds, latents=res.x["x"], result=res)
+                               seeds=seeds, latents=res.x["x"], result=res, density=density)
 
     def _state_shape(self, height, width) -> tuple[int, int, int]:
         u = self.unets[0].config
@@ -325,7 +337,7 @@ class SuperDiffPipeline:
 def save_traces(out: SuperDiffOutput, path: str) -> None:
     """Kappa / log-density traces as JSON (atomic write)."""
     data = {"t": out.t.tolist(), "kappa": out.kappa.tolist(), "logq": out.logq.tolist(),
-            "model_names": out.model_names, "rule": out.rule, "seeds": out.seeds}
+            "model_names": out.model_names, "rule": out.rule, "seeds": out.seeds, "density": out.density}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
         json.dump(data, fh)
