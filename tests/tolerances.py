@@ -110,3 +110,61 @@ def close(actual, expected, atol, what: str = "value", mask: torch.Tensor | None
     assert not bad.any(), (f"{what}: |diff| {float(diff[worst]):.3g} > allowed {float(tol[worst]):.3g} "
                            f"({int(bad.sum())} of {diff.numel()} entries over; max |diff| {observed:.3g})")
     return observed
+
+
+def igso3_series_bounds(omega, sigma, trig_dtype: torch.dtype = torch.float64, num_terms: int = 1000,
+                        chunk: int = 1 << 22, worst_case: bool = False) -> dict[str, torch.Tensor]:
+    """First-order rounding-error bounds of the official truncated IGSO(3) series, elementwise in (omega, sigma).
+
+    The official code (and ours, which follows its dtype flow) evaluates, for l = 0..L-1,
+    ``w_l = (2l+1) exp(-l(l+1) sigma^2/2)`` in float64, the trigonometric factors ``sin/cos(omega (l+1/2))``,
+    ``sin/cos(omega/2)`` and the derivative's ``lo*dhi - hi*dlo`` in ``omega``'s dtype (``trig_dtype``: float32 for
+    rotations predicted by a network, float64 otherwise), then sums L terms in float64. Each term's absolute
+    error is bounded from its operands: the argument ``omega (l+1/2)`` is rounded relative to its size, so ``sin`` of
+    it errs by ``eps_t (|x| + 1)``; ``exp(-a_l)`` errs relatively by ``eps64 (a_l + 1)``; every further float op adds
+    ``eps`` relative to its operands' magnitude. The sum adds ``eps64 sqrt(L) sum|terms|``. This is the conditioning
+    of the series: where the terms cancel (small sigma, large omega) the bound grows to the size of the value itself,
+    and there the official value is rounding noise too.
+
+    Returns the values (float64 evaluation) and bounds: ``exp``/``e_exp`` (the expansion), ``d``/``e_d`` (its omega
+    derivative) and ``score``/``e_score`` (``d / (exp + 1e-4)``, the official score norm).
+    """
+    om, sg = torch.broadcast_tensors(torch.as_tensor(omega, dtype=torch.float64),
+                                     torch.as_tensor(sigma, dtype=torch.float64))
+    shape = om.shape
+    om, sg = om.reshape(-1), sg.reshape(-1)
+    et, e64 = eps(trig_dtype), eps(torch.float64)
+    ls = torch.arange(num_terms, dtype=torch.float64)
+    out = {k: [] for k in ("exp", "e_exp", "d", "e_d")}
+    per = max(1, chunk // num_terms)
+    agg = (lambda e: e.sum(-1)) if worst_case else (lambda e: e.square().sum(-1).sqrt())
+    for i in range(0, om.numel(), per):
+        o, s = om[i:i + per, None], sg[i:i + per, None]
+        a = ls * (ls + 1) * s**2 / 2
+        w = (2 * ls + 1) * torch.exp(-a)
+        rel_w = e64 * (a + 3)
+        x = o * (ls + 0.5)
+        hi, co = torch.sin(x), torch.cos(x)
+        dhi = (ls + 0.5) * co
+        lo, dlo = torch.sin(o / 2), 0.5 * torch.cos(o / 2)
+        alo = lo.abs()
+        e_trig = et * (x.abs() + 1)                 # |error| of sin(x), cos(x)
+        e_lo = et * (alo + o / 2 * dlo.abs() * 2)   # |error| of sin(o/2) (argument and result rounding)
+        e_dlo = et * (dlo.abs() + o / 4 * alo)
+        T = w * hi / lo
+        eT = w * e_trig / alo + T.abs() * (rel_w + e_lo / alo + 2 * e64)
+        num = lo * dhi - hi * dlo
+        e_num = (alo * (ls + 0.5) * (e_trig + et * co.abs()) + dhi.abs() * e_lo
+                 + dlo.abs() * e_trig + hi.abs() * e_dlo + 3 * et * (alo * dhi.abs() + hi.abs() * dlo.abs()))
+        D = w * num / lo**2
+        eD = w * e_num / lo**2 + D.abs() * (rel_w + 2 * e_lo / alo + 2 * et + 2 * e64)
+        n = math.sqrt(num_terms)
+        out["exp"].append(T.sum(-1))
+        out["e_exp"].append(agg(eT) + e64 * n * T.abs().sum(-1))
+        out["d"].append(D.sum(-1))
+        out["e_d"].append(agg(eD) + e64 * n * D.abs().sum(-1))
+    r = {k: torch.cat(v).reshape(shape) for k, v in out.items()}
+    den = r["exp"] + 1e-4
+    r["score"] = r["d"] / den
+    r["e_score"] = r["e_d"] / den.abs() + r["d"].abs() * r["e_exp"] / den**2 + 2 * e64 * r["score"].abs()
+    return r
