@@ -46,6 +46,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from superdiff_protein._cli import UserError
 from superdiff_protein.protocol import ModelOutput
 from superdiff_protein.spaces import DiscreteVPSchedule, EuclideanVPSpace, ProductSpace
 
@@ -73,8 +74,8 @@ class GuidedDensityWarning(UserWarning):
     """Log-densities tracked with classifier-free-guided scores are not log-densities of any model."""
 
 
-class ImageModelError(ValueError):
-    """Bad image model / scheduler / prompt input (clear message, no raw traceback in CLIs)."""
+class ImageModelError(ValueError, UserError):
+    """Bad image model / scheduler / prompt input (clear message, no raw traceback in CLIs; exit code 2)."""
 
 
 # --------------------------------------------------------------------------------------------- space
