@@ -91,7 +91,15 @@ def config_keys(config_name: str) -> dict:
         d = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     except Exception:
         return {}
-    return {k: v for k, v in d.items() if k not in ("defaults", "hydra")} if isinstance(d, dict) else {}
+    if not isinstance(d, dict):
+        return {}
+    out = {k: v for k, v in d.items() if k not in ("defaults", "hydra")}
+    for entry in d.get("defaults") or []:         # config groups (train_frame_model's model=small)
+        if isinstance(entry, dict):
+            for g in entry:
+                if not str(g).startswith(("override ", "hydra")) and "/" not in str(g):
+                    out.setdefault(str(g), {})
+    return out
 
 
 def _unknown_key_line(key: str, valid: Mapping[str, Any] | Sequence[str]) -> str:
@@ -115,6 +123,9 @@ def hydra_error_line(exc: BaseException, valid: Mapping[str, Any] | Sequence[str
     msg = str(exc)
     cause = exc.__cause__
     cause_msg = str(cause) if cause is not None else ""
+    m = re.search(r"Missing mandatory value: ?(\S+)", msg)
+    if m:
+        return f"{m.group(1)} is required ({m.group(1)}=...; see --help)"
     m = re.search(r"Could not override '([^']+)'", msg)
     if m and ("not in struct" in cause_msg or "No match in the defaults list" in msg):
         return _unknown_key_line(m.group(1), valid)

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ._cli import UserError, check_out_dir, run_hydra
 from .pdb_io import (
     BACKBONE_ATOMS,
     StructureError,
@@ -68,8 +69,8 @@ _COORD_STEP = 0.01  # Angstrom per int16 unit (unless a chain is too large, then
 _AA_INDEX = {a: i for i, a in enumerate(RESTYPES)}
 
 
-class DatasetError(RuntimeError):
-    """Bad dataset input, configuration or file (message says what and where)."""
+class DatasetError(RuntimeError, UserError):
+    """Bad dataset input, configuration or file (message says what and where; exit code 2 in the CLI)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,8 +458,11 @@ def _validate(cfg: PrepareConfig) -> None:
         raise DatasetError(f"max_resolution must be a positive number or null, got {cfg.max_resolution!r}")
     if cfg.split not in (None, "ss", "none"):
         raise DatasetError(f"split must be 'ss' or null, got {cfg.split!r}")
-    if not 0.0 <= float(cfg.split_exclude_middle) < 1.0:
-        raise DatasetError(f"split_exclude_middle must be in [0, 1), got {cfg.split_exclude_middle}")
+    x = cfg.split_exclude_middle
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= float(x) < 1.0:
+        raise DatasetError(f"split_exclude_middle must be a number in [0, 1), got {x!r}")
+    if not isinstance(cfg.progress, bool):
+        raise DatasetError(f"progress must be true or false, got {cfg.progress!r}")
 
 
 def prepare_dataset(input_dir: str | os.PathLike, output: str | os.PathLike, **options: Any) -> PrepareSummary:
@@ -484,12 +488,7 @@ def prepare_dataset(input_dir: str | os.PathLike, output: str | os.PathLike, **o
     in_path = Path(cfg.input_dir).expanduser()
     out_path = Path(cfg.output).expanduser()
     log_path = out_path.with_name(out_path.name + ".log.json")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"cannot create output directory {out_path.parent}: {e}") from e
-    if not os.access(out_path.parent, os.W_OK):
-        raise DatasetError(f"output directory is not writable: {out_path.parent}")
+    check_out_dir(out_path, "output", DatasetError, file_ok=True)   # checked now, created only when writing
     if not in_path.exists():
         raise DatasetError(f"input_dir does not exist: {in_path}")
 
@@ -553,6 +552,10 @@ def prepare_dataset(input_dir: str | os.PathLike, output: str | os.PathLike, **o
         data["splits"]["ss"] = {"helix": torch.from_numpy(sp.helix), "strand": torch.from_numpy(sp.strand),
                                 "stats": sp.stats}
         split_stats = sp.stats
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot create output directory {out_path.parent}: {e.strerror or e}") from e
     try:
         with atomic_open(out_path, "wb") as fh:
             torch.save(data, fh)
@@ -826,50 +829,27 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _run_from_cfg(cfg) -> int:
+def _run_from_cfg(cfg) -> None:
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as e:
-        print(f"prepare_dataset: error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
+    opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     opts = {k: v for k, v in opts.items() if k != "hydra"}
     unknown = set(opts) - set(PrepareConfig.__dataclass_fields__)
     if unknown:
-        print(f"prepare_dataset: error: unknown config key(s) {sorted(unknown)}", file=sys.stderr)
-        return 2
+        raise DatasetError(f"unknown config key(s) {sorted(unknown)}")
     input_dir, output = opts.pop("input_dir", None), opts.pop("output", None)
-    try:
-        summary = prepare_dataset(input_dir or "", output or "", **opts)
-    except DatasetError as e:
-        print(f"prepare_dataset: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("prepare_dataset: interrupted; nothing written", file=sys.stderr)
-        return 130
+    summary = prepare_dataset(input_dir or "", output or "", **opts)
     print(summary.text())
-    return 0
 
 
-def main() -> None:
-    """Console entry point ``prepare_dataset`` (Hydra: ``prepare_dataset input_dir=... output=...``)."""
-    import hydra
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``prepare_dataset`` (Hydra: ``prepare_dataset input_dir=... output=...``).
 
-    rc = {"code": 0}
-    config_path = str(_CONFIG_DIR) if (_CONFIG_DIR / "prepare_dataset.yaml").is_file() else None
-    if config_path is None:
-        from hydra.core.config_store import ConfigStore
-
-        ConfigStore.instance().store(name="prepare_dataset", node=PrepareConfig)
-
-    @hydra.main(config_path=config_path, config_name="prepare_dataset", version_base=None)
-    def _app(cfg) -> None:
-        rc["code"] = _run_from_cfg(cfg)
-
-    _app()
-    sys.exit(rc["code"])
+    Exit codes (``superdiff_protein._cli``): 0 done, 1 unexpected failure, 2 bad input (one line on stderr,
+    nothing written), 130 interrupted.
+    """
+    sys.exit(run_hydra("prepare_dataset", "prepare_dataset", _run_from_cfg, argv=argv, node=PrepareConfig,
+                       interrupted="interrupted; nothing written"))
 
 
 if __name__ == "__main__":

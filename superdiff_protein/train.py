@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._cli import UserError, check_out_dir, guard
+
 __all__ = [
     "TrainError",
     "compose_config",
@@ -64,8 +66,8 @@ _CONFIG_NAME = "train_frame_model"
 _PROCESS_START = time.time()
 
 
-class TrainError(RuntimeError):
-    """Bad training configuration, missing data or an unusable output directory."""
+class TrainError(RuntimeError, UserError):
+    """Bad training configuration, missing data or an unusable output directory (exit code 2 in the CLI)."""
 
 
 def _import_lightning():
@@ -181,7 +183,7 @@ def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike 
         except ImportError:
             use_hydra = False
     if not use_hydra:
-        return finalize_config(_compose_plain(list(overrides), cdir))
+        return finalize_config(_check_types(_compose_plain(list(overrides), cdir), cdir))
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -192,13 +194,64 @@ def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike 
             c = compose(config_name=_CONFIG_NAME, overrides=list(overrides))
         d = OmegaConf.to_container(c, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise TrainError(str(e).splitlines()[0]) from e
+        from ._cli import config_keys, hydra_error_line
+
+        raise TrainError(hydra_error_line(e, config_keys(_CONFIG_NAME))) from e
     d.pop("hydra", None)
-    return finalize_config(d)
+    return finalize_config(_check_types(d, cdir))
+
+
+# numbers that may also be null (documented as "null = off")
+_NULLABLE = {"experiment.grad_clip", "experiment.ema_decay"}
+# values of other types by design (Lightning accepts "auto", lists, strings)
+_ANY_TYPE = {"trainer.devices", "trainer.tensorboard", "trainer.precision", "trainer.accelerator"}
+
+
+def _check_types(cfg: dict, config_dir: Path) -> dict:
+    """Refuse a value whose type does not fit the default's (a word where a number belongs, a fraction for
+    a count, NaN or infinity), naming the key. Keys whose default is null are checked by :func:`finalize_config`."""
+    try:
+        base = _compose_plain([], config_dir)
+    except Exception:  # pragma: no cover - the defaults themselves are unreadable: nothing to compare with
+        return cfg
+
+    def walk(node: Any, ref: Any, path: str) -> None:
+        if isinstance(ref, Mapping) and isinstance(node, Mapping):
+            for k, v in node.items():
+                if k in ref:
+                    walk(v, ref[k], f"{path}.{k}" if path else str(k))
+            return
+        if path in _ANY_TYPE or ref is None:
+            return
+        if node is None and path in _NULLABLE:
+            return
+        if isinstance(ref, bool):
+            if not isinstance(node, bool):
+                raise TrainError(f"{path} must be true or false, got {node!r}")
+        elif isinstance(ref, (int, float)):
+            if isinstance(node, bool) or not isinstance(node, (int, float)):
+                raise TrainError(f"{path} must be a number, got {node!r}")
+            if not math.isfinite(node):
+                raise TrainError(f"{path} must be a finite number, got {node!r}")
+            if isinstance(ref, int) and node != int(node):
+                raise TrainError(f"{path} must be an integer, got {node!r}")
+        elif isinstance(ref, str) and not isinstance(node, str):
+            raise TrainError(f"{path} must be a text, got {node!r}")
+
+    walk(cfg, base, "")
+    return cfg
 
 
 def finalize_config(cfg: dict) -> dict:
     """Fill derived values (official interpolations) and validate; returns a new dict."""
+    try:
+        return _finalize_config(cfg)
+    except (TypeError, ValueError, KeyError) as e:   # a value of the wrong kind that _check_types cannot see
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise TrainError(f"invalid config value ({what})") from None
+
+
+def _finalize_config(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     m = cfg.setdefault("model", {})
     ipa = m.setdefault("ipa", {})
@@ -229,6 +282,20 @@ def finalize_config(cfg: dict) -> dict:
         raise TrainError("max_steps must be >= 1")
     if cfg.get("max_minutes") is not None and float(cfg["max_minutes"]) <= 0:
         raise TrainError("max_minutes must be > 0 or null")
+    if not float(e["learning_rate"]) > 0:
+        raise TrainError(f"experiment.learning_rate must be > 0, got {e['learning_rate']!r}")
+    if float(e.get("weight_decay") or 0.0) < 0:
+        raise TrainError("experiment.weight_decay must be >= 0")
+    if e.get("grad_clip") is not None and not float(e["grad_clip"]) > 0:
+        raise TrainError("experiment.grad_clip must be > 0 or null")
+    if not 0.0 <= float(e.get("self_condition_prob", 0.5)) <= 1.0:
+        raise TrainError("experiment.self_condition_prob must lie in [0, 1]")
+    if int(e.get("warmup_steps") or 0) < 0 or int(e.get("log_every", 1)) < 1:
+        raise TrainError("experiment.warmup_steps must be >= 0 and experiment.log_every >= 1")
+    if d.get("crop", "random") not in ("random", "first", "center"):
+        raise TrainError(f"data.crop must be random, first or center, got {d.get('crop')!r}")
+    if int(d.get("max_length", 1)) < 1 or int(d.get("num_workers") or 0) < 0:
+        raise TrainError("data.max_length must be >= 1 and data.num_workers >= 0")
     return cfg
 
 
@@ -954,7 +1021,7 @@ def _make_budget_callback():
         def save(self, trainer, module) -> None:
             t0 = time.time()
             tmp = self.out / f".last.ckpt.{os.getpid()}.tmp"
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)   # full state (resume); explicit: no log line
             if trainer.is_global_zero:
                 os.replace(tmp, self.out / "last.ckpt")
                 which = self.cfg["experiment"]["export_weights"]
@@ -991,15 +1058,31 @@ def _make_budget_callback():
     return _SaveAndBudget
 
 
+def _drop_advert(record: Any) -> bool:
+    return "litlogger" not in str(record.msg).lower()
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's advertisement for its cloud logger (an info line a user cannot act on)."""
+    import logging
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if _drop_advert not in lg.filters:
+            lg.addFilter(_drop_advert)
+
+
 def train(cfg: dict, start_time: Optional[float] = None) -> dict:
     """Run (or resume) a training job described by a composed config; returns a summary dict.
 
     ``max_minutes`` counts from ``start_time`` (default: now; the CLI passes the process start).
     """
     pl = _import_lightning()
+    _quiet_lightning()
     start_time = time.time() if start_time is None else start_time
-    out = Path(cfg["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    # everything that can be refused is checked before the first file is written
+    out = check_out_dir(cfg["out_dir"], "out_dir", TrainError)
     last = out / "last.ckpt"
     ckpt_path = None
     if last.is_file():
@@ -1008,19 +1091,20 @@ def train(cfg: dict, start_time: Optional[float] = None) -> dict:
             resume_state = _read_lightning_checkpoint(last)
             prev = resume_state.get("superdiff_config", {})
             for sec in ("model", "diffuser"):
-                if prev.get(sec) != cfg[sec]:
+                if not isinstance(prev, Mapping) or prev.get(sec) != cfg[sec]:
                     raise TrainError(f"resume: the {sec!r} section differs from the one in {last}; "
                                      "use the same settings (or overwrite=true to start again)")
-            prev_step = int(resume_state.get("global_step", 0))
-            _truncate_metrics(out / "metrics.csv", prev_step)
+            try:
+                prev_step = int(resume_state.get("global_step", 0))
+            except (TypeError, ValueError):
+                raise TrainError(f"resume: {last} has no valid global_step; use overwrite=true to start again") from None
         elif not cfg.get("overwrite"):
             raise TrainError(f"{last} exists: pass resume=true to continue it or overwrite=true to start again")
-    if ckpt_path is None:
-        for name in ("metrics.csv", "model.pth", "loss_curve.png", "last.ckpt"):
-            (out / name).unlink(missing_ok=True)
-    _dump_yaml(cfg, out / "config.yaml")
-
     tr = cfg["trainer"]
+    acc = str(tr.get("accelerator", "auto")).lower()
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise TrainError(f"trainer.accelerator={tr['accelerator']}: no CUDA GPU is available "
+                         "(torch.cuda.is_available() is False); use trainer.accelerator=auto or cpu")
     if tr.get("num_threads"):
         torch.set_num_threads(int(tr["num_threads"]))
     if tr.get("tf32"):
@@ -1052,14 +1136,33 @@ def train(cfg: dict, start_time: Optional[float] = None) -> dict:
             if tb is True or tb == "true":
                 raise TrainError("trainer.tensorboard=true but tensorboard is not installed")
     cb = _make_budget_callback()(cfg, out, start_time)
-    trainer = pl.Trainer(
-        accelerator=tr["accelerator"], devices=tr["devices"], precision=tr["precision"],
-        max_steps=int(cfg["max_steps"]), max_epochs=-1, logger=loggers or False,
-        enable_checkpointing=False, callbacks=[cb], gradient_clip_val=cfg["experiment"].get("grad_clip"),
-        enable_progress_bar=bool(tr.get("progress_bar")), enable_model_summary=False,
-        use_distributed_sampler=False, num_sanity_val_steps=0, log_every_n_steps=int(cfg["experiment"]["log_every"]),
-        default_root_dir=str(out), plugins=[_safe_checkpoint_io(pl)],
-    )
+    try:
+        trainer = pl.Trainer(
+            accelerator=tr["accelerator"], devices=tr["devices"], precision=tr["precision"],
+            max_steps=int(cfg["max_steps"]), max_epochs=-1, logger=loggers or False,
+            enable_checkpointing=False, callbacks=[cb], gradient_clip_val=cfg["experiment"].get("grad_clip"),
+            enable_progress_bar=bool(tr.get("progress_bar")), enable_model_summary=False,
+            use_distributed_sampler=False, num_sanity_val_steps=0,
+            log_every_n_steps=int(cfg["experiment"]["log_every"]), default_root_dir=str(out),
+            plugins=[_safe_checkpoint_io(pl)],
+        )
+    except Exception as e:   # Lightning's MisconfigurationException / ValueError for accelerator, devices, precision
+        if isinstance(e, UserError):
+            raise
+        raise TrainError(f"trainer: {' '.join(str(e).split())} (trainer.accelerator={tr['accelerator']}, "
+                         f"devices={tr['devices']}, precision={tr['precision']})") from None
+
+    # all checks passed: write
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"out_dir: cannot create {str(out)!r} ({e.strerror or e})") from None
+    if ckpt_path is not None:
+        _truncate_metrics(out / "metrics.csv", prev_step)
+    else:
+        for name in ("metrics.csv", "model.pth", "loss_curve.png", "last.ckpt"):
+            (out / name).unlink(missing_ok=True)
+    _dump_yaml(cfg, out / "config.yaml")
     t0 = time.time()
     start_step = 0
     if ckpt_path is not None:
@@ -1073,6 +1176,8 @@ def train(cfg: dict, start_time: Optional[float] = None) -> dict:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*infinite.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # Lightning's own use of a torch API torch deprecates (nothing a user can change)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     step = int(trainer.global_step)
     return {"out_dir": str(out), "start_step": start_step, "step": step, "seconds": time.time() - t0,
@@ -1126,12 +1231,17 @@ e.g. train_frame_model data.subset=helix out_dir=runs/helix max_steps=4000 resum
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point ``train_frame_model`` (also ``python -m superdiff_protein.train``)."""
+    """Console entry point ``train_frame_model`` (also ``python -m superdiff_protein.train``).
+
+    Exit codes (``superdiff_protein._cli``): 0 done, 1 unexpected failure, 2 bad input (one line on stderr,
+    nothing written), 130 interrupted.
+    """
     from ._runtime import tune_malloc
 
     tune_malloc()  # CPU training allocates the same (B, N, N, C) edge tensors each step (docs/benchmarks.md)
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run() -> None:
         if args and args[0] in ("-h", "--help"):
             print(_USAGE)
             return
@@ -1148,6 +1258,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             ok = plot_metrics(d / "metrics.csv", d / "loss_curve.png")
             print(f"wrote {d / 'loss_curve.png'}" if ok else "nothing to plot (no metrics.csv or no matplotlib)")
             return
+        bad = [a for a in args if a.startswith("-") and a != "--cfg"]
+        if bad:
+            raise TrainError(f"unknown flag(s) {' '.join(bad)}; options are key=value (see train_frame_model --help)")
         if args and args[0] == "bench":
             r = bench_forward(compose_config(args[1:]))
             print(f"params {r['params']:,} | model.pth ~{r['model_pth_mib']:.1f} MiB | last.ckpt ~{r['last_ckpt_mib']:.1f} MiB"
@@ -1162,16 +1275,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(yaml.safe_dump(cfg, sort_keys=False))
             return
         s = train(cfg, start_time=_PROCESS_START)
-    except TrainError as e:
-        print(f"train_frame_model: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("train_frame_model: interrupted (resume with resume=true from the last saved checkpoint)",
-              file=sys.stderr)
-        sys.exit(130)
-    why = "max_steps reached" if s["done"] else ("time budget (max_minutes) reached" if s["stopped_for_time"] else "stopped")
-    print(f"train_frame_model: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f} s ({why}); "
-          f"outputs in {s['out_dir']}")
+        why = "max_steps reached" if s["done"] else ("time budget (max_minutes) reached" if s["stopped_for_time"]
+                                                     else "stopped")
+        print(f"train_frame_model: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f} s ({why}); "
+              f"outputs in {s['out_dir']}")
+
+    code = guard("train_frame_model", run,
+                 interrupted="interrupted (resume with resume=true from the last saved checkpoint)")
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
