@@ -92,10 +92,10 @@ def close(actual, expected, atol, what: str = "value", mask: torch.Tensor | None
     """Assert ``|actual - expected| <= atol`` elementwise (where ``mask`` is true). Returns the observed max error.
 
     The log (``SUPERDIFF_TOL_LOG``) gets the entry closest to its bound: observed error, its allowed error, ratio."""
-    a = torch.as_tensor(actual).double()
-    b = torch.as_tensor(expected).double()
+    a = torch.as_tensor(actual, dtype=torch.float64)  # python floats stay float64 (as_tensor alone gives float32)
+    b = torch.as_tensor(expected, dtype=torch.float64)
     diff = (a - b).abs()
-    tol = torch.broadcast_to(torch.as_tensor(atol, dtype=torch.float64), diff.shape)
+    diff, tol = torch.broadcast_tensors(diff, torch.as_tensor(atol, dtype=torch.float64))
     if mask is not None:
         m = torch.broadcast_to(torch.as_tensor(mask, dtype=torch.bool), diff.shape)
         diff, tol = diff[m], tol[m]
