@@ -32,7 +32,8 @@ from superdiff_protein.kappa import SingleRule
 from superdiff_protein.protocol import ModelOutput
 from superdiff_protein.sampler import SamplerConfig, superpose
 from superdiff_protein.se3 import DiffuserConfigError, SE3Diffuser, SE3DiffuserConfig
-from tolerances import close, eps, igso3_series_bounds, magnitude, rounding_tol
+from tolerances import (close, igso3_score_vec_bounds, igso3_series_bounds, magnitude, quat_path_delta_v,
+                        rot_score_tol, rounding_tol, trans_score_tol, vp_var_tol)
 
 FIXTURES = sorted(official_fixtures_dir().glob("*_diffuser_reference.pt"))
 F64, F32 = torch.float64, torch.float32
@@ -57,19 +58,7 @@ def _tol_sigma(n_ops: int = 6) -> float:
 
 
 def _tol_var(d: SE3Diffuser, t, dtype=F64) -> torch.Tensor:
-    """1 - exp(-B(t)): exp(-B) carries B's relative error times B, plus the subtraction's rounding of 1."""
-    B = d.marginal_b_t(t)
-    return torch.exp(-B) * (B * rounding_tol(dtype, 1.0, 5) + rounding_tol(dtype)) + rounding_tol(dtype, 1.0, 2)
-
-
-def _rotvec_bounds(vec: torch.Tensor, sigma, trig_dtype=F64) -> torch.Tensor:
-    """Elementwise bound of the official ``torch_score(vec)`` = ``score_norm(|v| + 1e-6) v / (|v| + 2e-6)``."""
-    nv = torch.linalg.norm(vec.double(), dim=-1)
-    om = nv + 1e-6
-    b = igso3_series_bounds(om, sigma, trig_dtype)
-    vec_scale = (nv / (om + 1e-6))[..., None]
-    return (b["e_score"][..., None] * vec_scale
-            + rounding_tol(F64, b["score"].abs()[..., None] * vec_scale, 4))
+    return vp_var_tol(d.marginal_b_t(t), dtype)
 
 
 def _frame_tols(x_ref: torch.Tensor, operands: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -183,14 +172,14 @@ def test_torch_score_queries(case):
     for i in range(t.numel()):
         s = d.rot_score_from_rotvec(q[None], t[i:i + 1])[0]
         r = ref["so3/torch_score_at_query"][i]
-        tol = _rotvec_bounds(q, ref["so3/sigma_discrete_used"][i])
+        tol = igso3_score_vec_bounds(q, ref["so3/sigma_discrete_used"][i])
         close(s, r, tol, f"torch_score t={float(t[i]):.3g}")
         assert torch.isfinite(s).all()
         tight.append(tol < 1e-9 * (1 + r.abs()))
     assert torch.stack(tight).float().mean() > 0.5  # the bound is not vacuous
     bv, bt = ref["so3/batched_vec"], ref["so3/batched_t"]
     s = d.rot_score_from_rotvec(bv, bt)
-    tol = _rotvec_bounds(bv, d.tabulated_sigma(bt)[:, None])
+    tol = igso3_score_vec_bounds(bv, d.tabulated_sigma(bt)[:, None])
     close(s, ref["so3/batched_torch_score"], tol, "batched torch_score")
 
 
@@ -205,7 +194,6 @@ def test_forward_marginal_with_injected_noise(case):
     T0 = ref["fwd_det/rigids_0"][None, :, 4:]
     ks = sorted({k.split("/")[1] for k in ref if k.startswith("fwd_det/t")})
     assert ks
-    cs = d.cfg.coordinate_scaling
     for k in ks:
         p = f"fwd_det/{k}/"
         t = ref[p + "t"]
@@ -221,14 +209,12 @@ def test_forward_marginal_with_injected_noise(case):
         om = torch.linalg.norm(vec, dim=-1)
         h = 1e-6
         slope = (igso3_series_bounds(om + h, sig)["score"] - igso3_series_bounds(om - h, sig)["score"]).abs() / (2 * h)
-        tol_rs = _rotvec_bounds(vec, sig) + (slope * rounding_tol(F64, math.pi, 4))[:, None]
+        tol_rs = igso3_score_vec_bounds(vec, sig) + (slope * rounding_tol(F64, math.pi, 4))[:, None]
         close(out.rot_score[0], ref[p + "rot_score"], tol_rs, f"{k} rot_score")
-        # translation score -(x_t - e^{-B/2} x_0) / var: operands |x_t| + |x_0| over var, and var's own error
-        var = d.trans_conditional_var(torch.as_tensor(t).reshape(1))
+        # translation score, float64 maths (the official stores x_t only as float32 afterwards)
         rts = ref[p + "trans_score"]
-        xs = (T.double().abs() + T0[0].double().abs()) * cs
-        tol_ts = rounding_tol(F64, xs / var, 6) + rts.abs() * _tol_var(d, torch.as_tensor(t).reshape(1)) / var
-        close(out.trans_score[0], rts, tol_ts, f"{k} trans_score")
+        close(out.trans_score[0], rts, trans_score_tol(d, T[None], T0, rts[None], t, F64)[0], f"{k} trans_score")
+        var = d.trans_conditional_var(torch.as_tensor(t).reshape(1))
         # the scalings, as in test_igso3_tables_and_score_scaling / the schedules
         close(out.trans_score_scaling, ref[p + "trans_score_scaling"].reshape(1),
               rounding_tol(F64, ref[p + "trans_score_scaling"], 2, cond=1 / float(var)), f"{k} trans scaling")
@@ -293,14 +279,6 @@ def test_sample_ref(case):
     close(T[0], r7[:, 4:], _frame_tols(r7[:, 4:]), "sample_ref translations")
 
 
-def _score_jacobian_norm(d: SE3Diffuser, vec: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of d score / d rotvec per residue (float64 autograd; residues are independent)."""
-    v = vec.detach().double().requires_grad_(True)
-    s = d.rot_score_from_rotvec(v, t)
-    rows = [torch.autograd.grad(s[..., k].sum(), v, retain_graph=k < 2)[0] for k in range(3)]
-    return torch.stack(rows, -2).flatten(-2).norm(dim=-1)
-
-
 def test_calc_scores_from_prediction(case):
     """Scores from float32 predicted frames: the official path goes through float32 eigh quaternions, so the
     relative rotation vector carries ``delta_v = 20 eps32 (1 + omega/2)`` (module docstring); the bound is that
@@ -312,19 +290,11 @@ def test_calc_scores_from_prediction(case):
     Tt, T0, t = ref["calc_scores/trans_t"], ref["calc_scores/trans_0"], ref["calc_scores/t"]
     rot, tr = d.scores_from_prediction(Rt, Tt, R0, T0, t)
     assert tr.dtype == torch.float32 and rot.dtype == torch.float64
-    # translation score: the same float32 formula; operands |x_t| + |x_0| over var, and var's float32 conditioning
-    cs = d.cfg.coordinate_scaling
-    var = d.trans_conditional_var(t.double())[:, None, None]
-    rts = ref["calc_scores/trans_score"]
-    tol_tr = (rounding_tol(F32, (Tt.double().abs() + T0.double().abs()) * cs / var, 6)
-              + rts.double().abs() * _tol_var(d, t.double(), F32)[:, None, None] / var)
-    close(tr, rts, tol_tr, "calc_scores trans_score")
+    # translation score: the same float32 formula
+    close(tr, ref["calc_scores/trans_score"],
+          trans_score_tol(d, Tt, T0, ref["calc_scores/trans_score"], t, F32), "calc_scores trans_score")
     v = so3_log(R0.double().transpose(-1, -2) @ Rt.double())  # the relative rotation vector, float64
-    omega = v.norm(dim=-1)
-    jac = _score_jacobian_norm(d, v, t.double())
-    sig = d.tabulated_sigma(t)[:, None]
-    tol_rot = rounding_tol(F32, jac * (1 + omega / 2), cond=20)[..., None] + _rotvec_bounds(v, sig, F32)
-    close(rot, ref["calc_scores/rot_score"], tol_rot, "calc_scores rot_score")
+    close(rot, ref["calc_scores/rot_score"], rot_score_tol(d, v, t, quat_path_delta_v(v), F32), "calc_scores rot_score")
     # with padding mask
     m = torch.ones(1, Rt.shape[1])
     m[0, 0] = 0

@@ -168,3 +168,59 @@ def igso3_series_bounds(omega, sigma, trig_dtype: torch.dtype = torch.float64, n
     r["score"] = r["d"] / den
     r["e_score"] = r["e_d"] / den.abs() + r["d"].abs() * r["e_exp"] / den**2 + 2 * e64 * r["score"].abs()
     return r
+
+
+def igso3_score_vec_bounds(vec: torch.Tensor, sigma, trig_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Elementwise bound of the official ``torch_score(vec)`` = ``score_norm(|v| + 1e-6) v / (|v| + 2e-6)``: the series
+    bound of the score norm along the unit vector, plus the final scaling's float64 rounding."""
+    nv = torch.linalg.norm(vec.double(), dim=-1)
+    om = nv + 1e-6
+    b = igso3_series_bounds(om, sigma, trig_dtype)
+    unit = (nv / (om + 1e-6))[..., None]
+    return b["e_score"][..., None] * unit + rounding_tol(torch.float64, b["score"].abs()[..., None] * unit, 4)
+
+
+def score_jacobian_norm(diffuser, vec: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of d torch_score / d rotvec per residue (float64 autograd; residues are independent):
+    how much the score amplifies an error of the rotation vector it is evaluated at."""
+    v = vec.detach().double().requires_grad_(True)
+    s = diffuser.rot_score_from_rotvec(v, t)
+    rows = [torch.autograd.grad(s[..., k].sum(), v, retain_graph=k < 2)[0] for k in range(3)]
+    return torch.stack(rows, -2).flatten(-2).norm(dim=-1)
+
+
+def rot_score_tol(diffuser, rotvec: torch.Tensor, t: torch.Tensor, delta_v, trig_dtype: torch.dtype = torch.float32,
+                  c: float = C) -> torch.Tensor:
+    """Bound of an official rotation score evaluated at ``rotvec`` (B, N, 3), when the rotation vector itself is only
+    known to ``delta_v`` (B, N) (the rounding of the frames it comes from): ``c |dS/dv| delta_v`` plus the series bound
+    with trigonometry in ``trig_dtype`` (float32 for network predictions)."""
+    sig = diffuser.tabulated_sigma(torch.as_tensor(t))[:, None]
+    jac = score_jacobian_norm(diffuser, rotvec, torch.as_tensor(t, dtype=torch.float64))
+    return (c * jac * delta_v)[..., None] + igso3_score_vec_bounds(rotvec, sig, trig_dtype)
+
+
+def quat_path_delta_v(rotvec: torch.Tensor, dtype: torch.dtype = torch.float32, k: float = 20.0) -> torch.Tensor:
+    """Rounding of a relative rotation vector computed the official way from ``dtype`` frames: ``k eps (1 + omega/2)``
+    with k = 20 for two eigh quaternions (3 eps each, condition of the 4x4 eigenproblem), the quaternion product
+    (4 eps) and the angle (2 atan2: the rest), each through the 2x angle map."""
+    return k * eps(dtype) * (1 + torch.linalg.norm(rotvec.double(), dim=-1) / 2)
+
+
+def vp_var_tol(B: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Bound of ``1 - exp(-B)`` computed in ``dtype``: exp(-B) carries B's relative error times B, plus the subtraction's
+    rounding of 1. Relative to the result this is the condition ``exp(-B) / (1 - exp(-B))`` (~ 1/B at small t)."""
+    B = torch.as_tensor(B, dtype=torch.float64)
+    return torch.exp(-B) * (B * rounding_tol(dtype, 1.0, 5) + rounding_tol(dtype)) + rounding_tol(dtype, 1.0, 2)
+
+
+def trans_score_tol(diffuser, trans_t: torch.Tensor, trans_0: torch.Tensor, score: torch.Tensor, t,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bound of the official translation score ``-(x_t - e^{-B/2} x_0) / (1 - e^{-B})`` computed in ``dtype`` from
+    Angstrom inputs (B, N, 3), ``t`` (B,): the operands ``|x_t| + |x_0|`` (scaled) over the variance, and the
+    variance's own conditioning times the score."""
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    B = diffuser.marginal_b_t(t)[:, None, None]
+    var = 1 - torch.exp(-B)
+    cs = diffuser.cfg.coordinate_scaling
+    ops = (trans_t.double().abs() + trans_0.double().abs()) * cs / var
+    return rounding_tol(dtype, ops, 6) + score.double().abs() * vp_var_tol(B, dtype) / var
