@@ -14,11 +14,31 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._cli import UserError, check_out_dir, guard, resolve_device, run_hydra
+
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-class ImageCLIError(RuntimeError):
+class ImageCLIError(RuntimeError, UserError):
     """Bad CLI input (printed as one line, exit code 2)."""
+
+
+def _count(cfg: Any, key: str, lo: int = 1, none_ok: bool = False) -> None:
+    v = getattr(cfg, key)
+    if v is None and none_ok:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ImageCLIError(f"{key} must be an integer >= {lo}{' or null' if none_ok else ''}, got {v!r}")
+
+
+def _finite(cfg: Any, key: str, lo: float | None = None, lo_open: bool = False) -> None:
+    v = getattr(cfg, key)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if not ok:
+        bound = "" if lo is None else f" {'>' if lo_open else '>='} {lo:g}"
+        raise ImageCLIError(f"{key} must be a finite number{bound}, got {v!r}")
 
 
 @dataclass
@@ -109,8 +129,26 @@ def run_generate(cfg: GenerateConfig) -> dict:
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if cfg.dtype not in dtypes:
         raise ImageCLIError(f"dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # everything that can be refused is checked before the model is loaded and anything is written
+    check_out_dir(cfg.output_dir, "output_dir", ImageCLIError)
+    device = str(resolve_device(cfg.device, "device", ImageCLIError))
+    _count(cfg, "num_inference_steps")
+    _count(cfg, "batch_size")
+    _count(cfg, "num_probes")
+    _count(cfg, "grid_cols", lo=0)
+    _count(cfg, "max_batch", none_ok=True)
+    for k in ("guidance_scale", "temperature", "noise_scale"):
+        _finite(cfg, k, lo=0.0, lo_open=(k == "temperature"))
+    if cfg.seeds is not None and (isinstance(cfg.seeds, (str, bool)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in cfg.seeds)):
+        raise ImageCLIError(f"seeds must be a list of integers >= 0, got {cfg.seeds!r}")
     models = [cfg.model_path] if isinstance(cfg.model_path, str) else list(cfg.model_path)
+    if not models:
+        raise ImageCLIError("model_path: the list is empty; give a model directory or hub id")
+    for m in models:
+        if str(m).startswith(("/", ".", "~")) and not Path(str(m)).expanduser().exists():
+            raise ImageCLIError(f"model_path {str(m)!r} does not exist (a local diffusers model directory, or a "
+                                "hub id in the local Hugging Face cache)")
     kw = {"local_files_only": True} if cfg.local_files_only else {}
     pipe = SuperDiffPipeline.from_pretrained(models, torch_dtype=dtypes[cfg.dtype], device=device, **kw)
     prompts = None if cfg.prompts is None else ([cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts))
@@ -121,7 +159,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
                temperature=cfg.temperature, index=cfg.index, sampling=cfg.sampling, estimator=cfg.estimator,
                num_probes=cfg.num_probes, and_correction=cfg.and_correction, noise_scale=cfg.noise_scale,
                time_grid=cfg.time_grid, max_batch=cfg.max_batch, density=cfg.density)
-    od = Path(cfg.output_dir)
+    od = Path(cfg.output_dir).expanduser()
     od.mkdir(parents=True, exist_ok=True)
     files = []
     for i, (img, s) in enumerate(zip(out.images, out.seeds)):
@@ -146,7 +184,9 @@ def _to_dataclass(cls, cfg, name: str):
     try:
         opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
-        raise ImageCLIError(str(e).splitlines()[0]) from e
+        from ._cli import hydra_error_line
+
+        raise ImageCLIError(hydra_error_line(e)) from e
     opts = {k: v for k, v in opts.items() if k != "hydra"}
     unknown = set(opts) - {f.name for f in fields(cls)}
     if unknown:
@@ -154,43 +194,27 @@ def _to_dataclass(cls, cfg, name: str):
     return cls(**opts)
 
 
-def _guarded(name: str, fn) -> int:
-    from models.image.adapters import ImageModelError
+def _as_user_errors(fn):
+    """``fn()``; sampling failures and the ``ValueError`` / ``OSError`` that diffusers raises for unusable models
+    and paths are bad input here (exit code 2)."""
+    from superdiff_protein.sampler import SamplingError
 
     try:
-        fn()
-    except (ImageCLIError, ImageModelError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - CLIs report, never dump a raw traceback
-        from superdiff_protein.sampler import SamplingError
-
-        if isinstance(e, (SamplingError, ValueError, OSError)):
-            print(f"{name}: error: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
+        return fn()
+    except UserError:
         raise
-    return 0
+    except (SamplingError, ValueError, OSError) as e:
+        raise ImageCLIError(f"{type(e).__name__}: {e}") from e
 
 
-def _hydra_main(name: str, node, body) -> None:
-    import hydra
+def _guarded(name: str, fn) -> int:
+    """Run ``fn`` under the exit-code contract (``superdiff_protein._cli.guard``); returns the exit code."""
+    return guard(name, lambda: _as_user_errors(fn))
 
-    rc = {"code": 0}
-    config_path = str(_CONFIG_DIR) if (_CONFIG_DIR / f"{name}.yaml").is_file() else None
-    if config_path is None:
-        from hydra.core.config_store import ConfigStore
 
-        ConfigStore.instance().store(name=name, node=node)
-
-    @hydra.main(config_path=config_path, config_name=name, version_base=None)
-    def _app(cfg) -> None:
-        rc["code"] = _guarded(name, lambda: body(_to_dataclass(node, cfg, name)))
-
-    _app()
-    sys.exit(rc["code"])
+def _hydra_main(name: str, node, body, list_keys=()) -> None:
+    sys.exit(run_hydra(name, name, lambda cfg: _as_user_errors(lambda: body(_to_dataclass(node, cfg, name))),
+                       node=node, list_keys=list_keys))
 
 
 def generate_main() -> None:
@@ -198,7 +222,7 @@ def generate_main() -> None:
     def body(cfg: GenerateConfig) -> None:
         s = run_generate(cfg)
         print(f"generate_images: wrote {len(s['images'])} images, grid.png, traces.json/png to {cfg.output_dir}")
-    _hydra_main("generate_images", GenerateConfig, body)
+    _hydra_main("generate_images", GenerateConfig, body, list_keys=("model_path", "seeds", "lift"))
 
 
 def run_train(cfg) -> Path:
@@ -208,6 +232,25 @@ def run_train(cfg) -> Path:
     for k in ("archive", "output"):
         if getattr(cfg, k) in (None, "???", ""):
             raise ImageCLIError(f"{k} is required")
+    check_out_dir(cfg.output, "output", ImageCLIError)
+    from models.image.cifar import _class_ids
+
+    _class_ids(cfg.classes)                      # unknown class names / indices, before the archive is read
+    if not Path(str(cfg.archive)).expanduser().exists():
+        raise ImageCLIError(f"archive {str(cfg.archive)!r} not found (download cifar-10-python.tar.gz and pass its "
+                            "path, or its extracted directory)")
+    for k in ("max_steps", "batch_size", "num_train_timesteps", "log_every_n_steps"):
+        _count(cfg, k)
+    _count(cfg, "num_workers", lo=0)
+    _finite(cfg, "lr", lo=0.0, lo_open=True)
+    _finite(cfg, "ema_decay", lo=0.0)
+    if cfg.ema_decay >= 1:
+        raise ImageCLIError(f"ema_decay must lie in [0, 1) (0 disables EMA), got {cfg.ema_decay!r}")
+    if str(cfg.accelerator).lower() in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ImageCLIError(f"accelerator={cfg.accelerator}: no CUDA GPU is available; use accelerator=auto or cpu")
     out = train_ddpm(cfg)
     print(f"train_image_model: saved the model to {out}")
     return out
@@ -217,7 +260,7 @@ def train_main() -> None:
     """Console entry point ``train_image_model``."""
     from models.image.cifar import TrainConfig
 
-    _hydra_main("train_image_model", TrainConfig, run_train)
+    _hydra_main("train_image_model", TrainConfig, run_train, list_keys=("classes",))
 
 
 if __name__ == "__main__":
