@@ -121,7 +121,7 @@ def stats(values: list[float], scale: float = 1.0, nd: int = 2) -> dict:
     """Median and spread (min, max) of repeated measurements, plus the raw values."""
     v = sorted(x * scale for x in values)
     return {"median": round(statistics.median(v), nd), "min": round(v[0], nd), "max": round(v[-1], nd),
-            "n": len(v), "values": [round(x, nd) for x in values]}
+            "n": len(v), "values": [round(x * scale, nd) for x in values]}
 
 
 def timed_steps(models, rule, n, batch, steps, dev, repeats: int | None = None, **kw):
