@@ -16,7 +16,7 @@ TEST_DATA = REPO / "tests" / "data"  # small real structures shipped with the re
 
 
 def official_fixtures_dir() -> Path:
-    """Directory of official golden fixtures (env ``SUPERDIFF_OFFICIAL_FIXTURES``, default ../shared/fixtures/official)."""
+    """Official golden fixtures folder (env ``SUPERDIFF_OFFICIAL_FIXTURES``, default ../shared/fixtures/official)."""
     return Path(os.environ.get(OFFICIAL_ENV, REPO.parent / "shared" / "fixtures" / "official"))
 
 

@@ -14,7 +14,7 @@ CPU, not only for the values of one fixture file:
   (``rounding_tol(float32, |x|)``), or the float32 ``eigh`` quaternion path (condition 12: eigenvector error
   ``n eps |K| / gap`` = 3 eps for the 4x4 quaternion matrix, times 4 for the quadratic map to a rotation matrix);
 * ``calc_rot_score`` from float32 rotation matrices: the official quaternion path perturbs the relative rotation
-  vector by ``delta_v = 20 eps32 (1 + omega/2)`` (two eigh quaternions, a float32 product, the angle), which the
+  vector by ``20 eps32 (1 + omega/2)`` (two eigh quaternions, a float32 product, the angle), which the
   score amplifies by its Jacobian ``|dS/dv|`` (computed here by autograd), plus the float32-trig series bound.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from superdiff_protein.kappa import SingleRule
 from superdiff_protein.protocol import ModelOutput
 from superdiff_protein.sampler import SamplerConfig, superpose
 from superdiff_protein.se3 import DiffuserConfigError, SE3Diffuser, SE3DiffuserConfig
-from tolerances import (close, igso3_score_vec_bounds, igso3_series_bounds, magnitude, quat_path_delta_v,
+from tolerances import (close, igso3_score_vec_bounds, igso3_series_bounds, magnitude, quat_path_tol,
                         rot_score_tol, rounding_tol, trans_score_tol, vp_var_tol)
 
 FIXTURES = sorted(official_fixtures_dir().glob("*_diffuser_reference.pt"))
@@ -281,7 +281,7 @@ def test_sample_ref(case):
 
 def test_calc_scores_from_prediction(case):
     """Scores from float32 predicted frames: the official path goes through float32 eigh quaternions, so the
-    relative rotation vector carries ``delta_v = 20 eps32 (1 + omega/2)`` (module docstring); the bound is that
+    relative rotation vector carries ``20 eps32 (1 + omega/2)`` (module docstring); the bound is that
     times the score's Jacobian, plus the series bound with float32 trigonometry."""
     from superdiff_protein.geometry import so3_log
 
@@ -294,7 +294,7 @@ def test_calc_scores_from_prediction(case):
     close(tr, ref["calc_scores/trans_score"],
           trans_score_tol(d, Tt, T0, ref["calc_scores/trans_score"], t, F32), "calc_scores trans_score")
     v = so3_log(R0.double().transpose(-1, -2) @ Rt.double())  # the relative rotation vector, float64
-    close(rot, ref["calc_scores/rot_score"], rot_score_tol(d, v, t, quat_path_delta_v(v), F32), "calc_scores rot_score")
+    close(rot, ref["calc_scores/rot_score"], rot_score_tol(d, v, t, quat_path_tol(v), F32), "calc_scores rot_score")
     # with padding mask
     m = torch.ones(1, Rt.shape[1])
     m[0, 0] = 0
