@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._cli import UserError, run_hydra
+from ._cli import UserError, check_out_dir, run_hydra
 from ._cli import resolve_device as _resolve_device
 from .geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
 from .igso3 import igso3_dlog_domega, igso3_log_density
@@ -1168,6 +1168,7 @@ def generate(cfg: Any = None, /, **kwargs: Any) -> GenerateSummary:
     preset = over.pop("preset", None)
     merged = load_config(over, preset=preset)
     opts = _validate(merged)
+    check_out_dir(opts.out_dir, "out_dir", GenerateError)     # before loading models; created only later
 
     # models: load and check before anything is written
     models = [_load_one(s, opts) for s in opts.models]

@@ -212,17 +212,17 @@ def _guarded(name: str, fn) -> int:
     return guard(name, lambda: _as_user_errors(fn))
 
 
-def _hydra_main(name: str, node, body, list_keys=()) -> None:
+def _hydra_main(name: str, node, body, list_keys=(), argv=None) -> None:
     sys.exit(run_hydra(name, name, lambda cfg: _as_user_errors(lambda: body(_to_dataclass(node, cfg, name))),
-                       node=node, list_keys=list_keys))
+                       argv=argv, node=node, list_keys=list_keys))
 
 
-def generate_main() -> None:
-    """Console entry point ``generate_images``."""
+def generate_main(argv=None) -> None:
+    """Console entry point ``generate_images`` (``argv``: the overrides; default ``sys.argv[1:]``)."""
     def body(cfg: GenerateConfig) -> None:
         s = run_generate(cfg)
         print(f"generate_images: wrote {len(s['images'])} images, grid.png, traces.json/png to {cfg.output_dir}")
-    _hydra_main("generate_images", GenerateConfig, body, list_keys=("model_path", "seeds", "lift"))
+    _hydra_main("generate_images", GenerateConfig, body, list_keys=("model_path", "seeds", "lift"), argv=argv)
 
 
 def run_train(cfg) -> Path:
@@ -256,11 +256,11 @@ def run_train(cfg) -> Path:
     return out
 
 
-def train_main() -> None:
-    """Console entry point ``train_image_model``."""
+def train_main(argv=None) -> None:
+    """Console entry point ``train_image_model`` (``argv``: the overrides; default ``sys.argv[1:]``)."""
     from models.image.cifar import TrainConfig
 
-    _hydra_main("train_image_model", TrainConfig, run_train, list_keys=("classes",))
+    _hydra_main("train_image_model", TrainConfig, run_train, list_keys=("classes",), argv=argv)
 
 
 if __name__ == "__main__":
