@@ -48,7 +48,8 @@ class Embedder(nn.Module):
         self.adjacency_embedder = nn.Linear(3, e)
         self.hotspot_embedder = nn.Linear(2, n)
 
-    def relpos_features(self, chain_index: Tensor, residue_index: Tensor | None) -> Tensor:
+    def relpos_features(self, chain_index: Tensor, residue_index: Tensor | None,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
         """One-hot relative position (2r+2 bins) + same-chain one-hot (2)."""
         B, N = chain_index.shape
         if self.mode == "monomer":
@@ -64,20 +65,21 @@ class Embedder(nn.Module):
         off = torch.clamp(pos[:, :, None] - pos[:, None, :] + r, 0, 2 * r)
         same_asym = asym[:, :, None] == asym[:, None, :]
         off = torch.where(same_asym, off, torch.full_like(off, 2 * r + 1))
-        rel = nn.functional.one_hot(off, 2 * r + 2).float()
+        rel = nn.functional.one_hot(off, 2 * r + 2).to(dtype)
         same_chain = (chain[:, :, None] == chain[:, None, :]).long()
-        return torch.cat([rel, nn.functional.one_hot(same_chain, 2).float()], -1)
+        return torch.cat([rel, nn.functional.one_hot(same_chain, 2).to(dtype)], -1)
 
     def forward(self, t: Tensor, res_mask: Tensor, fixed_mask: Tensor, chain_index: Tensor,
                 residue_index: Tensor | None, ss: Tensor, hotspot: Tensor, adjacency: Tensor,
                 template_atoms: Tensor | None, template_atom_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         B, N = res_mask.shape
         t_emb = timestep_embedding(t, self.t_dim)[:, None, :].expand(B, N, -1)
-        aat = nn.functional.one_hot(torch.full((B, N), UNK, device=res_mask.device), 21).float()
-        node_f = torch.cat([t_emb, fixed_mask[..., None].float(), aat], -1)
+        fdt = t.dtype  # float32 (float64 only for a float64 copy of the network, the tests' rounding reference)
+        aat = nn.functional.one_hot(torch.full((B, N), UNK, device=res_mask.device), 21).to(fdt)
+        node_f = torch.cat([t_emb.to(fdt), fixed_mask[..., None].to(fdt), aat], -1)
         pair_f = [node_f[:, :, None, :].expand(B, N, N, -1), node_f[:, None, :, :].expand(B, N, N, -1)]
         if self.rel_pos:
-            pair_f.append(self.relpos_features(chain_index, residue_index))
+            pair_f.append(self.relpos_features(chain_index, residue_index, fdt))
         node = self.node_embedder(node_f)
         edge = self.edge_embedder(torch.cat(pair_f, -1))
         node = node + self.ss_embedder(ss)
@@ -173,23 +175,25 @@ class ProteusNetwork(nn.Module):
         B, N = res_mask.shape
         dev = trans.device
         mask_b = res_mask.bool()
-        node_mask = res_mask.float()
-        fixed = torch.zeros(B, N, device=dev) if fixed_mask is None else fixed_mask.float()
+        # float32 as official; a float64 copy of the network (tests: the rounding reference) computes in float64
+        fdt = torch.float64 if self.embedding_layer.ss_embedder.weight.dtype == torch.float64 else torch.float32
+        node_mask = res_mask.to(fdt)
+        fixed = torch.zeros(B, N, device=dev, dtype=fdt) if fixed_mask is None else fixed_mask.to(fdt)
         chain = torch.zeros(B, N, dtype=torch.long, device=dev) if chain_index is None else chain_index.long()
         if ss is None:
-            ss = nn.functional.one_hot(torch.full((B, N), 3, device=dev), 4).float()
+            ss = nn.functional.one_hot(torch.full((B, N), 3, device=dev), 4).to(fdt)
         if hotspot is None:
-            hotspot = nn.functional.one_hot(torch.zeros(B, N, dtype=torch.long, device=dev), 2).float()
+            hotspot = nn.functional.one_hot(torch.zeros(B, N, dtype=torch.long, device=dev), 2).to(fdt)
         if adjacency is None:
-            adjacency = nn.functional.one_hot(torch.full((B, N, N), 2, device=dev), 3).float()
+            adjacency = nn.functional.one_hot(torch.full((B, N, N), 2, device=dev), 3).to(fdt)
         if template_atoms is not None and template_atom_mask is None:
             template_atom_mask = node_mask[..., None].expand(B, N, 4)
         if template_atoms is not None:
-            template_atom_mask = template_atom_mask.float() * node_mask[..., None]
-            template_atoms = template_atoms.float() * template_atom_mask[..., None]
+            template_atom_mask = template_atom_mask.to(fdt) * node_mask[..., None]
+            template_atoms = template_atoms.to(fdt) * template_atom_mask[..., None]
         edge_mask = node_mask[:, :, None] * node_mask[:, None, :]
 
-        init_node, init_edge = self.embedding_layer(t.float(), mask_b, fixed, chain, residue_index, ss, hotspot,
+        init_node, init_edge = self.embedding_layer(t.to(fdt), mask_b, fixed, chain, residue_index, ss, hotspot,
                                                     adjacency, template_atoms, template_atom_mask)
         edge = init_edge * edge_mask[..., None]
         node = init_node * node_mask[..., None]
@@ -198,8 +202,8 @@ class ProteusNetwork(nn.Module):
 
         sm = self.score_model
         tr = sm.trunk
-        q = quats.float()
-        x = trans.float() * sm.scaling
+        q = quats.to(fdt)
+        x = trans.to(fdt) * sm.scaling
         aux = None
         for b in range(sm.num_blocks):
             rot = _rigid.quat_to_rotmat(q)

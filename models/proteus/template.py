@@ -183,7 +183,8 @@ def template_features(atoms: Tensor, atom_mask: Tensor, min_bin: float, max_bin:
     B, N = atoms.shape[:2]
     tors, tors_mask = backbone_torsions(atoms, atom_mask)
     aat = torch.nn.functional.one_hot(torch.full((B, N), GLY, device=atoms.device), 22).to(atoms.dtype)
-    angle = torch.cat([aat, tors.reshape(B, N, 14), tors.reshape(B, N, 14), tors_mask], dim=-1).float()
+    fdt = torch.promote_types(atoms.dtype, torch.float32)  # float32 as official (float64: the tests' reference)
+    angle = torch.cat([aat, tors.reshape(B, N, 14), tors.reshape(B, N, 14), tors_mask], dim=-1).to(fdt)
     # pair features; pseudo beta of glycine = CA
     pb = atoms[..., 1, :]
     pb_mask = atom_mask[..., 1]
@@ -200,7 +201,7 @@ def template_features(atoms: Tensor, atom_mask: Tensor, min_bin: float, max_bin:
     unit = vec * (inv_d * bb2)[..., None]
     pair = torch.cat([dgram, pb_mask_2d[..., None], aat[:, None, :, :].expand(B, N, N, 22),
                       aat[:, :, None, :].expand(B, N, N, 22), unit, bb2[..., None]], dim=-1)
-    return angle, (pair * bb2[..., None]).float()
+    return angle, (pair * bb2[..., None]).to(fdt)
 
 
 class TemplateAngleEmbedder(nn.Module):
