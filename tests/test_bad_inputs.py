@@ -323,3 +323,16 @@ def test_help_offers_only_valid_groups(capfd):
     presets = sorted(p.stem for p in (REPO / "configs" / "generate").glob("*.yaml"))
     assert all(p in stdout for p in presets)
     assert "model:" not in stdout.replace("models:", "") and "Exit codes" in stdout
+
+
+def test_training_prints_no_noise(inputs, tmp_path):
+    """A successful train_frame_model run prints none of the lines a user cannot act on: Lightning's litlogger
+    advert, torch's pytree deprecation (from Lightning's code), the weights_only default note."""
+    rc, stdout, stderr = _run_subprocess(["-m", "superdiff_protein.train"],
+                                         ["model=tiny", f"data.path={inputs / 'ds.pt'}", "data.batch_size=2",
+                                          "max_steps=1", "trainer.tensorboard=false", "experiment.eval_every=0",
+                                          f"out_dir={tmp_path / 'run'}"], tmp_path)
+    assert rc == 0, stderr
+    assert "steps 0 -> 1" in stdout
+    for noise in ("litlogger", "LeafSpec", "weights_only", "Traceback", "Warning"):
+        assert noise not in stderr, stderr
