@@ -138,8 +138,8 @@ def test_pass1_per_sample(case):
             ref_tr = R[e + "pred_trans"]
             close(o["pred_rotmats"], R[e + "pred_rotmats"], C_MEASURED * _err(o, o64, "pred_rotmats")
                   + rounding_tol(F32), f"t{k} s{i} pass1 rotmats")
-            close(o["pred_trans"], ref_tr, C_MEASURED * _err(o, o64, "pred_trans") + rounding_tol(F32, magnitude(ref_tr)),
-                  f"t{k} s{i} pass1 trans")
+            close(o["pred_trans"], ref_tr,
+                  C_MEASURED * _err(o, o64, "pred_trans") + rounding_tol(F32, magnitude(ref_tr)), f"t{k} s{i} pass1 trans")
             # the next step's template = official final_atom_positions (N, CA, C, O)
             ref_bb = R[e + "final_atom_positions"][..., BB37, :]
             close(o["backbone_atoms"], ref_bb, C_MEASURED * _err(o, o64, "backbone_atoms")
