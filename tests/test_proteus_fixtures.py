@@ -12,8 +12,10 @@ same inputs (the network runs float32 as official; the copy is the rounding refe
   that the official sampler places exactly on the CA->C line (zero input torsions), so its sin/cos are float32
   cancellation noise (values like +-0.0048, 0.0095; exactly 0 in float64) that the network amplifies; it differs
   between CPUs (our port reproduces the official function bit-for-bit on the same machine). That single cancellation
-  is set by eps32 and the atoms' magnitude on every CPU, so its part of the bound is ``4 e2`` (``e2``: the pass-2
-  float32-vs-float64 distance, two realisations x 2), plus the kernel part ``16 e1`` of the same pass-1 inputs. With
+  is set by eps32 and the atoms' magnitude on every CPU, so its part of the bound is ``4 e2``, two realisations x 2,
+  with ``e2`` the larger of the pass-2 float32-vs-float64 distance and the spread over rigid motions of the template
+  (to which the features are invariant, so only the noise realisation changes); plus the kernel part ``16 e1`` of
+  the same pass-1 inputs. With
   the random-weight fixture model this allows ~0.3 A, so pass 2 is also pinned down exactly: for the case with
   stored activations the official psi noise is recovered from the angle-embedder activation and injected (in both the
   float32 and the float64 run), after which every activation and the predicted frames match at the kernel rounding
@@ -36,7 +38,7 @@ from conftest import official_fixtures_dir, official_params
 from models.proteus import ProteusNetwork
 from models.proteus.official_scores import official_scores
 from superdiff_protein.checkpoints import load_proteus_checkpoint, load_state_dict_checked
-from superdiff_protein.geometry import quat_multiply, quat_to_rotvec
+from superdiff_protein.geometry import quat_multiply, quat_to_rotvec, so3_exp
 from superdiff_protein.se3 import SE3Diffuser
 from tolerances import (C, C_MEASURED, close, magnitude, quat_path_tol, rot_score_tol, rounding_tol, shadow_error,
                         trans_score_tol)
@@ -138,8 +140,8 @@ def test_pass1_per_sample(case):
             ref_tr = R[e + "pred_trans"]
             close(o["pred_rotmats"], R[e + "pred_rotmats"], C_MEASURED * _err(o, o64, "pred_rotmats")
                   + rounding_tol(F32), f"t{k} s{i} pass1 rotmats")
-            close(o["pred_trans"], ref_tr,
-                  C_MEASURED * _err(o, o64, "pred_trans") + rounding_tol(F32, magnitude(ref_tr)), f"t{k} s{i} pass1 trans")
+            tol_tr = C_MEASURED * _err(o, o64, "pred_trans") + rounding_tol(F32, magnitude(ref_tr))
+            close(o["pred_trans"], ref_tr, tol_tr, f"t{k} s{i} pass1 trans")
             # the next step's template = official final_atom_positions (N, CA, C, O)
             ref_bb = R[e + "final_atom_positions"][..., BB37, :]
             close(o["backbone_atoms"], ref_bb, C_MEASURED * _err(o, o64, "backbone_atoms")
@@ -161,12 +163,27 @@ def test_pass1_padded_batch_matches_unpadded_official(case):
                   f"t{k} s{i} padded pass1 trans")
 
 
-def _pass2_tol(case, R, k, i, key, o2, o2_64, mask=None):
-    """Pass-2 bound (module docstring): 4 x the pass-2 float32-vs-float64 distance (the degenerate psi feature's
-    single cancellation) + 16 x the pass-1 distance of the same inputs (kernel rounding) + the float32 floor."""
+def _noise_spread(case, q, x, t, m, atoms, out, key, reps: int = 3) -> float:
+    """Spread of ``out[key]`` over rigid motions of the template: the template features are invariant to them
+    mathematically, so only the float32 noise realisation of the degenerate psi feature changes."""
+    g = torch.Generator().manual_seed(0)
+    spread = 0.0
+    for _ in range(reps):
+        rot = so3_exp(torch.randn(3, generator=g) * 2.0)
+        shift = torch.randn(3, generator=g) * 3.0
+        o = _run(case["net"], q, x, t, m, (atoms @ rot.T + shift) * m[..., None, None])
+        spread = max(spread, shadow_error(o[key][m.bool()], out[key][m.bool()]))
+    return spread
+
+
+def _pass2_tol(case, R, k, i, key, o2, o2_64, inputs, atoms, mask=None):
+    """Pass-2 bound (module docstring): 4 x the measured size of the degenerate psi feature's noise (the larger of
+    the pass-2 float32-vs-float64 distance and the spread of noise realisations) + 16 x the pass-1 float64 distance
+    of the same inputs (kernel rounding) + the float32 floor."""
     o1, o1_64 = _both(case, *_inputs(R, k, i))
     ref = R[f"t{k}/per_sample/s{i}/pass2/out/{key}"]
-    return C * _err(o2, o2_64, key, mask) + C_MEASURED * _err(o1, o1_64, key) + rounding_tol(F32, magnitude(ref))
+    noise = max(_err(o2, o2_64, key, mask), _noise_spread(case, *inputs, atoms, o2, key))
+    return C * noise + C_MEASURED * _err(o1, o1_64, key) + rounding_tol(F32, magnitude(ref))
 
 
 def test_pass2_per_sample(case):
@@ -174,10 +191,12 @@ def test_pass2_per_sample(case):
     for k in _ts(R):
         for i in range(len(_lengths(R))):
             q, x, t, m = _inputs(R, k, i)
-            o, o64 = _both(case, q, x, t, m, _consumed_atoms(R, k, i))
+            atoms = _consumed_atoms(R, k, i)
+            o, o64 = _both(case, q, x, t, m, atoms)
             e = f"t{k}/per_sample/s{i}/pass2/out/"
             for key in ("pred_trans", "pred_rotmats"):
-                close(o[key], R[e + key], _pass2_tol(case, R, k, i, key, o, o64), f"t{k} s{i} pass2 {key}")
+                close(o[key], R[e + key], _pass2_tol(case, R, k, i, key, o, o64, (q, x, t, m), atoms),
+                      f"t{k} s{i} pass2 {key}")
 
 
 def test_pass2_padded_batch(case):
@@ -201,7 +220,8 @@ def test_pass2_padded_batch(case):
                       + rounding_tol(F32, magnitude(oi[key])), f"t{k} s{i} padded vs unpadded pass2 {key}")
             e = f"t{k}/per_sample/s{i}/pass2/out/"
             close(o["pred_trans"][i : i + 1, :n], R[e + "pred_trans"],
-                  _pass2_tol(case, R, k, i, "pred_trans", o, o64, m), f"t{k} s{i} padded pass2 trans vs official")
+                  _pass2_tol(case, R, k, i, "pred_trans", o, o64, (q, x, t, m), atoms, m),
+                  f"t{k} s{i} padded pass2 trans vs official")
 
 
 PSI_CH = (26, 27, 40, 41)  # psi (sin, cos) in the torsion and alt-torsion blocks of the 57-wide feature
