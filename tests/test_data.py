@@ -243,16 +243,29 @@ def _quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
 
 
 def test_frames_match_official_framediff_convention():
-    ref = official_fixtures_dir() / "framediff_small_public_reference.pt"
-    if not ref.is_file():
-        pytest.skip(official_skip_reason("framediff_small_public_reference.pt"))
-    d = torch.load(ref, map_location="cpu", weights_only=False)
-    prot, rig = d["traj/out/prot_traj"].double(), d["traj/out/rigid_traj"].double()
-    for k in range(prot.shape[0]):  # atom37 of x_t (N=0, CA=1, C=2) built by the official code from rigid_traj[k]
-        R, t = frames_from_backbone(prot[k, :, 0], prot[k, :, 1], prot[k, :, 2])
-        q = rig[k, :, :4] / rig[k, :, :4].norm(dim=-1, keepdim=True)
-        torch.testing.assert_close(R, _quat_to_rotmat(q), atol=1e-5, rtol=0)
-        torch.testing.assert_close(t, rig[k, :, 4:], atol=1e-4, rtol=0)
+    """Frames rebuilt from the official atoms equal the official frames, for every stored trajectory state of every
+    FrameDiff fixture set. Tolerance (docs/testing.md): the atoms are float32 (built as R local + t: ~4 roundings of
+    the coordinates' magnitude); a frame direction errs by the atom error over the bond length (N-CA 1.46 A), twice
+    (two bonds); the official unit quaternion adds a few float32 roundings of 1."""
+    from tolerances import close, rounding_tol
+
+    refs = sorted(official_fixtures_dir().glob("framediff_*_reference.pt"))
+    found = 0
+    for ref in refs:
+        d = torch.load(ref, map_location="cpu", weights_only=False)
+        if "traj/out/prot_traj" not in d:
+            continue
+        found += 1
+        prot, rig = d["traj/out/prot_traj"].double(), d["traj/out/rigid_traj"].double()
+        for k in range(prot.shape[0]):  # atom37 of x_t (N=0, CA=1, C=2) built by the official code from rigid_traj[k]
+            R, t = frames_from_backbone(prot[k, :, 0], prot[k, :, 1], prot[k, :, 2])
+            q = rig[k, :, :4] / rig[k, :, :4].norm(dim=-1, keepdim=True)
+            scale = prot[k, :, :3].abs().amax((-1, -2))[:, None, None]  # per residue
+            close(R, _quat_to_rotmat(q), rounding_tol(torch.float32, 2 * scale / 1.46, 4)
+                  + rounding_tol(torch.float32, 1.0, 6), f"{ref.stem} state {k} rotations")
+            close(t, rig[k, :, 4:], rounding_tol(torch.float32, scale[..., 0], 4), f"{ref.stem} state {k} CA")
+    if not found:
+        pytest.skip(official_skip_reason("framediff_*_reference.pt with a trajectory"))
 
 
 def test_dataset_items_crop_and_collate(prepared):
