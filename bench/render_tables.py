@@ -1,0 +1,118 @@
+"""Markdown tables for docs/benchmarks.md from the raw JSON of the GPU benchmarks (no number typed by hand).
+
+    python bench/render_tables.py bench/results/superposition_h200_fp32.json bench/results/superposition_h200_bf16.json \
+        bench/results/scaling_h200_fp32.json bench/results/frame_forward_h200.json
+
+Each cell is ``median (min–max)`` over the file's repeats. The official loop's rate for ratios is read from
+``bench/results/official/official_h200_*.json`` (a copy of ``../shared/bench/official``).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+OFFICIAL = Path(__file__).resolve().parent / "results" / "official"
+
+
+def cell(s: dict, nd: int = 1) -> str:
+    f = f"{{:,.{nd}f}}"
+    return f"{f.format(s['median'])} ({f.format(s['min'])}–{f.format(s['max'])})"
+
+
+def official_rates() -> list[float]:
+    """Backbones/h of the official superposition loop, every H200 run (3600 / s per sample)."""
+    out = []
+    for p in sorted(OFFICIAL.glob("official_h200_*.json")):
+        d = json.loads(p.read_text())
+        for key, rec in d.items():
+            if key.startswith("loop/superpose_fd_pr"):
+                out += [3600 / x for x in rec["seconds_per_sample"]["all"]]
+    return out
+
+
+def superposition(d: dict) -> None:
+    dev, rep = d.get("device", d.get("meta", {}).get("device", "?")), d.get("repeats", "?")
+    print(f"\n<!-- {dev}, {d['precision']}, {rep} repeats, {d.get('meta', {}).get('date', '')} -->")
+    if "ito_vs_hutchinson" in d:
+        rows = {}
+        for r in d["ito_vs_hutchinson"]:
+            rows.setdefault(r["length"], {})[r["route"]] = r
+        print(f"\n{dev}, {d['precision']}, batch 8, ms/step: median (min–max) of {rep} repeats\n")
+        print("| length | Itô | Hutchinson ODE | Hutchinson SDE η=0.1 | speed-up (median ratios) | Itô peak MiB | Hutchinson peak MiB | memory saved |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for n, r in sorted(rows.items()):
+            i, o, s = r["sde_ito"], r["ode_hutchinson"], r["sde_eta0.1_hutchinson"]
+            lo, hi = sorted([o["ms_per_step"]["median"] / i["ms_per_step"]["median"],
+                             s["ms_per_step"]["median"] / i["ms_per_step"]["median"]])
+            print(f"| {n} | {cell(i['ms_per_step'])} | {cell(o['ms_per_step'])} | {cell(s['ms_per_step'])} | "
+                  f"{lo:.1f}–{hi:.1f}× | {i['peak_mib']:,.0f} | {o['peak_mib']:,.0f} | "
+                  f"{100 * (1 - i['peak_mib'] / o['peak_mib']):.1f} % |")
+    if "overhead" in d:
+        print(f"\n{dev}, {d['precision']}, OR of two FrameDiff networks; each repeat pairs an OR step with the forwards "
+              f"just before it; median (min–max) of {rep} repeats\n")
+        print("| length × batch | OR step ms | two forwards ms | overhead % | launch-bound* |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in d["overhead"]:
+            print(f"| {r['length']} × {r['batch']} | {cell(r['or_step_ms'])} | {cell(r['forwards_ms'])} | "
+                  f"{cell(r['overhead_pct'])} | {'**yes**' if r['launch_bound'] else 'no'} |")
+    if "throughput" in d:
+        off = official_rates()
+        print(f"\n{dev}, {d['precision']}, OR(FrameDiff, Proteus), length 100, per-step time × 500 steps; "
+              f"median (min–max) of {rep} repeats\n")
+        print("| batch | ms/step | backbones/h | forward limit /h | % of forward limit | peak MiB | launch-bound* |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        ok = [r for r in d["throughput"] if "error" not in r]
+        one = min(ok, key=lambda r: r["batch"])["ms_per_step"]["median"] if ok else None
+        for r in d["throughput"]:
+            if "error" in r:
+                print(f"| {r['batch']} | {r['error']} | | | | | |")
+                continue
+            pct = 100 * r["backbones_per_hour"]["median"] / r["forward_limit_backbones_per_hour"]["median"]
+            print(f"| {r['batch']} | {cell(r['ms_per_step'])} | {cell(r['backbones_per_hour'], 0)} | "
+                  f"{cell(r['forward_limit_backbones_per_hour'], 0)} | {pct:.1f} % | {r['peak_mib']:,.0f} | "
+                  f"{'**yes**' if r['ms_per_step']['median'] < 1.5 * one else 'no'} |")
+        if off:
+            best = max(r["backbones_per_hour"]["median"] for r in d["throughput"] if "error" not in r)
+            print(f"\nOfficial loop on H200 (other runs): {min(off):.0f}–{max(off):.0f} backbones/h "
+                  f"(median {statistics.median(off):.0f}); indicative ratio of the best row: "
+                  f"{best / max(off):.0f}–{best / min(off):.0f}×")
+    if "scaling_length" in d:
+        print(f"\n{dev}, {d['precision']}, FrameDiff alone, batch 8; median (min–max) of {rep} repeats\n")
+        print("| length | ms/step | ms/step/sample | peak MiB |")
+        print("| --- | --- | --- | --- |")
+        for r in d["scaling_length"]:
+            print(f"| {r['length']} | {cell(r['ms_per_step'])} | {cell(r['ms_per_step_per_sample'], 2)} | {r['peak_mib']:,.0f} |")
+        print(f"\n{dev}, length 100, batch 8, OR (1 model: single)\n")
+        print("| models | ms/step |")
+        print("| --- | --- |")
+        for r in d["scaling_models"]:
+            print(f"| {r['models']} | {cell(r['ms_per_step'])} |")
+
+
+def frame_forward(d: dict) -> None:
+    meta = d["meta"]
+    rep = d["records"][0].get("repeats", 1)
+    print(f"\n{meta['device']}, {meta['date'][:10]}, ms per forward: median (min–max) of {rep} timings of 10 forwards\n")
+    print("| model | batch × length | precision | pass 1 ms | pass 2 ms | peak MiB | max dev vs fp32 (Å, pass 2) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows: dict = {}
+    for r in d["records"]:
+        rows.setdefault((r["model"], r["batch"], r["length"], r["precision"]), {})[r["pass_"]] = r
+    for (m, b, n, p), v in rows.items():
+        c = lambda r: f"{r['ms_per_forward']} ({r.get('ms_min', r['ms_per_forward'])}–{r.get('ms_max', r['ms_per_forward'])})"
+        print(f"| {m} | {b} × {n} | {p} | {c(v[1])} | {c(v[2])} | {max(v[1]['peak_mib'], v[2]['peak_mib']):,.0f} | "
+              f"{v[2]['max_abs_dev_vs_fp32_angstrom']:.2g} |")
+
+
+def main(paths: list[str]) -> int:
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        print(f"\n<!-- from {p} -->")
+        (frame_forward if "records" in d else superposition)(d)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
