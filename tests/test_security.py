@@ -320,5 +320,7 @@ def test_command_lines_refuse_and_exit_2(tmp_path, kind):
     for name, args in runs.items():
         r = _cli(*args, cwd=tmp_path)
         assert not marker.exists(), f"payload ran through {name}"
-        assert r.returncode != 0, (name, r.stdout[-500:], r.stderr[-2000:])
-        assert "refused" in r.stderr or "not a readable" in r.stderr or "allow-list" in r.stderr, (name, r.stderr[-2000:])
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        assert "refused" in lines[0] or "not a readable" in lines[0], (name, lines[0])
