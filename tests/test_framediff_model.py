@@ -17,7 +17,7 @@ from models.framediff import FrameDiffAdapter, FrameDiffConfig, FrameDiffScoreNe
 from models.framediff.official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
 from superdiff_protein.geometry import quat_multiply, quat_to_rotmat, quat_to_rotvec, rotmat_to_quat, so3_exp
 from superdiff_protein.se3 import SE3Diffuser
-from tolerances import C_MEASURED, close, eps, magnitude, rot_score_tol, rounding_tol, shadow_error
+from tolerances import C_MEASURED, close, float64_tol, magnitude, rot_score_tol, rounding_tol, shadow_error
 
 F32, F64 = torch.float32, torch.float64
 
@@ -29,8 +29,7 @@ def _f64_tol(net64, run, keys=("rotmats", "trans", "psi")) -> dict:
 
     o64 = run(net64, F64)
     o32 = run(copy.deepcopy(net64).float(), F32)
-    return {k: C_MEASURED * shadow_error(o32[k], o64[k]) * eps(F64) / eps(F32) + rounding_tol(F64, magnitude(o64[k]))
-            for k in keys}
+    return {k: float64_tol(o32[k], o64[k]) for k in keys}
 
 
 def _key_files():

@@ -233,3 +233,12 @@ def trans_score_tol(diffuser, trans_t: torch.Tensor, trans_0: torch.Tensor, scor
     cs = diffuser.cfg.coordinate_scaling
     ops = (trans_t.double().abs() + trans_0.double().abs()) * cs / var
     return rounding_tol(dtype, ops, 6) + score.double().abs() * vp_var_tol(B, dtype) / var
+
+
+def float64_tol(out32: torch.Tensor, out64: torch.Tensor, c: float = C_MEASURED) -> float:
+    """Bound for comparing two float64 evaluations of a computation whose condition has no closed form: its float32
+    rounding ``max|out32 - out64|`` (the same computation run in float32 and in float64) scaled by eps64/eps32 -
+    rounding errors scale with the unit roundoff, the conditioning is the same - times ``c``, plus the float64
+    floor."""
+    e = shadow_error(out32, out64) * eps(torch.float64) / eps(torch.float32)
+    return c * e + rounding_tol(torch.float64, magnitude(out64))
