@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -179,9 +180,17 @@ def is_tar(path: str | os.PathLike) -> bool:
     return p.endswith((".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2"))
 
 
+#: FrameDiff's per-sample trajectory files (``bb_traj_1.pdb``, ``x0_traj_1.pdb``; jasonkyuyim/se3_diffusion @ 53359d7,
+#: ``experiments/inference_se3_diffusion.py::save_traj``)
+_FRAMEDIFF_TRAJ = re.compile(r"(bb|x0)_traj_\d+\.(pdb|cif)(\.gz)?")
+#: FrameDiff's per-sample evaluation folder (a copy of the sample, ESMFold refolds in ``esmf/``): never a sample
+SELF_CONSISTENCY_DIR = "self_consistency"
+
+
 def discover_structures(root: str | os.PathLike, exclude: list[str | os.PathLike] = ()) -> list[Path]:
-    """All structure files under ``root`` (recursive, sorted), excluding trajectories (``*_traj.pdb``)
-    and anything inside the ``exclude`` directories (e.g. the evaluation output directory)."""
+    """All structure files under ``root`` (recursive, sorted), excluding trajectories (``*_traj.pdb`` and
+    FrameDiff's ``bb_traj_N.pdb`` / ``x0_traj_N.pdb``), FrameDiff's ``self_consistency/`` folders and anything
+    inside the ``exclude`` directories (e.g. the evaluation output directory)."""
     root = Path(root)
     excl = [Path(e).resolve() for e in exclude]
     out = []
@@ -190,11 +199,11 @@ def discover_structures(root: str | os.PathLike, exclude: list[str | os.PathLike
         if any(d == e or e in d.parents for e in excl):
             dirnames[:] = []
             continue
-        dirnames.sort()
+        dirnames[:] = sorted(n for n in dirnames if n != SELF_CONSISTENCY_DIR)
         for fn in filenames:
             low = fn.lower()
             if not low.endswith(STRUCTURE_SUFFIXES) or low.endswith(("_traj.pdb", "_traj.cif", "_traj.pdb.gz",
-                                                                     "_traj.cif.gz")):
+                                                                     "_traj.cif.gz")) or _FRAMEDIFF_TRAJ.fullmatch(low):
                 continue
             out.append(Path(dirpath) / fn)
     return sorted(out)

@@ -176,6 +176,12 @@ def validate_config(cfg: Any) -> None:
         if not (math.isfinite(f) and 0.0 < f <= hi):
             rng = "in (0, 1]" if hi == 1.0 else "> 0"
             raise BadInputError(f"{k} must be a finite number {rng}, got {v!r}")
+    v = _get(cfg, "sc_results", missing)
+    if v is not missing:
+        from .sc_results import SC_RESULTS_MODES, sc_results_mode
+
+        if sc_results_mode(v) not in SC_RESULTS_MODES:
+            raise BadInputError(f"sc_results must be one of {', '.join(SC_RESULTS_MODES)}, got {v!r}")
     m = _get(cfg, "diversity.cluster_method", missing)
     if m is not missing and m not in _CLUSTER_METHODS:
         raise BadInputError(f"diversity.cluster_method must be one of {', '.join(_CLUSTER_METHODS)}, got {m!r}")
@@ -357,6 +363,11 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
         status["mpnn"] = "disabled (mpnn.enabled=false)"
 
     # ---- ESMFold self-consistency
+    from .sc_results import is_framediff_run, sc_results_mode
+
+    sc_mode = sc_results_mode(cfg.get("sc_results", "auto"))
+    if sc_mode == "auto":
+        sc_mode = "true" if is_framediff_run(samples_dir) else "false"
     fc = cfg.fold
     esm_spec = cfg.get("esmfold")
     if esm_spec and fold_model is None:
@@ -422,8 +433,15 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
             _save_cache(s, cache_dir)
         fold_ran = any(s.done("fold", _fp({**fold_fp_base, "mpnn": s.sections["mpnn"]["_fp"]}))
                        for s in ok if "mpnn" in s.sections and "_fp" in s.sections["mpnn"])
+        if sc_mode != "false":
+            current = [s for s in ok if "_fp" in s.sections.get("mpnn", {})
+                       and s.done("fold", _fp({**fold_fp_base, "mpnn": s.sections["mpnn"]["_fp"]}))]
+            _write_sc_results_files(current, samples_dir, out_dir, sc_mode, float(mc.temperature), status)
     elif not esm_spec:
         status.setdefault("esmfold", "disabled (esmfold=null)")
+    if sc_mode == "true" and not fold_ran:
+        log("warning: sc_results=true, but no sample was refolded (ESMFold unavailable or ProteinMPNN off): "
+            "no sc_results.csv written")
 
     # ---- novelty
     nc = cfg.novelty
@@ -470,6 +488,30 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
     summary = write_reports(rows, out_dir, cfg, div_all, group_div, status,
                             elapsed=time.time() - t_start, n_files=len(samples))
     return summary
+
+
+def _write_sc_results_files(samples: list[Sample], samples_dir: Path, out_dir: Path, mode: str, temperature: float,
+                            status: dict) -> None:
+    """FrameDiff's ``self_consistency/sc_results.csv`` (+ sample copy, ``seqs/``, ``esmf/``) for every refolded
+    sample (eval/sc_results.py): in the sample's folder for FrameDiff's layout, else under
+    ``<out_dir>/self_consistency/``. A failure is logged and recorded in ``status``; the run goes on."""
+    from .sc_results import sc_dir_for, write_sc_results
+
+    n, failed = 0, []
+    for s in samples:
+        fo = s.sections["fold"]
+        try:
+            refolds = [out_dir / r for r in fo.get("refolds") or []]
+            write_sc_results(s.path, sc_dir_for(s.path, s.rel, out_dir, s.key), fo.get("per_sequence") or [],
+                             refolds, temperature)
+            n += 1
+        except OSError as exc:
+            failed.append(f"{s.rel}: {exc}")
+    if failed:
+        log(f"warning: sc_results.csv not written for {len(failed)} sample(s): {failed[0]}")
+        status["sc_results"] = f"{len(failed)} failed: {failed[0]}"
+    if n:
+        log(f"FrameDiff sc_results.csv written for {n} sample(s)")
 
 
 def _empty_cuda_cache() -> None:

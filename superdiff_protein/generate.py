@@ -18,14 +18,20 @@ Public config keys (a contract: scripts call them): ``models``, ``rule``, ``temp
 Further keys (``final``, ``sampling``, ``time_grid``, ...) are documented in the yaml file and
 ``docs/tutorial.md``.
 
-Outputs (FrameDiff layout)::
+Outputs (``layout=flat``, the default)::
 
-    out_dir/config.yaml                       resolved config
+    out_dir/config.yaml                       resolved config (device and precision as resolved)
     out_dir/samples.csv                       one row per sample (rewritten atomically)
     out_dir/length_{L}/sample_{i}.pdb         backbone N, CA, C, O in Angstrom
     out_dir/length_{L}/sample_{i}_traj.pdb    with save_traj=true (model 1 = noise at t=1)
     out_dir/length_{L}/sample_{i}_traces.npz  kappa and log q per step, model and component
     out_dir/length_{L}/kappa_traces.png, logq_traces.png
+
+``layout=framediff`` writes FrameDiff's per-sample folders instead (``experiments/inference_se3_diffusion.py``
+of jasonkyuyim/se3_diffusion @ 53359d7): ``length_{L}/sample_{i}/sample_1.pdb``, with save_traj=true
+``length_{L}/sample_{i}/bb_traj_1.pdb`` (FrameDiff's order: model 1 = the last state, at min_t; the last
+model = t=1), and ``length_{L}/sample_{i}/traces.npz``; ``evaluate_backbones`` then writes
+``length_{L}/sample_{i}/self_consistency/sc_results.csv`` with FrameDiff's columns.
 
 Determinism: every sample owns a seed derived from ``(seed, L, i)`` and its own random stream, and
 the analytic path runs in float64, so a sample's PDB does not depend on the batch it ran in. A sample
@@ -58,7 +64,7 @@ from ._cli import UserError, check_out_dir, run_hydra
 from ._cli import resolve_device as _resolve_device
 from .geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
 from .igso3 import igso3_dlog_domega, igso3_log_density
-from .kappa import make_rule
+from .kappa import BIAS_CONVENTIONS, make_rule
 from .pdb_io import PDBWriteError, atomic_open, format_backbone_pdb, write_trajectory_pdb
 from .protocol import IncompatibleModelsError, ModelOutput, check_compatible
 from .sampler import BiasedEstimatorWarning, SamplerConfig, SamplingError, superpose
@@ -92,9 +98,12 @@ NM_TO_ANGSTROM = 10.0        # frame models' translations live in nm (FrameDiff'
 _PROG = "generate_backbones"
 
 # Keys whose change changes the samples: a rerun into a directory written with other values is refused.
+# (``layout`` changes no sample but where its files are; mixing layouts in one directory is refused too.)
 _SAMPLE_KEYS = ("models", "rule", "temperature", "bias", "kappa_scope", "estimator", "num_steps", "min_t",
                 "noise_scale", "seed", "precision", "final", "sampling", "time_grid", "num_probes",
-                "and_correction", "weights", "single_index", "exact")
+                "and_correction", "weights", "single_index", "exact", "bias_convention", "layout")
+LAYOUTS = ("flat", "framediff")
+TIME_GRIDS = ("uniform", "quadratic", "framediff")
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -137,12 +146,14 @@ class GenerateConfig:
     time_grid: str = "uniform"
     num_probes: int = 1
     and_correction: bool = True
+    bias_convention: str = "algorithm1"
     weights: Any = None
     single_index: int = 0
     pad_lengths: bool = False
     traj_stride: int = 1
     plots: bool = True
     progress: bool = True
+    layout: str = "flat"
     exact: Any = field(default_factory=lambda: {"trans_std": 0.1, "windows_per_chain": 4})
     shard: Any = None
 
@@ -294,12 +305,14 @@ class _Opts:
     time_grid: str
     num_probes: int
     and_correction: bool
+    bias_convention: str
     weights: list[float] | None
     single_index: int
     pad_lengths: bool
     traj_stride: int
     plots: bool
     progress: bool
+    layout: str
     exact: dict
     shard: tuple[int, int] = (0, 1)
     distributed: bool = False
@@ -394,6 +407,11 @@ def _validate(c: Mapping[str, Any]) -> _Opts:
     out_dir = c["out_dir"]
     if out_dir is None or str(out_dir).strip() == "":
         raise GenerateError("out_dir: an output directory is required")
+    if (str(c["bias_convention"]).lower() == "official" and str(c["rule"]).lower() == "and"
+            and c["bias"] is not None):
+        raise GenerateError("bias_convention=official is defined for rule=or only (the official code's AND bias is "
+                            "another scheme, not implemented); drop it, or use bias_convention=algorithm1, with which "
+                            "AND drives log q_i - log q_1 to l_i - l_1")
     return _Opts(
         models=list(models),
         rule=_choice(c["rule"], "rule", ("or", "and", "average", "single")),
@@ -413,15 +431,17 @@ def _validate(c: Mapping[str, Any]) -> _Opts:
         save_traj=_bool(c["save_traj"], "save_traj"),
         final=_choice(c["final"], "final", ("prediction", "state")),
         sampling=_choice(c["sampling"], "sampling", ("sde", "ode")),
-        time_grid=_choice(c["time_grid"], "time_grid", ("uniform", "quadratic")),
+        time_grid=_choice(c["time_grid"], "time_grid", TIME_GRIDS),
         num_probes=_int_in(c["num_probes"], "num_probes", 1, 1000),
         and_correction=_bool(c["and_correction"], "and_correction"),
+        bias_convention=_choice(c["bias_convention"], "bias_convention", BIAS_CONVENTIONS),
         weights=_num_list(c["weights"], "weights"),
         single_index=_int_in(c["single_index"], "single_index", 0, 10_000),
         pad_lengths=_bool(c["pad_lengths"], "pad_lengths"),
         traj_stride=_int_in(c["traj_stride"], "traj_stride", 1, 100_000),
         plots=_bool(c["plots"], "plots"),
         progress=_bool(c["progress"], "progress"),
+        layout=_choice(c["layout"], "layout", LAYOUTS),
         exact=exact,
         **_shard_opts(c.get("shard"), resolve_device(c["device"])),
     )
@@ -765,13 +785,24 @@ def _labels(models: Sequence[Any], specs: Sequence[Any]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- outputs
-def _pdb_path(L: int, i: int) -> str:
-    return f"length_{L}/sample_{i}.pdb"
+def _sample_files(L: int, i: int, layout: str = "flat") -> dict[str, str]:
+    """Paths (relative to out_dir) of sample ``i`` of length ``L``: ``pdb``, ``traj``, ``traces``.
+
+    ``flat``: ``length_L/sample_i.pdb`` (+ ``_traj.pdb``, ``_traces.npz``). ``framediff``: FrameDiff's
+    per-sample folder ``length_L/sample_i/`` with ``sample_1.pdb`` and ``bb_traj_1.pdb``
+    (``experiments/inference_se3_diffusion.py``, jasonkyuyim/se3_diffusion @ 53359d7) and our ``traces.npz``.
+    """
+    if layout == "framediff":
+        d = f"length_{L}/sample_{i}"
+        return {"pdb": f"{d}/sample_1.pdb", "traj": f"{d}/bb_traj_1.pdb", "traces": f"{d}/traces.npz"}
+    return {"pdb": f"length_{L}/sample_{i}.pdb", "traj": f"length_{L}/sample_{i}_traj.pdb",
+            "traces": f"length_{L}/sample_{i}_traces.npz"}
 
 
-def _csv_columns(labels: list[str], comps: list[str], scope: str) -> list[str]:
-    cols = ["id", "length", "sample", "seed", "models", "rule", "temperature", "bias", "kappa_scope", "estimator",
-            "noise_scale", "num_steps", "final", "final_model"]
+def _csv_columns(labels: list[str], comps: list[str], scope: str, bias_convention: str = "algorithm1") -> list[str]:
+    conv = [] if bias_convention == "algorithm1" else ["bias_convention"]   # the default's columns stay as they were
+    cols = ["id", "length", "sample", "seed", "models", "rule", "temperature", "bias", *conv, "kappa_scope",
+            "estimator", "noise_scale", "num_steps", "final", "final_model"]
     for lab in labels:
         if scope == "joint":
             cols.append(f"kappa.{lab}")
@@ -822,11 +853,59 @@ def _yaml_text(cfg: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(cfg))
 
 
-def _canon(cfg: Mapping[str, Any]) -> dict:
-    """The sample-defining part of a config, normalised for comparison."""
+def _device_name(device: torch.device) -> str:
+    """``cpu`` or ``cuda:N`` (a bare ``cuda`` names the current CUDA device)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bf16", torch.float16: "float16"}
+
+
+def _model_weight_dtype(m: Any) -> torch.dtype | None:
+    """The floating dtype of a model's weights (a FrameScoreModel's predictor, or the model itself when it
+    is a torch module); None for models without weights (the exact models)."""
+    for obj in (getattr(m, "predictor", None), m):
+        params = getattr(obj, "parameters", None)
+        if callable(params):
+            try:
+                for p in params():
+                    if p.is_floating_point():
+                        return p.dtype
+            except TypeError:
+                continue
+    return None
+
+
+def _auto_precision(models: Sequence[Any]) -> str:
+    """What ``precision=auto`` resolved to for these loaded models: the dtype of the networks' weights
+    (float32 unless a factory chose otherwise); ``float64`` when no model has weights (exact models
+    compute in float64)."""
+    names = sorted({_DTYPE_NAMES.get(d, str(d).replace("torch.", "")) for d in map(_model_weight_dtype, models)
+                    if d is not None})
+    return ",".join(names) if names else "float64"
+
+
+def _canon_precision(v: Any, auto_precision: str) -> str:
+    s = str(v).lower()
+    s = {"bfloat16": "bf16"}.get(s, s)
+    return auto_precision if s == "auto" else s
+
+
+# options added later: a config.yaml of an older run that lacks them ran with these values
+_ADDED_KEY_DEFAULTS = {"bias_convention": "algorithm1", "layout": "flat"}
+
+
+def _canon(cfg: Mapping[str, Any], auto_precision: str | None = None) -> dict:
+    """The sample-defining part of a config, normalised for comparison (``precision: auto`` counts as what
+    it resolves to for the run's models, so a directory written before config.yaml recorded the resolved
+    precision still resumes)."""
     out = {}
     for k in _SAMPLE_KEYS:
-        v = cfg.get(k)
+        v = cfg.get(k, _ADDED_KEY_DEFAULTS.get(k))
+        if k == "precision" and v is not None and auto_precision is not None:
+            v = _canon_precision(v, auto_precision)
         if k in ("temperature", "min_t", "noise_scale") and v is not None:
             v = float(v)
         if k in ("bias", "weights") and v is not None:
@@ -839,7 +918,7 @@ def _canon(cfg: Mapping[str, Any]) -> dict:
     return out
 
 
-def _check_resume(out_dir: Path, cfg: dict) -> None:
+def _check_resume(out_dir: Path, cfg: dict, auto_precision: str | None = None) -> None:
     p = out_dir / "config.yaml"
     if not p.is_file():
         return
@@ -849,7 +928,7 @@ def _check_resume(out_dir: Path, cfg: dict) -> None:
         old = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     except Exception as e:
         raise GenerateError(f"{p}: unreadable config of a previous run ({e}); use a new out_dir") from None
-    a, b = _canon(old), _canon(cfg)
+    a, b = _canon(old, auto_precision), _canon(cfg, auto_precision)
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in _SAMPLE_KEYS if a[k] != b[k]]
     if diffs:
         raise GenerateError(f"{out_dir} holds samples made with other settings ({'; '.join(diffs)}); "
@@ -921,7 +1000,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _remove_stale_temp_files(out_dir: Path) -> None:
     """Temporary files of atomic writes left by a killed run (``.<name>.<random>.tmp``)."""
-    for d in [out_dir, *out_dir.glob("length_*")]:
+    for d in [out_dir, *out_dir.glob("length_*"), *out_dir.glob("length_*/sample_*")]:
         if d.is_dir():
             for p in d.glob(".*.tmp"):
                 try:
@@ -1004,7 +1083,8 @@ def _savefig(fig, path: Path) -> Path:
 
 
 def _sample_index(p: Path) -> int:
-    m = re.search(r"sample_(\d+)", p.name)
+    """The sample index of a trace file: ``sample_3_traces.npz`` or ``sample_3/traces.npz``."""
+    m = re.search(r"sample_(\d+)", p.name) or re.fullmatch(r"sample_(\d+)", p.parent.name)
     return int(m.group(1)) if m else -1
 
 
@@ -1191,7 +1271,7 @@ def generate(cfg: Any = None, /, **kwargs: Any) -> GenerateSummary:
             raise GenerateError(f"lengths: model {lab!r} supports lengths up to {mx}; asked for {max(opts.lengths)}")
     try:
         rule = make_rule(opts.rule, temperature=opts.temperature, bias=opts.bias, weights=opts.weights,
-                         index=opts.single_index)
+                         index=opts.single_index, bias_convention=opts.bias_convention)
     except ValueError as e:
         raise GenerateError(f"rule: {e}") from None
     scfg = SamplerConfig(num_steps=opts.num_steps, min_t=opts.min_t, noise_scale=opts.noise_scale,
@@ -1203,16 +1283,19 @@ def generate(cfg: Any = None, /, **kwargs: Any) -> GenerateSummary:
     except ValueError as e:
         raise GenerateError(str(e)) from None
 
-    # resolved config (what config.yaml records)
+    # resolved config (what config.yaml records): device and precision as resolved, not "auto"
     resolved = {k: merged[k] for k in _FIELDS}
     resolved["models"] = [m if isinstance(m, str) else f"<object {lab}>" for m, lab in zip(opts.models, labels)]
     resolved["lengths"] = list(opts.lengths)
     resolved["exact"] = dict(opts.exact)
-    resolved["device"] = str(merged["device"])
+    # under torchrun each rank runs on its own cuda:LOCAL_RANK, so the shared file records the device type
+    resolved["device"] = opts.device.type if opts.distributed else _device_name(opts.device)
+    auto_precision = _auto_precision(models)
+    resolved["precision"] = _canon_precision(opts.precision, auto_precision)
     resolved["out_dir"] = str(opts.out_dir)
 
     out_dir = opts.out_dir
-    _check_resume(out_dir, resolved)
+    _check_resume(out_dir, resolved, auto_precision)
     _read_all_rows(out_dir)                      # unreadable csv: refuse before writing anything
     _prepare_out_dir(out_dir)
     rank, world = opts.shard
@@ -1246,7 +1329,7 @@ def _generate_into(out_dir: Path, opts: _Opts, models: list, labels: list[str], 
     skipped = sum(1 for L in opts.lengths for i in range(opts.samples_per_length) if (L, i) in done)
     comps = space.names
     scale = _angstrom_per_unit(space)
-    cols = _csv_columns(labels, comps, opts.kappa_scope)
+    cols = _csv_columns(labels, comps, opts.kappa_scope, opts.bias_convention)
 
     pad = opts.pad_lengths and all(_supports_padding(m) for m in models)
     if opts.pad_lengths and not pad:
@@ -1399,15 +1482,16 @@ def _fmt(v: float) -> str:
 
 def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: _Opts, labels: list[str],
                   comps: list[str], wall: float, scale: float, final: tuple) -> dict:
-    ldir = out_dir / f"length_{L}"
-    ldir.mkdir(exist_ok=True)
+    files = _sample_files(L, i, opts.layout)
+    (out_dir / files["pdb"]).parent.mkdir(parents=True, exist_ok=True)
     rot, trans, psi, mlab, source = final
     atoms = _atoms(rot, trans, psi)
     bias = "" if opts.bias is None else ";".join(_fmt(x) for x in opts.bias)
+    conv = "" if opts.bias_convention == "algorithm1" else f" bias_convention={opts.bias_convention}"
     remarks = [
         "superdiff_protein generate_backbones",
         f"models: {' + '.join(labels)}",
-        f"rule={opts.rule} T={_fmt(opts.temperature)} bias={bias or 'none'} kappa_scope={opts.kappa_scope}",
+        f"rule={opts.rule} T={_fmt(opts.temperature)} bias={bias or 'none'}{conv} kappa_scope={opts.kappa_scope}",
         f"steps={opts.num_steps} min_t={_fmt(opts.min_t)} noise_scale={_fmt(opts.noise_scale)} "
         f"estimator={opts.estimator}",
         f"length={L} sample={i} seed={seed}",
@@ -1428,21 +1512,26 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: _
             st = res.trajectory[k]
             frames.append(_atoms(st["rot"][b, :L].to(torch.float64),
                                  st["trans"][b, :L].to(torch.float64) * scale, None))
-        traj_rel = f"length_{L}/sample_{i}_traj.pdb"
-        write_trajectory_pdb(out_dir / traj_rel, frames, remarks=remarks[:1] + [
-            f"noisy states from t=1 (model 1) to t=min_t (model {len(frames)}), stride {stride}"])
-    traces_rel = f"length_{L}/sample_{i}_traces.npz"
+        traj_rel = files["traj"]
+        if opts.layout == "framediff":      # FrameDiff's bb_traj order: newest state first
+            frames = frames[::-1]
+            what = f"noisy states from t=min_t (model 1) to t=1 (model {len(frames)}), stride {stride}"
+        else:
+            what = f"noisy states from t=1 (model 1) to t=min_t (model {len(frames)}), stride {stride}"
+        write_trajectory_pdb(out_dir / traj_rel, frames, remarks=remarks[:1] + [what])
+    traces_rel = files["traces"]
     _save_npz(out_dir / traces_rel, t=res.t.cpu().numpy(), kappa=res.kappa_trace[:, b].cpu().numpy(),
               logq=res.logq_trace[:, b].cpu().numpy(), models=np.array(labels), components=np.array(comps),
               kappa_scope=np.array(opts.kappa_scope), seed=np.array(seed, dtype=np.uint64))
-    pdb_rel = _pdb_path(L, i)
+    pdb_rel = files["pdb"]
     with atomic_open(out_dir / pdb_rel, "w") as fh:
         fh.write(text)
     kap = res.kappa_trace[-1, b].cpu()
     lq = res.logq[b].cpu()
     row = {"id": f"L{L}_s{i}", "length": str(L), "sample": str(i), "seed": str(seed),
            "models": ";".join(labels), "rule": opts.rule, "temperature": _fmt(opts.temperature), "bias": bias,
-           "kappa_scope": opts.kappa_scope, "estimator": opts.estimator, "noise_scale": _fmt(opts.noise_scale),
+           **({"bias_convention": opts.bias_convention} if conv else {}), "kappa_scope": opts.kappa_scope,
+           "estimator": opts.estimator, "noise_scale": _fmt(opts.noise_scale),
            "num_steps": str(opts.num_steps), "final": source, "final_model": mlab}
     for mi, lab in enumerate(labels):
         if opts.kappa_scope == "joint":

@@ -4,7 +4,12 @@ Every rule maps, per sample, the current log-density estimates ``logq`` (B, M) a
 model of this step's log-density increments ``dlogq = A @ kappa + b`` ((B, M, M) and (B, M), see
 ``docs/superposition.md``) to weights ``kappa`` (B, M).
 
-* ``or``: kappa = softmax(T * logq + l) -- samples the (tempered, biased) mixture.
+* ``or``: kappa = softmax(T * logq + l) -- samples the (tempered, biased) mixture. This is the
+  paper's Algorithm 1 (``bias_convention="algorithm1"``, the default: the bias shifts the odds of
+  two models by ``e^l``). ``bias_convention="official"`` is the official protein code's
+  ``softmax(T * (logq + l))`` (``kappa_OR`` in ``applications/proteins/superdiff/composition.py`` of
+  necludov/super-diffusion @ e3afac2): the bias sits inside the temperature and shifts the odds by
+  ``e^{T l}``. The two agree at T = 1.
 * ``and``: kappa solves ``dlogq_i - dlogq_1 = (l_i - l_1) * frac`` for i >= 2 with ``sum kappa = 1``
   (Prop. 6 of Skreta et al. 2025 as a linear system for any M). With ``l = 0`` all log-densities
   change equally at every step; a bias ``l`` makes log q_i - log q_j drift to ``l_i - l_j`` over the
@@ -19,7 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["KappaRule", "OrRule", "AndRule", "AverageRule", "SingleRule", "make_rule"]
+__all__ = ["KappaRule", "OrRule", "AndRule", "AverageRule", "SingleRule", "make_rule", "BIAS_CONVENTIONS"]
+
+#: where OR's bias ``l`` enters: ``algorithm1`` softmax(T log q + l) (the paper's Algorithm 1),
+#: ``official`` softmax(T (log q + l)) (the official protein code)
+BIAS_CONVENTIONS = ("algorithm1", "official")
 
 
 class KappaRule:
@@ -47,18 +56,27 @@ def _as_bias(bias, m: int, like: Tensor) -> Tensor:
 class OrRule(KappaRule):
     temperature: float = 1.0
     bias: list[float] | None = None
+    bias_convention: str = "algorithm1"
     name: str = field(default="or", init=False)
 
     def __post_init__(self):
         if not (self.temperature > 0) or self.temperature == float("inf"):
             raise ValueError(f"temperature must be a positive finite number, got {self.temperature}")
+        if self.bias_convention not in BIAS_CONVENTIONS:
+            raise ValueError(f"bias_convention must be one of {', '.join(BIAS_CONVENTIONS)}, "
+                             f"got {self.bias_convention!r}")
 
     def __call__(self, logq, A, b, frac):
         l = _as_bias(self.bias, logq.shape[-1], logq)
+        if self.bias_convention == "official":
+            return torch.softmax(self.temperature * (logq + l), dim=-1)
         return torch.softmax(self.temperature * logq + l, dim=-1)
 
     def describe(self):
-        return {"rule": "or", "temperature": self.temperature, "bias": self.bias}
+        d = {"rule": "or", "temperature": self.temperature, "bias": self.bias}
+        if self.bias_convention != "algorithm1":      # default runs describe themselves as before
+            d["bias_convention"] = self.bias_convention
+        return d
 
 
 @dataclass
@@ -130,11 +148,13 @@ class SingleRule(KappaRule):
         return {"rule": "single", "index": self.index}
 
 
-def make_rule(rule: str, temperature: float = 1.0, bias=None, weights=None, index: int = 0) -> KappaRule:
-    """Build a rule from its name: ``or``, ``and``, ``average``, ``single``."""
+def make_rule(rule: str, temperature: float = 1.0, bias=None, weights=None, index: int = 0,
+              bias_convention: str = "algorithm1") -> KappaRule:
+    """Build a rule from its name: ``or``, ``and``, ``average``, ``single``. ``bias_convention`` applies
+    to ``or`` only (see :data:`BIAS_CONVENTIONS`)."""
     r = str(rule).lower()
     if r == "or":
-        return OrRule(temperature=temperature, bias=bias)
+        return OrRule(temperature=temperature, bias=bias, bias_convention=bias_convention)
     if r == "and":
         return AndRule(bias=bias)
     if r in ("average", "avg", "mean"):

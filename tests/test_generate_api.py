@@ -30,13 +30,67 @@ def test_yaml_holds_the_public_contract_and_matches_the_schema():
         assert cfg[k] == getattr(dc, k), k        # the fallback defaults (no configs/ dir) are the yaml's
 
 
+# The official SuperDiff protein run (necludov/super-diffusion @ e3afac2: applications/proteins/superdiff/
+# config/composition.yaml, run_inference.sh, composition.py, README "seeds 0-49 for lengths 100, ..., 300").
+OFFICIAL = dict(kappa_scope="per_component", num_steps=499, time_grid="framediff", min_t=0.002, noise_scale=0.1,
+                sampling="sde", temperature=1.0, final="state", lengths=[100, 150, 200, 250, 300],
+                samples_per_length=50)
+PAPER = {"paper_or": dict(rule="or", bias=None, bias_convention="official"),
+         "paper_or_bias": dict(rule="or", bias=[0.0, 1.0], bias_convention="official"),
+         "paper_and": dict(rule="and", bias=None)}
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "generate").glob("*.yaml")))
 def test_every_preset_loads_and_validates(preset):
     opts = _validate(load_config(preset=preset))
-    assert opts.num_steps == 500
-    assert opts.noise_scale in (0.1, 1.0)
-    if preset.startswith("paper"):
-        assert opts.noise_scale == 0.1 and opts.estimator == "ito"
+    if preset.startswith("exact"):
+        assert opts.num_steps == 500 and opts.noise_scale == 1.0 and opts.estimator == "ito"
+        return
+    base = preset.removesuffix("_corrected")
+    assert base in PAPER, f"a paper preset without its official settings in this test: {preset}"
+    for k, v in {**OFFICIAL, **PAPER[base]}.items():
+        assert getattr(opts, k) == v, (preset, k)
+    if preset.endswith("_corrected"):           # our two fixes, nothing else
+        assert opts.estimator == "hutchinson" and opts.and_correction is True
+    else:                                        # the official estimator and AND
+        assert opts.estimator == "ito" and opts.and_correction is False
+    names = {p.stem for p in (CONFIG_DIR / "generate").glob("*.yaml")}
+    assert preset.endswith("_corrected") or f"{preset}_corrected" in names      # every paper preset has its fix
+
+
+def test_tutorial_preset_table_lists_every_preset_with_its_settings():
+    """docs/tutorial.md's preset table has a row per preset file whose cells match the preset (setting by setting)."""
+    import re
+
+    text = (CONFIG_DIR.parent / "docs" / "tutorial.md").read_text()
+    presets = sorted(p.stem for p in (CONFIG_DIR / "generate").glob("*.yaml"))
+    lines = text.splitlines()
+    h = next(i for i, ln in enumerate(lines) if ln.startswith("| setting |"))
+    cols = [c.strip().strip("`") for c in lines[h].strip("|").split("|")]
+    rows = {}
+    for ln in lines[h + 2:]:                       # after the header's |---| line, up to the end of the table
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert len(cells) == len(cols), ln
+        rows[cells[0].strip("`")] = dict(zip(cols, cells))
+    assert {"rule", "bias", "bias_convention", "kappa_scope", "estimator", "num_steps", "min_t", "noise_scale",
+            "and_correction", "time_grid", "final"} <= set(rows)
+    for preset in presets:
+        assert preset in cols, f"{preset} missing from the tutorial's preset table"
+        opts = _validate(load_config(preset=preset))
+        for key, row in rows.items():
+            if not hasattr(opts, key):
+                continue
+            want = getattr(opts, key)
+            cell = re.sub(r"\s*\(.*\)$", "", row[preset]).strip("` ")
+            if isinstance(want, list):
+                want = "[" + ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in want) + "]"
+            elif isinstance(want, bool):
+                want = str(want).lower()
+            elif isinstance(want, float):
+                want = f"{want:g}"
+            assert cell == str(want if want is not None else "null"), (preset, key, cell, want)
 
 
 def test_api_runs_and_resumes(tmp_path):
@@ -77,6 +131,10 @@ def test_api_accepts_model_objects_and_presets(tmp_path):
     ({"rule": "single", "single_index": 5}, "single_index"),
     ({"samples_per_length": 0}, "samples_per_length"),
     ({"save_traj": "maybe"}, "save_traj"),
+    ({"bias_convention": "inside"}, "bias_convention"),
+    ({"rule": "and", "bias": [0.0, 1.0], "bias_convention": "official"}, "rule=or only"),
+    ({"layout": "nested"}, "layout"),
+    ({"time_grid": "log"}, "time_grid"),
 ])
 def test_api_bad_input_raises_and_writes_nothing(tmp_path, kw, msg):
     out = tmp_path / "never"
@@ -97,3 +155,69 @@ def test_defaults_are_the_shipped_trained_models(tmp_path):
                  plots=False, progress=False)
     assert s.generated == 2
     assert [r["models"] for r in s.rows] == ["default-helix;default-strand"] * 2
+    # config.yaml records what device=auto / precision=auto resolved to: the networks' float32 weights on this device
+    import torch
+
+    cfg = yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())
+    assert cfg["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and cfg["precision"] == "float32"
+
+
+def test_config_yaml_records_the_resolved_device_and_precision(tmp_path):
+    s = generate(out_dir=str(tmp_path / "a"), **TINY)
+    cfg = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    # device=auto picks CUDA when present (the exact models then run there too)
+    import torch
+
+    assert cfg["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert cfg["precision"] == "float64"                     # exact models only: no weights, float64 maths
+    assert cfg["layout"] == "flat" and cfg["bias_convention"] == "algorithm1"
+    generate(out_dir=str(tmp_path / "b"), device="cpu", precision="bfloat16", **TINY)
+    cfg = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert cfg["device"] == "cpu" and cfg["precision"] == "bf16"
+    # the resolved precision counts as what "auto" meant: a rerun with the explicit value resumes
+    assert generate(out_dir=str(tmp_path / "a"), precision="float64", **TINY).skipped == s.generated
+
+
+def test_a_directory_of_an_older_version_still_resumes(tmp_path):
+    """config.yaml written before device/precision were resolved and before layout/bias_convention existed."""
+    out = tmp_path / "old"
+    s = generate(out_dir=str(out), **TINY)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg.update(device="auto", precision="auto")
+    for k in ("layout", "bias_convention"):
+        del cfg[k]
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    again = generate(out_dir=str(out), **TINY)
+    assert again.generated == 0 and again.skipped == s.generated
+    with pytest.raises(GenerateError, match="layout: 'flat' -> 'framediff'"):
+        generate(out_dir=str(out), layout="framediff", **TINY)
+
+
+@pytest.mark.parametrize("conv", ["algorithm1", "official"])
+def test_bias_convention_reaches_the_sampler(tmp_path, conv):
+    """Per-component OR on exact models: every recorded kappa is the named softmax of the recorded log q of that
+    step (traces hold log q before each step and the kappa computed from it)."""
+    import numpy as np
+
+    T, l = 2.5, [0.0, 0.8]
+    s = generate(out_dir=str(tmp_path / conv), rule="or", temperature=T, bias=l, bias_convention=conv,
+                 kappa_scope="per_component", noise_scale=0.1, **{**TINY, "num_steps": 6})
+    for r in s.rows:
+        assert (r.get("bias_convention") or "algorithm1") == conv
+        tr = np.load(tmp_path / conv / r["traces_path"])
+        logq, kappa = tr["logq"][:-1], tr["kappa"]                                   # (S, C, M)
+        z = T * (logq + np.array(l)) if conv == "official" else T * logq + np.array(l)
+        ref = np.exp(z - z.max(-1, keepdims=True))
+        np.testing.assert_allclose(kappa, ref / ref.sum(-1, keepdims=True), rtol=1e-12, atol=1e-14)
+    pdb = (tmp_path / conv / s.rows[0]["pdb_path"]).read_text()
+    assert ("bias_convention=official" in pdb) == (conv == "official")
+
+
+@pytest.mark.parametrize("preset", ["paper_or_corrected", "paper_or_bias_corrected", "paper_and_corrected"])
+def test_corrected_presets_run_unbiased(tmp_path, preset):
+    """Hutchinson at noise_scale 0.1 (and the AND correction): no biased-estimator warning, the official settings
+    otherwise (the paper preset runs with the warning: test_api_accepts_model_objects_and_presets)."""
+    s = generate({"out_dir": str(tmp_path / preset), **TINY}, preset=preset)
+    assert s.generated == 2 and not any("biased" in w for w in s.warnings)
+    assert all(r["estimator"] == "hutchinson" and r["noise_scale"] == "0.1" and r["final"] == "state"
+               for r in s.rows)

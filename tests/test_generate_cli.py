@@ -142,9 +142,16 @@ def test_console_script_and_preset(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["noise_scale"] == 0.1 and cfg["rule"] == "or" and cfg["num_steps"] == 6
+    assert cfg["min_t"] == 0.002 and cfg["kappa_scope"] == "per_component" and cfg["bias_convention"] == "official"
+    assert cfg["time_grid"] == "framediff" and cfg["final"] == "state"
     # noise_scale < 1 with the Ito estimator: the bias warning is surfaced once (two batches ran)
     assert r.stderr.count("warning (biased log-densities)") == 1, r.stderr
-    _check_backbone_pdb(out / "length_10" / "sample_0.pdb", 10)
+    rows = _rows(out)
+    assert all(x["final"] == "state" and x["kappa_scope"] == "per_component" for x in rows)
+    tr = np.load(out / rows[0]["traces_path"])
+    np.testing.assert_allclose(tr["t"], np.linspace(0.002, 1.0, 7)[::-1], rtol=0, atol=1e-15)   # the official grid
+    # the official run writes the last noisy state (6 steps here: far from a protein), so no CA-CA check
+    _check_backbone_pdb(out / "length_10" / "sample_0.pdb", 10, ca_tol=None)
 
 
 # ----------------------------------------------------------------------------------------- determinism

@@ -53,3 +53,35 @@ def test_average_single_and_errors():
     with pytest.raises(ValueError):
         make_rule("xor")
     assert isinstance(make_rule("AND"), AndRule)
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 3.7])
+def test_or_bias_conventions_shift_the_odds_exactly(T):
+    """The odds kappa_j / kappa_i of OR at bias l against l = 0: e^{l_j - l_i} with Algorithm 1's
+    softmax(T log q + l), e^{T (l_j - l_i)} with the official code's softmax(T (log q + l)). Exact identities of
+    the softmax, checked in float64 to rounding."""
+    logq, A, b = _rand(b=16, m=3, seed=3)
+    logq = 40.0 * logq                                         # separated models: kappa far from uniform
+    l = torch.tensor([0.0, 0.7, -1.3], dtype=torch.float64)
+    base = OrRule(temperature=T)(logq, A, b, 0.1)
+    for conv, factor in (("algorithm1", 1.0), ("official", T)):
+        k = make_rule("or", temperature=T, bias=l.tolist(), bias_convention=conv)(logq, A, b, 0.1)
+        shift = (k.log() - k[:, :1].log()) - (base.log() - base[:, :1].log())       # log odds vs model 1
+        torch.testing.assert_close(shift, (factor * (l - l[0])).expand_as(shift), rtol=0, atol=1e-9)
+        # and each convention is the formula it names
+        ref = torch.softmax(T * logq + l, -1) if conv == "algorithm1" else torch.softmax(T * (logq + l), -1)
+        torch.testing.assert_close(k, ref, rtol=0, atol=0)
+    # without a bias, or at T = 1, the two conventions are the same rule
+    a1 = make_rule("or", temperature=T, bias=None, bias_convention="algorithm1")(logq, A, b, 0.1)
+    assert torch.equal(a1, make_rule("or", temperature=T, bias=None, bias_convention="official")(logq, A, b, 0.1))
+    if T == 1.0:
+        torch.testing.assert_close(make_rule("or", bias=l.tolist(), bias_convention="official")(logq, A, b, 0.1),
+                                   make_rule("or", bias=l.tolist())(logq, A, b, 0.1), rtol=0, atol=1e-15)
+
+
+def test_or_bias_convention_is_validated_and_described():
+    with pytest.raises(ValueError, match="bias_convention"):
+        OrRule(bias_convention="inside")
+    assert "bias_convention" not in OrRule().describe()                     # default runs describe as before
+    assert OrRule(bias_convention="official").describe()["bias_convention"] == "official"
+    assert make_rule("or").bias_convention == "algorithm1"

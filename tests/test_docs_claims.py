@@ -1,0 +1,40 @@
+"""Claims of README.md and the docs that code can check (issue 13): install instructions, output layouts."""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torch_spec() -> str:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(d for d in deps if re.match(r"torch\b", d))[len("torch"):]
+
+
+def test_readme_install_names_the_supported_range_and_a_cuda_build():
+    readme = (REPO / "README.md").read_text()
+    spec = _torch_spec()
+    assert spec == ">=2.2,<2.14"
+    assert "local CPU wheel" not in readme                                # a fact of one machine, not an instruction
+    assert f"`{spec}`" in readme
+    # a CUDA build of a torch in the supported range, from the PyTorch index, then the package
+    assert re.search(rf'pip install "torch{re.escape(spec)}" --index-url https://download\.pytorch\.org/whl/cu\d+ '
+                     r"&& pip install -e \.", readme)
+    assert re.search(rf'pip install "torch{re.escape(spec)}" --index-url https://download\.pytorch\.org/whl/cpu',
+                     readme)
+    # the quick-start pin is still a version in that range
+    from packaging.specifiers import SpecifierSet
+
+    pins = set(re.findall(r"torch==([\d.]+)", readme))
+    assert pins and all(p in SpecifierSet(spec) for p in pins)
+
+
+def test_default_layout_is_not_called_framediffs():
+    """The default (flat) layout is ours; FrameDiff's is layout=framediff."""
+    for f in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "superdiff_protein" / "generate.py"]:
+        text = f.read_text()
+        assert "(FrameDiff layout)" not in text and "FrameDiff's layout, so tools" not in text, f
+    tut = (REPO / "docs" / "tutorial.md").read_text()
+    assert "layout=framediff" in tut and "length_80/sample_0/sample_1.pdb" in tut
