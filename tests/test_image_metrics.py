@@ -128,7 +128,7 @@ def test_inception_extractor_loads_local_weights_without_torchvision(tmp_path, m
             return (print, ("side effect",))
 
     torch.save({"fc.weight": Boom()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=True)
-    with pytest.raises(ImageMetricsError, match="refusing"):
+    with pytest.raises(ImageMetricsError, match="refused and nothing ran"):
         InceptionFeatures(tmp_path / "evil.pth")
 
 
