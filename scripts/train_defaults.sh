@@ -9,13 +9,15 @@
 #   bash scripts/train_defaults.sh status           # steps / training minutes done so far
 #   bash scripts/train_defaults.sh pack             # here: xz-compress data + resume state into .gpu_carry
 #                                                   # (then carry=[".gpu_carry"]: .gpu_data exceeds the 64 MiB carry)
+#   bash scripts/train_defaults.sh wheels           # here, once: hydra-core, omegaconf, antlr4 wheels into .whl
+#                                                   # (train_frame_model needs Hydra; the GPU image has none)
 #
 # State between chunks lives in .gpu_data/runs/{helix,strand}/{last.ckpt,metrics.csv} (git-ignored; the first
 # chunk carries .gpu_data, later ones the xz-compressed .gpu_carry from `pack`).  Full outputs of the last
 # collected chunk: runs/defaults/{helix,strand}/ (model.pth = official FrameDiff container with the EMA
 # weights, metrics.csv, config.yaml, loss_curve.png, train.log).
 # Limits this is built for: a command <= 10 min, files back <= 8 x 16 MiB (last.ckpt is split in parts),
-# carried tree <= 64 MiB (13 MB data + 2 x 22 MB resume state + 0.4 MB wheels: hence `pack`).
+# carried tree <= 64 MiB (13 MB data + 2 x 22 MB resume state + 0.4 MB Hydra wheels: hence `pack`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,17 +46,21 @@ chunk() {
   # a warm machine still has the newer state from the previous chunk: unpack only on a fresh one
   if [ -d .gpu_carry ] && [ ! -f .gpu_data/pdownb.pt ]; then unpack; fi
   export PYTHONUNBUFFERED=1
-  # omegaconf (for the official conf object in model.pth) and hydra are not installed on the GPU image
-  if ! $PY -c "import omegaconf" 2>/dev/null; then
-    local w=""
-    for d in .gpu_data/whl .whl; do ls "$d"/omegaconf-*.whl >/dev/null 2>&1 && { w=$d; break; }; done
-    if [ -n "$w" ]; then
-      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "$w"/omegaconf-*.whl "$w"/antlr4_python3_runtime-*.whl $(ls "$w"/hydra_core-*.whl 2>/dev/null)
-      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    else
-      echo "note: omegaconf not available: model.pth gets a plain-dict conf (re-export here with 'collect')"
+  # hydra-core and omegaconf (+ antlr4) are dependencies of train_frame_model but not on the GPU image: install the
+  # carried pure-Python wheels (made here with `wheels`) into /tmp/site
+  if ! $PY -c "import hydra, omegaconf" 2>/dev/null; then
+    local w="" d
+    for d in .gpu_data/whl .whl; do
+      if ls "$d"/hydra_core-*.whl "$d"/omegaconf-*.whl "$d"/antlr4_python3_runtime-*.whl >/dev/null 2>&1; then w=$d; break; fi
+    done
+    if [ -z "$w" ]; then
+      echo "error: hydra-core / omegaconf are not installed and no wheels were carried:" \
+           "run 'bash scripts/train_defaults.sh wheels' here and carry .whl (or .gpu_data / .gpu_carry)" >&2
+      return 2
     fi
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$w"/hydra_core-*.whl "$w"/omegaconf-*.whl "$w"/antlr4_python3_runtime-*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
   local pids=()
@@ -99,11 +105,24 @@ collect() {
   status
 }
 
+# Hydra's three pure-Python wheels for the GPU machine (0.4 MB; no internet there), into the git-ignored .whl:
+# hydra-core and omegaconf as published, antlr4-python3-runtime 4.9.3 (an sdist only) built into a wheel here.
+WHEELS_HYDRA=(hydra-core==1.3.8 omegaconf==2.3.1)
+WHEEL_ANTLR=antlr4-python3-runtime==4.9.3
+wheels() {
+  mkdir -p .whl
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS_HYDRA[@]}"
+  $PY -m pip wheel -q --no-deps -w .whl "$WHEEL_ANTLR"
+  ls -l .whl/hydra_core-*.whl .whl/omegaconf-*.whl .whl/antlr4_python3_runtime-*.whl
+}
+
 # The carry limit is 64 MiB for the whole tree; the two resume states (2 x 22 MB) + data (13 MB) + the tracked
 # files no longer fit uncompressed, so they travel xz-compressed in .gpu_carry and are unpacked on the device.
 pack() {
   rm -rf .gpu_carry.tmp && mkdir -p .gpu_carry.tmp/whl
-  cp .gpu_data/whl/*.whl .gpu_carry.tmp/whl/ 2>/dev/null || true
+  cp .gpu_data/whl/*.whl .gpu_carry.tmp/whl/ 2>/dev/null || cp .whl/*.whl .gpu_carry.tmp/whl/ 2>/dev/null || true
+  ls .gpu_carry.tmp/whl/hydra_core-*.whl >/dev/null 2>&1 || echo "warning: no Hydra wheels packed (run 'wheels' first)" >&2
   xz -6 -T2 -c .gpu_data/pdownb.pt >.gpu_carry.tmp/pdownb.pt.xz
   for s in "${SUBSETS[@]}"; do
     [ -f "${RUNS_STATE}/${s}/last.ckpt" ] || continue
@@ -153,5 +172,6 @@ case "${1:-}" in
   collect) shift; collect "$@" ;;
   status) status ;;
   pack) pack ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  wheels) wheels ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

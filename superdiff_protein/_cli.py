@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .errors import UserError  # defined there so that models can raise it without importing a command line
+
 __all__ = ["UserError", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "one_line",
            "is_user_error", "error_line", "report", "guard", "check_out_dir", "resolve_device",
            "hydra_error_line", "run_hydra", "config_keys"]
@@ -35,15 +37,6 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-class UserError(Exception):
-    """An error whose message is meant for the user: bad input or environment (exit code 2).
-
-    Subclasses may set ``exit_code`` (``GenerationFailed`` uses 1: the input was fine, sampling failed).
-    """
-
-    exit_code = EXIT_BAD_INPUT
 
 
 # ------------------------------------------------------------------------------------------ messages

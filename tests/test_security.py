@@ -197,9 +197,9 @@ def _entry_points(tmp: Path):
     from eval.mpnn import load_proteinmpnn
     from models.frame_models import FrameScoreModel
     from models.framediff.adapter import FrameDiffAdapter
+    from models.framediff.checkpointing import export_from_lightning_checkpoint
     from models.proteus.adapter import ProteusAdapter
     from superdiff_protein import checkpoints as C
-    from superdiff_protein import train as T
     from superdiff_protein.data import load_dataset_file
     from superdiff_protein.generate import load_exact_frame_set
     from superdiff_protein.registry import load_model
@@ -218,7 +218,7 @@ def _entry_points(tmp: Path):
         "exact frame set": load_exact_frame_set,
         "ProteinMPNN weights": lambda p: load_proteinmpnn(weights=str(p)),
         "InceptionV3 weights": lambda p: InceptionFeatures(weights_path=p),
-        "export_from_lightning_checkpoint": lambda p: T.export_from_lightning_checkpoint(p, tmp / "out.pth"),
+        "export_from_lightning_checkpoint": lambda p: export_from_lightning_checkpoint(p, tmp / "out.pth"),
     }
 
 

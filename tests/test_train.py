@@ -1,4 +1,5 @@
-"""Tests of superdiff_protein.train (train_frame_model).
+"""Tests of FrameDiff training: the command line ``superdiff_protein.train`` (``train_frame_model``) and the
+training code next to the network in ``models/framediff/`` (losses, LightningModule, DataModule, fit).
 
 A tiny FrameDiff model is trained for a few dozen steps on a few real PDownB chains (the prepared
 ``.gpu_data/pdownb.pt`` when present, else a dataset built here from a few archive members):
@@ -10,7 +11,9 @@ A tiny FrameDiff model is trained for a few dozen steps on a few real PDownB cha
   (weights, EMA, metrics), and the step count continues;
 * ``max_minutes`` stops cleanly with a saved checkpoint;
 * the loss itself: zero for a perfect prediction, positive otherwise, t gates as official;
-* the training path runs with biotite and Hydra unavailable (the GPU machine has neither).
+* Hydra composes the config (group selection, new keys, refusals);
+* the training path runs with biotite unavailable (the GPU machine has none; Hydra and OmegaConf are
+  dependencies and travel there as wheels, scripts/train_defaults.sh).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 from conftest import REPO
 from test_pdb_io import pdownb_chain_dir  # noqa: F401  (session fixture)
 
+from models.framediff import losses as L
 from superdiff_protein import train as T
 
 N_CHAINS = 8
@@ -203,7 +207,7 @@ def _fake_batch(b=3, n=12, seed=0):
 def test_framediff_loss_zero_for_perfect_prediction_and_gates():
     from superdiff_protein.se3 import SE3Diffuser
 
-    cfg = T.compose_config(["model=tiny"], use_hydra=False)
+    cfg = T.compose_config(["model=tiny"])
     exp = dict(cfg["experiment"])
     d = SE3Diffuser.from_conf(cfg)
     rot, trans, psi, mask, _ = _fake_batch()
@@ -213,7 +217,7 @@ def test_framediff_loss_zero_for_perfect_prediction_and_gates():
         t = torch.full((3,), tv)
         noised = d.forward_marginal(rot, trans, t, mask, generator=g)
         prs, pts = d.scores_from_prediction(noised.rotmats_t, noised.trans_t, rot, trans, t, mask)
-        out = T.framediff_loss(rot, trans, psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
+        out = L.framediff_loss(rot, trans, psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
         for k, v in out.items():
             assert v.shape == (3,)
             assert float(v.abs().max()) < 2e-3, (tv, k, v)
@@ -221,12 +225,12 @@ def test_framediff_loss_zero_for_perfect_prediction_and_gates():
         wrong_t = trans + 1.0
         wrong_r = rot @ T_small_rot()
         prs2, pts2 = d.scores_from_prediction(noised.rotmats_t, noised.trans_t, wrong_r, wrong_t, t, mask)
-        out2 = T.framediff_loss(wrong_r, wrong_t, psi, prs2.float(), pts2.float(), gt, noised, t, mask, exp)
+        out2 = L.framediff_loss(wrong_r, wrong_t, psi, prs2.float(), pts2.float(), gt, noised, t, mask, exp)
         assert (out2["trans_loss"] > 1e-3).all()
         assert (out2["rot_loss"] > 1e-4).all()
         assert bool((out2["bb_atom_loss"] > 0).all()) == (tv < 0.25)
         assert bool((out2["dist_mat_loss"] >= 0).all())
-        no_aux = T.framediff_loss(wrong_r, wrong_t, psi, prs2.float(), pts2.float(), gt, noised, t, mask,
+        no_aux = L.framediff_loss(wrong_r, wrong_t, psi, prs2.float(), pts2.float(), gt, noised, t, mask,
                                   dict(exp, aux_loss=False))
         assert float(no_aux["bb_atom_loss"].abs().sum()) == 0.0
         assert torch.allclose(no_aux["loss"], out2["rot_loss"] + out2["trans_loss"])
@@ -242,7 +246,7 @@ def test_padding_does_not_change_the_loss():
     """Per-chain losses are independent of how much padding the batch has."""
     from superdiff_protein.se3 import SE3Diffuser
 
-    cfg = T.compose_config(["model=tiny"], use_hydra=False)
+    cfg = T.compose_config(["model=tiny"])
     exp = dict(cfg["experiment"])
     d = SE3Diffuser.from_conf(cfg)
     rot, trans, psi, mask, _ = _fake_batch(b=1, n=10, seed=3)
@@ -251,7 +255,7 @@ def test_padding_does_not_change_the_loss():
     noised = d.forward_marginal(rot, trans, t, mask, generator=torch.Generator().manual_seed(0))
     wrong_t, wrong_r = trans + 0.5, rot @ T_small_rot()
     prs, pts = d.scores_from_prediction(noised.rotmats_t, noised.trans_t, wrong_r, wrong_t, t, mask)
-    ref = T.framediff_loss(wrong_r, wrong_t, psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
+    ref = L.framediff_loss(wrong_r, wrong_t, psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
 
     def pad(x, fill=0.0):
         p = torch.full((1, 6) + x.shape[2:], fill, dtype=x.dtype)
@@ -264,26 +268,29 @@ def test_padding_does_not_change_the_loss():
                             P(noised.trans_score), noised.rot_score_scaling, noised.trans_score_scaling,
                             P(noised.rotvec_noise))
     gt_p = {"rotmats": torch.cat([rot, eye], 1), "trans": P(trans), "psi": P(psi), "psi_mask": mask_p.bool()}
-    out = T.framediff_loss(torch.cat([wrong_r, eye], 1), P(wrong_t), P(psi), P(prs.float()), P(pts.float()),
+    out = L.framediff_loss(torch.cat([wrong_r, eye], 1), P(wrong_t), P(psi), P(prs.float()), P(pts.float()),
                            gt_p, noised_p, t, mask_p, exp)
     for k in ref:
         assert torch.allclose(out[k], ref[k], rtol=1e-5, atol=1e-6), k
 
 
-def test_compose_hydra_and_plain_agree():
-    pytest.importorskip("hydra")
+def test_compose_config_with_hydra():
     ov = ["model=tiny", "data.subset=strand", "max_steps=123", "experiment.learning_rate=3e-4",
-          "trainer.precision=bf16-mixed", "model.ipa.num_blocks=3", "data.max_tokens=null"]
-    a = T.compose_config(ov, use_hydra=True)
-    b = T.compose_config(ov, use_hydra=False)
-    assert a == b
+          "trainer.precision=bf16-mixed", "model.ipa.num_blocks=3", "data.max_tokens=null", "+extra.note=x"]
+    a = T.compose_config(ov)
     assert a["model"]["ipa"]["num_blocks"] == 3 and a["experiment"]["learning_rate"] == 3e-4
+    assert a["model"]["node_embed_size"] == 32 and a["data"]["subset"] == "strand" and a["max_steps"] == 123
+    assert a["data"]["max_tokens"] is None and a["trainer"]["precision"] == "bf16-mixed" and a["extra"] == {"note": "x"}
+    # derived as FrameDiff's interpolations
     assert a["model"]["ipa"]["c_s"] == a["model"]["node_embed_size"]
-    for use in (True, False):
-        with pytest.raises(T.TrainError):
-            T.compose_config(["data.no_such_key=1"], use_hydra=use)
-        with pytest.raises(T.TrainError):
-            T.compose_config(["model=no_such_model"], use_hydra=use)
+    assert a["model"]["ipa"]["c_z"] == a["model"]["edge_embed_size"]
+    assert a["model"]["ipa"]["coordinate_scaling"] == a["experiment"]["coordinate_scaling"] == 0.1
+    assert T.compose_config([])["model"]["node_embed_size"] == 96  # default group: small
+    for bad, needle in ((["data.no_such_key=1"], "data.no_such_key"), (["model=no_such_model"], "no_such_model"),
+                        (["max_steps=1.5"], "integer"), (["data.min_t=abc"], "number"),
+                        (["experiment.learning_rate=nan"], "finite"), (["data.subset=coil"], "data.subset")):
+        with pytest.raises(T.TrainError, match=needle):
+            T.compose_config(bad)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -304,7 +311,7 @@ _NO_BIOTITE = r"""
 import sys, json
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('biotite', 'hydra', 'omegaconf', 'tmtools', 'diffusers'):
+        if name.split('.')[0] in ('biotite', 'tmtools', 'diffusers'):
             raise ModuleNotFoundError("blocked for this test: " + name)
         return None
 sys.meta_path.insert(0, _Block())
@@ -312,23 +319,44 @@ from superdiff_protein import train as T
 cfg = T.compose_config(json.loads(sys.argv[1]))
 cfg['data']['subset'] = json.loads(sys.argv[2])
 s = T.train(cfg)
-assert not any(m.split('.')[0] in ('biotite', 'hydra', 'omegaconf') for m in sys.modules), 'imported a blocked module'
+assert not any(m.split('.')[0] == 'biotite' for m in sys.modules), 'imported biotite'
 print('STEPS', s['step'])
 """
 
 
-def test_training_path_needs_no_biotite_hydra_or_omegaconf(dataset, tmp_path):
+def test_training_path_needs_no_biotite(dataset, tmp_path):
+    """The GPU image has no biotite: training reads the prepared dataset file only (Hydra, OmegaConf and
+    Lightning are dependencies; scripts/train_defaults.sh carries Hydra and OmegaConf there as wheels)."""
     ov = [*TINY, f"out_dir={tmp_path / 'nb'}", f"data.path={dataset[0]}", "max_steps=3",
           "experiment.eval_every=0", "experiment.log_every=1"]
     r = subprocess.run([sys.executable, "-c", _NO_BIOTITE, json.dumps(ov), json.dumps(dataset[1])],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "STEPS 3" in r.stdout
-    # without OmegaConf the container's conf is a plain dict; the safe loader still reads it
     from models.framediff import FrameDiffAdapter
 
     model = FrameDiffAdapter.from_checkpoint(tmp_path / "nb" / "model.pth")
     assert model.config.node_embed_size == 32
+
+
+def test_training_code_lives_next_to_the_network():
+    """FrameDiff training is plain Lightning classes in models/framediff (no factories); the CLI re-exports them."""
+    import pytorch_lightning as pl
+
+    from models.framediff.datamodule import FrameDataModule
+    from models.framediff.fit import SaveAndBudget
+    from models.framediff.training import FrameDiffusionModule
+
+    assert issubclass(FrameDiffusionModule, pl.LightningModule) and issubclass(FrameDataModule, pl.LightningDataModule)
+    assert issubclass(SaveAndBudget, pl.Callback)
+    assert T.FrameDiffusionModule is FrameDiffusionModule and T.framediff_loss is L.framediff_loss
+    import ast
+
+    for name in ("losses", "training", "datamodule", "fit", "checkpointing", "metrics"):   # models never import a CLI
+        tree = ast.parse((REPO / "models" / "framediff" / f"{name}.py").read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not mods & {"superdiff_protein._cli", "superdiff_protein.train", "superdiff_protein"}, (name, mods)
 
 
 def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
@@ -336,12 +364,12 @@ def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
 
     rot, trans, psi, mask, _ = _fake_batch()
     # the truth costs nothing, whatever its own close contacts
-    assert float(T.ca_clash_loss(trans, trans, mask).abs().max()) == 0.0
+    assert float(L.ca_clash_loss(trans, trans, mask).abs().max()) == 0.0
     # fold residue 8 of each chain onto residue 1 (|i-j| = 7): a clash the truth does not have
     bad = trans.clone()
     bad[:, 8] = bad[:, 1] + torch.tensor([0.5, 0.0, 0.0])
     bad = bad.requires_grad_(True)
-    loss = T.ca_clash_loss(bad, trans, mask)
+    loss = L.ca_clash_loss(bad, trans, mask)
     assert (loss[mask.sum(-1) > 8] > 0.1).all()
     loss.sum().backward()
     d0 = (bad[:, 8] - bad[:, 1]).norm(dim=-1)
@@ -351,13 +379,13 @@ def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
     # neighbours closer than min_sep never count; masked residues never count
     near = trans.clone()
     near[:, 2] = near[:, 1] + torch.tensor([0.3, 0.0, 0.0])
-    assert float(T.ca_clash_loss(near, trans, mask, min_sep=3).abs().max()) == 0.0
+    assert float(L.ca_clash_loss(near, trans, mask, min_sep=3).abs().max()) == 0.0
     m2 = mask.clone()
     m2[:, 8] = 0
-    assert float(T.ca_clash_loss(bad.detach(), trans, m2).abs().max()) == 0.0
+    assert float(L.ca_clash_loss(bad.detach(), trans, m2).abs().max()) == 0.0
 
     # wired into framediff_loss only when clash_loss_weight > 0, gated by clash_loss_t_filter
-    cfg = T.compose_config(["model=tiny"], use_hydra=False)
+    cfg = T.compose_config(["model=tiny"])
     exp = dict(cfg["experiment"])
     assert float(exp["clash_loss_weight"]) == 0.0
     d = SE3Diffuser.from_conf(cfg)
@@ -367,10 +395,10 @@ def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
         t = torch.full((3,), tv)
         noised = d.forward_marginal(rot, trans, t, mask, generator=g)
         prs, pts = d.scores_from_prediction(noised.rotmats_t, noised.trans_t, rot, bad.detach(), t, mask)
-        off = T.framediff_loss(rot, bad.detach(), psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
+        off = L.framediff_loss(rot, bad.detach(), psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
         assert "clash_loss" not in off
-        on = T.framediff_loss(rot, bad.detach(), psi, prs.float(), pts.float(), gt, noised, t, mask,
+        on = L.framediff_loss(rot, bad.detach(), psi, prs.float(), pts.float(), gt, noised, t, mask,
                               dict(exp, clash_loss_weight=2.0, clash_loss_t_filter=0.5))
-        expect = 2.0 * T.ca_clash_loss(bad.detach(), trans, mask) * (tv < 0.5)
+        expect = 2.0 * L.ca_clash_loss(bad.detach(), trans, mask) * (tv < 0.5)
         assert torch.allclose(on["clash_loss"], expect, atol=1e-6)
         assert torch.allclose(on["loss"], off["loss"] + expect, atol=1e-5)
