@@ -1,6 +1,6 @@
 """Time the README's main job (plain ``generate_backbones``) on the CPU, with user/sys split and page faults.
 
-Each repeat runs ``python -m superdiff_protein.generate out_dir=<fresh tmp dir> progress=false [overrides]``
+Each repeat runs ``python -m superdiff_protein.cli.generate out_dir=<fresh tmp dir> progress=false [overrides]``
 in a child process and reads the child's own resource usage (``os.wait4``): wall, user and system CPU
 seconds, minor page faults, peak RSS. ``--forward`` also times one no-grad forward of the
 ``default-helix`` FrameDiff network at batch 10 x length 100 (the job's unit of work).
@@ -35,7 +35,7 @@ def run_job(overrides: list[str], env_over: dict[str, str]) -> dict:
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_main_job_") as tmp:
-        cmd = [sys.executable, "-m", "superdiff_protein.generate", f"out_dir={tmp}/out", "progress=false",
+        cmd = [sys.executable, "-m", "superdiff_protein.cli.generate", f"out_dir={tmp}/out", "progress=false",
                *overrides]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -63,9 +63,9 @@ def forward_ms(reps: int = 10, batch: int = 10, length: int = 100) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from superdiff_protein._runtime import tune_malloc
+    from superdiff_protein.cli.runtime import tune_malloc
     from superdiff_protein.geometry import so3_exp
-    from superdiff_protein.registry import load_model
+    from superdiff_protein.frames.registry import load_model
 
     tuned = tune_malloc()
     m = load_model("default-helix")

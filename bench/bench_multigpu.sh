@@ -16,9 +16,9 @@ python3 bench/make_random_checkpoints.py /tmp/ck --count 2
 ARGS="models=[/tmp/ck/random_framediff_0.pth,/tmp/ck/random_framediff_1.pth] rule=or lengths=[${LENGTH:-100}] \
 samples_per_length=$SAMPLES batch_size=16 num_steps=$STEPS seed=0 device=${DEVICE:-cuda} precision=float32 plots=false progress=false"
 t0=$(date +%s.%N)
-CUDA_VISIBLE_DEVICES=0 python3 -m superdiff_protein.generate $ARGS out_dir=/tmp/one 2>&1 | tail -2
+CUDA_VISIBLE_DEVICES=0 python3 -m superdiff_protein.cli.generate $ARGS out_dir=/tmp/one 2>&1 | tail -2
 t1=$(date +%s.%N)
-torchrun --standalone --nproc_per_node=2 -m superdiff_protein.generate $ARGS out_dir=/tmp/two 2>&1 | tail -3
+torchrun --standalone --nproc_per_node=2 -m superdiff_protein.cli.generate $ARGS out_dir=/tmp/two 2>&1 | tail -3
 t2=$(date +%s.%N)
 python3 - "$t0" "$t1" "$t2" "$OUTDIR/multigpu.json" "$SAMPLES" "$STEPS" <<'PY'
 import json, sys

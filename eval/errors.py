@@ -1,7 +1,7 @@
 """Exception types of the evaluation package (clear messages, no raw tracebacks from the CLI)."""
 from __future__ import annotations
 
-from superdiff_protein._cli import UserError
+from superdiff_protein.errors import UserError
 
 
 class EvalError(UserError):

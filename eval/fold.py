@@ -65,7 +65,7 @@ def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device 
         raise ModelUnavailableError(esmfold_help(spec))
     from transformers import EsmForProteinFolding
 
-    from superdiff_protein.safe_load import CheckpointError, pretrained_load_kwargs
+    from superdiff_protein.runs.safe_load import CheckpointError, pretrained_load_kwargs
 
     try:
         vetted = pretrained_load_kwargs(path)

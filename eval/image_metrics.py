@@ -11,7 +11,7 @@ FID / IS
     Weights: ``weights_path`` argument, else ``$SUPERDIFF_INCEPTION_WEIGHTS``, else the torch hub
     cache (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``, the file
     torch-fidelity downloads). Nothing is downloaded; without weights a clear error says where to put them.
-    The weights file is first read by the allow-listed loader (``superdiff_protein.safe_load``: no code runs).
+    The weights file is first read by the allow-listed loader (``superdiff_protein.runs.safe_load``: no code runs).
 
 CLIP score
     ``100 * max(cos(E_img, E_txt), 0)`` averaged over (image, prompt) pairs (Hessel et al. 2021, as in
@@ -190,7 +190,7 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         super().__init__()
         path = find_inception_weights(weights_path)
-        from superdiff_protein.checkpoints import CheckpointError, load_checkpoint_file
+        from superdiff_protein.frames.checkpoints import CheckpointError, load_checkpoint_file
 
         try:
             sd = load_checkpoint_file(path, "cpu")
@@ -254,7 +254,7 @@ class ClipScorer:
     def __init__(self, model_path: str | os.PathLike, device: str | torch.device = "cpu"):
         from transformers import CLIPModel, CLIPTokenizer
 
-        from superdiff_protein.safe_load import CheckpointError, pretrained_load_kwargs
+        from superdiff_protein.runs.safe_load import CheckpointError, pretrained_load_kwargs
 
         try:
             vetted = pretrained_load_kwargs(model_path)

@@ -64,7 +64,7 @@ def load_proteinmpnn(model_name: str = "v_48_020", ca_only: bool = False, weight
     path = Path(weights) if weights else weights_path(model_name, ca_only, soluble)
     if not path.is_file():
         raise ModelUnavailableError(f"ProteinMPNN checkpoint {path} not found")
-    from superdiff_protein.checkpoints import CheckpointError, load_checkpoint_file
+    from superdiff_protein.frames.checkpoints import CheckpointError, load_checkpoint_file
 
     try:
         ckpt = load_checkpoint_file(path, "cpu")

@@ -119,7 +119,7 @@ def group_of(meta: dict) -> str:
 
 def _device(spec: str) -> str:
     """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``; CUDA requested but absent is bad input."""
-    from superdiff_protein._cli import resolve_device
+    from superdiff_protein.cli.common import resolve_device
 
     return str(resolve_device(spec, "device", BadInputError))
 
@@ -239,7 +239,7 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
         raise BadInputError(f"samples_dir {str(samples_dir)!r} is not a directory (does it exist?)")
     validate_config(cfg)
     device = _device(cfg.get("device", "auto"))
-    from superdiff_protein._cli import check_out_dir
+    from superdiff_protein.cli.common import check_out_dir
 
     out_dir = check_out_dir(cfg.out_dir if cfg.get("out_dir") else samples_dir / "eval", "out_dir", BadInputError)
     reference = cfg.get("reference")
@@ -248,7 +248,7 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
                             "PDB/mmCIF files, or a prepared .npz from `python -m eval.reference`)")
     weights = cfg.get("mpnn", {}).get("weights")
     if weights and cfg.mpnn.get("enabled", True):  # a user-given file is vetted before any work (exit 2)
-        from superdiff_protein.checkpoints import CheckpointError, load_checkpoint_file
+        from superdiff_protein.frames.checkpoints import CheckpointError, load_checkpoint_file
 
         try:
             load_checkpoint_file(str(weights), "cpu")

@@ -126,7 +126,7 @@ class FrameScoreModel:
                         dtype: torch.dtype = torch.float32,
                         name: str | None = None) -> "FrameScoreModel":
         """Load an official FrameDiff / Proteus checkpoint (``kind`` autodetected: Proteus has ``ema``)."""
-        from superdiff_protein.registry import load_model
+        from superdiff_protein.frames.registry import load_model
 
         spec = f"{kind}:{os.fspath(path)}" if kind else os.fspath(path)
         return load_model(spec, device=device, dtype=dtype, name=name)

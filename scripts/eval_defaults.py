@@ -37,7 +37,7 @@ LABELS = {"helix": "default-helix alone", "strand": "default-strand alone", "ave
 
 
 def _generate(out: Path, name: str, args) -> Path:
-    from superdiff_protein.generate import generate
+    from superdiff_protein.cli.generate import generate
 
     d = out / "samples" / name
     want = len(args.lengths) * args.n
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
-    from superdiff_protein._runtime import tune_malloc
+    from superdiff_protein.cli.runtime import tune_malloc
 
     tune_malloc()  # as the CLIs do: big freed blocks are reused, not unmapped (docs/benchmarks.md)
     out = Path(args.out)

@@ -73,7 +73,7 @@ chunk() {
     done
     # shellcheck disable=SC2206
     args+=(${EXTRA:-})
-    $PY -m superdiff_protein.train "${args[@]}" >"${RUNS_STATE}/${s}/train.log" 2>&1 &
+    $PY -m superdiff_protein.cli.train "${args[@]}" >"${RUNS_STATE}/${s}/train.log" 2>&1 &
     pids+=($!)
   done
   local rc=0
@@ -99,8 +99,8 @@ collect() {
     mv "${RUNS_STATE}/${s}/.last.ckpt.tmp" "${RUNS_STATE}/${s}/last.ckpt"
     tar -xzf "${src}/${s}/meta.tar.gz" -C "${RUNS_OUT}/${s}"
     cp "${RUNS_OUT}/${s}/metrics.csv" "${RUNS_STATE}/${s}/metrics.csv"   # resumed runs append to it
-    $PY -m superdiff_protein.train export "${RUNS_STATE}/${s}/last.ckpt" "${RUNS_OUT}/${s}/model.pth"
-    $PY -m superdiff_protein.train plot "${RUNS_OUT}/${s}"
+    $PY -m superdiff_protein.cli.train export "${RUNS_STATE}/${s}/last.ckpt" "${RUNS_OUT}/${s}/model.pth"
+    $PY -m superdiff_protein.cli.train plot "${RUNS_OUT}/${s}"
   done
   status
 }

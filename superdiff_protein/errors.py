@@ -1,8 +1,8 @@
 """The base class of errors meant for the user: bad input or environment.
 
 Library code and models raise subclasses of :class:`UserError` (``TrainError``, ``DatasetError``, ...); the
-command lines (``superdiff_protein._cli``) turn them into one line on stderr and exit code 2. It lives here,
-not in ``_cli``, so that ``models`` can raise it without importing a command-line module.
+command lines (``superdiff_protein.cli.common``) turn them into one line on stderr and exit code 2. It lives here,
+not in ``cli.common``, so that ``models`` can raise it without importing a command-line module.
 """
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ class SE3DiffuserConfig:
 
 def _to_plain(conf: Any) -> dict:
     """OmegaConf / mapping -> plain dict (the checkpoint module's conversion, with this module's error)."""
-    from .checkpoints import CheckpointError, conf_to_container
+    from .frames.checkpoints import CheckpointError, conf_to_container
 
     try:
         return conf_to_container(conf)

@@ -11,7 +11,7 @@ too) and asserts:
   byte-for-byte unchanged (every file's size and mtime);
 * no code from a hostile checkpoint ran (its marker file never appears).
 
-The exit-code contract itself lives in ``superdiff_protein/_cli.py`` and ``docs/tutorial.md`` (§8).
+The exit-code contract itself lives in ``superdiff_protein/cli/common.py`` and ``docs/tutorial.md`` (§8).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def inputs(tmp_path_factory):
     first = lines[0][22:26]
     (d / "one_residue").mkdir()
     (d / "one_residue" / "x.pdb").write_text("\n".join([ln for ln in lines if ln[22:26] == first] + ["END", ""]))
-    from superdiff_protein.data import prepare_dataset
+    from superdiff_protein.frames.data import prepare_dataset
 
     prepare_dataset(d / "pdbs", d / "ds.pt", min_length=10, max_length=2000, split=None, progress=False)
     return d
@@ -87,51 +87,51 @@ def _existing_run(tmp: Path, inp: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 def _generate(argv):
-    from superdiff_protein.generate import main
+    from superdiff_protein.cli.generate import main
     return main(argv)
 
 
 def _evaluate(argv):
-    from eval.cli import main
+    from superdiff_protein.cli.evaluate import main
     return main(argv)
 
 
 def _prepare(argv):
-    from superdiff_protein.data import main
+    from superdiff_protein.cli.prepare_dataset import main
     return main(argv)
 
 
 def _train(argv):
-    from superdiff_protein.train import main
+    from superdiff_protein.cli.train import main
     return main(argv)
 
 
 def _gen_images(argv):
-    from superdiff_protein.image_cli import generate_main
+    from superdiff_protein.cli.images import generate_main
     return generate_main(argv)
 
 
 def _train_images(argv):
-    from superdiff_protein.image_cli import train_main
+    from superdiff_protein.cli.images import train_main
     return train_main(argv)
 
 
 # prog: (in-process main, subprocess command, base arguments)
 COMMANDS = {
-    "generate_backbones": (_generate, ["-m", "superdiff_protein.generate"],
+    "generate_backbones": (_generate, ["-m", "superdiff_protein.cli.generate"],
                            ["models=[exact-helix]", "lengths=[20]", "samples_per_length=1", "num_steps=2",
                             "plots=false", "progress=false", "out_dir={out}"]),
-    "evaluate_backbones": (_evaluate, ["-m", "eval.cli"],
+    "evaluate_backbones": (_evaluate, ["-m", "superdiff_protein.cli.evaluate"],
                            ["samples_dir={in}/samples", "out_dir={out}", "esmfold=null", "progress=false",
                             "workers=1"]),
-    "prepare_dataset": (_prepare, ["-m", "superdiff_protein.data"],
+    "prepare_dataset": (_prepare, ["-m", "superdiff_protein.cli.prepare_dataset"],
                         ["input_dir={in}/pdbs", "output={out}/ds.pt", "progress=false"]),
-    "train_frame_model": (_train, ["-m", "superdiff_protein.train"],
+    "train_frame_model": (_train, ["-m", "superdiff_protein.cli.train"],
                           ["model=tiny", "data.path={in}/ds.pt", "data.batch_size=2", "max_steps=1",
                            "trainer.tensorboard=false", "out_dir={out}"]),
-    "generate_images": (_gen_images, ["-m", "superdiff_protein.image_cli"],
+    "generate_images": (_gen_images, ["-m", "superdiff_protein.cli.images"],
                         ["model_path={in}/adir", "output_dir={out}", "num_inference_steps=2", "batch_size=1"]),
-    "train_image_model": (_train_images, ["-c", "from superdiff_protein.image_cli import train_main; train_main()"],
+    "train_image_model": (_train_images, ["-c", "from superdiff_protein.cli.images import train_main; train_main()"],
                           ["archive={in}/afile", "output={out}", "max_steps=1", "batch_size=2"]),
 }
 
@@ -334,7 +334,7 @@ def test_help_offers_only_valid_groups(capfd):
 def test_training_prints_no_noise(inputs, tmp_path):
     """A successful train_frame_model run prints none of the lines a user cannot act on: Lightning's litlogger
     advert, torch's pytree deprecation (from Lightning's code), the weights_only default note."""
-    rc, stdout, stderr = _run_subprocess(["-m", "superdiff_protein.train"],
+    rc, stdout, stderr = _run_subprocess(["-m", "superdiff_protein.cli.train"],
                                          ["model=tiny", f"data.path={inputs / 'ds.pt'}", "data.batch_size=2",
                                           "max_steps=1", "trainer.tensorboard=false", "experiment.eval_every=0",
                                           f"out_dir={tmp_path / 'run'}"], tmp_path)

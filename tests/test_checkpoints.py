@@ -1,4 +1,4 @@
-"""Safe checkpoint loading (superdiff_protein.checkpoints)."""
+"""Safe checkpoint loading (superdiff_protein.frames.checkpoints)."""
 from __future__ import annotations
 
 import collections
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import official_fixtures_dir, official_params
-from superdiff_protein.checkpoints import (
+from superdiff_protein.frames.checkpoints import (
     CheckpointError,
     load_checkpoint_file,
     load_framediff_checkpoint,

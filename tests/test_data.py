@@ -1,4 +1,4 @@
-"""Tests of superdiff_protein.data: prepare_dataset, FrameDataset, samplers, SS split."""
+"""Tests of superdiff_protein.frames.data: prepare_dataset, FrameDataset, samplers, SS split."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, official_fixtures_dir, official_skip_reason
-from superdiff_protein.data import (
+from superdiff_protein.frames.data import (
     RESTYPES,
     DatasetError,
     FrameDataset,
@@ -25,7 +25,7 @@ from superdiff_protein.data import (
     split_by_secondary_structure,
 )
 from superdiff_protein.geometry import frames_from_backbone
-from superdiff_protein.pdb_io import read_backbone
+from superdiff_protein.frames.pdb_io import read_backbone
 from test_pdb_io import DNA_PDB, chain_files, pdownb_chain_dir  # noqa: F401  (session fixture)
 
 CORRUPT = b"ATOM      1  N   ALA A   1      xx.xxx  1.000  1.000  1.00  0.00           N\n" * 3
@@ -189,14 +189,14 @@ def test_prepare_errors_are_clear(input_dir, tmp_path):
 
 def test_cli_end_to_end(input_dir, tmp_path):
     out = tmp_path / "cli" / "ds.pt"
-    cmd = [sys.executable, "-m", "superdiff_protein.data", f"input_dir={input_dir}", f"output={out}",
+    cmd = [sys.executable, "-m", "superdiff_protein.cli.prepare_dataset", f"input_dir={input_dir}", f"output={out}",
            "min_length=1", "progress=false"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "corrupt.pdb" in r.stdout and "kept" in r.stdout
     assert out.is_file() and Path(str(out) + ".log.json").is_file()
     assert not (tmp_path / "outputs").exists()  # hydra writes no run directory
-    r = subprocess.run([sys.executable, "-m", "superdiff_protein.data", f"input_dir={tmp_path / 'nope'}",
+    r = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.prepare_dataset", f"input_dir={tmp_path / 'nope'}",
                         f"output={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 

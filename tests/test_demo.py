@@ -6,7 +6,7 @@ import sys
 
 def test_demo_cli(tmp_path):
     out = tmp_path / "demo.png"
-    r = subprocess.run([sys.executable, "-m", "superdiff_protein.demo", "--out", str(out), "--samples", "150",
+    r = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.demo", "--out", str(out), "--samples", "150",
                         "--steps", "80", "--no-progress"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert out.exists() and out.stat().st_size > 10_000
@@ -18,6 +18,6 @@ def test_demo_cli(tmp_path):
 
 
 def test_demo_bad_input(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "superdiff_protein.demo", "--out", str(tmp_path / "x.png"),
+    r = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.demo", "--out", str(tmp_path / "x.png"),
                         "--samples", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "error" in r.stderr and "Traceback" not in r.stderr

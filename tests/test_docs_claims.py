@@ -33,7 +33,7 @@ def test_readme_install_names_the_supported_range_and_a_cuda_build():
 
 def test_default_layout_is_not_called_framediffs():
     """The default (flat) layout is ours; FrameDiff's is layout=framediff."""
-    for f in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "superdiff_protein" / "generate.py"]:
+    for f in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "superdiff_protein" / "cli" / "generate.py"]:
         text = f.read_text()
         assert "(FrameDiff layout)" not in text and "FrameDiff's layout, so tools" not in text, f
     tut = (REPO / "docs" / "tutorial.md").read_text()

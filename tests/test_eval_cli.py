@@ -20,7 +20,7 @@ CONTRACT_SUMMARY = ["n_samples", "pairwise_tm_mean", "n_clusters", "cluster_frac
 
 def run_cli(*args, env=None):
     e = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "eval.cli", *args], capture_output=True, text=True, env=e,
+    return subprocess.run([sys.executable, "-m", "superdiff_protein.cli.evaluate", *args], capture_output=True, text=True, env=e,
                           cwd=REPO, timeout=600)
 
 

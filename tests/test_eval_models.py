@@ -125,7 +125,7 @@ def test_full_designability_path_with_tiny_models(tmp_path):
 
 
 def _cfg(sdir, **kw):
-    from eval.cli import load_config
+    from superdiff_protein.cli.evaluate import load_config
 
     ov = [f"samples_dir={sdir}", "mpnn.num_seqs=2", "workers=1", "progress=false", "fold.batch_size=2",
           f"reference={kw.get('reference') or 'null'}", f"esmfold={kw.get('esmfold') or 'null'}"]

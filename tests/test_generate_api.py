@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from superdiff_protein.generate import (
+from superdiff_protein.cli.generate import (
     CONFIG_DIR,
     GenerateConfig,
     GenerateError,
@@ -145,7 +145,7 @@ def test_api_bad_input_raises_and_writes_nothing(tmp_path, kw, msg):
 
 def test_defaults_are_the_shipped_trained_models(tmp_path):
     """The plain job uses the two trained checkpoints of models/checkpoints/ (both load through the registry)."""
-    from superdiff_protein.registry import BUILTIN_CHECKPOINTS, available_models
+    from superdiff_protein.frames.registry import BUILTIN_CHECKPOINTS, available_models
 
     cfg = load_config()
     assert cfg["models"] == ["default-helix", "default-strand"]

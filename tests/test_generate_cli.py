@@ -34,7 +34,7 @@ CA_CA = 3.80
 
 
 def _cmd() -> list[str]:
-    return [sys.executable, "-m", "superdiff_protein.generate"]
+    return [sys.executable, "-m", "superdiff_protein.cli.generate"]
 
 
 def _env() -> dict:
@@ -339,7 +339,7 @@ def _tiny_framediff_checkpoint(path: Path, seed: int, model_conf: dict | None = 
 
 @pytest.fixture(scope="module")
 def framediff_ckpts(tmp_path_factory):
-    pytest.importorskip("superdiff_protein.registry")
+    pytest.importorskip("superdiff_protein.frames.registry")
     d = tmp_path_factory.mktemp("ckpts")
     return [_tiny_framediff_checkpoint(d / f"tiny_{s}.pth", s) for s in (0, 1)]
 
@@ -434,7 +434,7 @@ def test_bf16_precision_runs_and_stays_close_to_float32(tmp_path, framediff_ckpt
                     "seed=1", f"precision={prec}", f"out_dir={out}", *SMALL)
         assert r.returncode == 0, r.stderr
         outs[prec] = out
-    from superdiff_protein.pdb_io import read_backbone
+    from superdiff_protein.frames.pdb_io import read_backbone
     for i in range(2):
         x = read_backbone(outs["float32"] / "length_10" / f"sample_{i}.pdb").atoms[:, 1]
         y = read_backbone(outs["bf16"] / "length_10" / f"sample_{i}.pdb").atoms[:, 1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from superdiff_protein.generate import (
+from superdiff_protein.cli.generate import (
     EXACT_MODELS,
     ExactFrameMixture,
     GenerateError,

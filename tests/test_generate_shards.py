@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from superdiff_protein.generate import GenerateError, generate
+from superdiff_protein.cli.generate import GenerateError, generate
 
 COMMON = dict(models=["exact-helix", "exact-strand"], lengths=[20, 24], samples_per_length=3, batch_size=2, num_steps=6, seed=3, device="cpu",
               plots=False, progress=False)
@@ -62,7 +62,7 @@ def test_torchrun_two_ranks_cpu(tmp_path):
             "device=cpu", "plots=false", "progress=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "superdiff_protein.generate", *args], capture_output=True, text=True, timeout=600,
+                        "-m", "superdiff_protein.cli.generate", *args], capture_output=True, text=True, timeout=600,
                        env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _pdbs(single) == _pdbs(out)

@@ -110,7 +110,7 @@ def test_train_two_halves_and_or_superposition(archive, tmp_path):
 
 def test_train_image_model_cli(archive, tmp_path, capsys):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-c", "from superdiff_protein.image_cli import train_main; train_main()",
+    cmd = [sys.executable, "-c", "from superdiff_protein.cli.images import train_main; train_main()",
            f"archive={archive[0]}", f"output={tmp_path / 'm'}", "classes=[cat,dog]", "max_steps=2", "batch_size=4",
            "block_out_channels=[8,16]", "layers_per_block=1", "norm_num_groups=4", "num_workers=0",
            "accelerator=cpu", "progress=false", "ema_decay=0"]
@@ -118,7 +118,7 @@ def test_train_image_model_cli(archive, tmp_path, capsys):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "m" / "unet" / "config.json").is_file()
     # bad input: the CLI wrapper turns it into one error line and exit code 2 (no traceback)
-    from superdiff_protein.image_cli import _guarded, run_train
+    from superdiff_protein.cli.images import _guarded, run_train
 
     for kw in ({"archive": str(tmp_path / "none.tar.gz")}, {"classes": ["unicorn"]}, {"prediction_type": "sample"}):
         cfg = TrainConfig(**dict(dict(archive=str(archive[0]), output=str(tmp_path / "x"), **TINY), **kw))

@@ -271,7 +271,7 @@ def test_pipeline_and_cli_density_option(tmp_path):
 
     from models.image.pipeline import SuperDiffPipeline
     from models.image.tiny import tiny_sd_components
-    from superdiff_protein.image_cli import _CONFIG_DIR, GenerateConfig
+    from superdiff_protein.cli.images import _CONFIG_DIR, GenerateConfig
 
     c = tiny_sd_components(tmp_path, seed=0)
     pipe = SuperDiffPipeline(c["unet"], c["scheduler"], vae=c["vae"], text_encoder=c["text_encoder"],

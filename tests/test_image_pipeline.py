@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 from models.image.adapters import ImageModelError  # noqa: E402
 from models.image.pipeline import SuperDiffPipeline, lift_to_bias  # noqa: E402
 from models.image.tiny import save_components, tiny_ddpm_components, tiny_sd_components  # noqa: E402
-from superdiff_protein.image_cli import GenerateConfig, run_generate  # noqa: E402
+from superdiff_protein.cli.images import GenerateConfig, run_generate  # noqa: E402
 from tolerances import close, shadow_error, shadow_tol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,11 +136,11 @@ def test_generate_images_in_process_and_cli(sd_dir, tmp_path):
     if "sd_epsilon" not in str(sd_dir):       # the console-entry subprocesses (slow imports) once is enough
         return
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ok = subprocess.run([sys.executable, "-m", "superdiff_protein.image_cli", f"model_path={sd_dir}",
+    ok = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.images", f"model_path={sd_dir}",
                          "prompts=[a cat, a dog]", "rule=or", "num_inference_steps=2", "batch_size=1",
                          f"output_dir={tmp_path / 'cli'}", "device=cpu"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "cli" / "grid.png").is_file()
-    bad = subprocess.run([sys.executable, "-m", "superdiff_protein.image_cli", f"model_path={tmp_path / 'nope'}",
+    bad = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.images", f"model_path={tmp_path / 'nope'}",
                           f"output_dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "generate_images: error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -122,7 +122,7 @@ def tiny_eval_models(tmp_path_factory):
 
 
 def _evaluate(sdir, models, *extra):
-    from eval.cli import load_config
+    from superdiff_protein.cli.evaluate import load_config
     from eval.pipeline import evaluate
 
     esm, ckpt = models
@@ -132,7 +132,7 @@ def _evaluate(sdir, models, *extra):
 
 
 def _generate(out, layout):
-    from superdiff_protein.generate import generate
+    from superdiff_protein.cli.generate import generate
 
     return generate(models=["exact-helix", "exact-strand"], lengths=[16], samples_per_length=2, num_steps=4,
                     plots=False, progress=False, layout=layout, out_dir=str(out))

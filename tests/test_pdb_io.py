@@ -1,4 +1,4 @@
-"""Tests of superdiff_protein.pdb_io on real PDownB chains and on hand-made bad files."""
+"""Tests of superdiff_protein.frames.pdb_io on real PDownB chains and on hand-made bad files."""
 from __future__ import annotations
 
 import gzip
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import real_chain_files
-from superdiff_protein.pdb_io import (
+from superdiff_protein.frames.pdb_io import (
     BACKBONE_ATOMS,
     Backbone,
     PDBWriteError,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import official_fixtures_dir, official_skip_reason
-from superdiff_protein import registry
-from superdiff_protein.checkpoints import CheckpointError
-from superdiff_protein.registry import UnknownModelError, available_models, load_model, register_model
+from superdiff_protein.frames import registry
+from superdiff_protein.frames.checkpoints import CheckpointError
+from superdiff_protein.frames.registry import UnknownModelError, available_models, load_model, register_model
 
 FIX = official_fixtures_dir()
 

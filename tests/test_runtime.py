@@ -1,4 +1,4 @@
-"""The CLI allocator hook (superdiff_protein._runtime.tune_malloc): applies on glibc, can be disabled."""
+"""The CLI allocator hook (superdiff_protein.cli.runtime.tune_malloc): applies on glibc, can be disabled."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = "from superdiff_protein._runtime import tune_malloc; print(tune_malloc(), tune_malloc())"
+CODE = "from superdiff_protein.cli.runtime import tune_malloc; print(tune_malloc(), tune_malloc())"
 
 
 def _run(**env_over: str) -> str:

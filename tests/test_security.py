@@ -21,7 +21,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from superdiff_protein.safe_load import (
+from superdiff_protein.runs.safe_load import (
     ALLOWED_GLOBAL_NAMES,
     CheckpointError,
     UnsafeCheckpointError,
@@ -199,10 +199,10 @@ def _entry_points(tmp: Path):
     from models.framediff.adapter import FrameDiffAdapter
     from models.framediff.checkpointing import export_from_lightning_checkpoint
     from models.proteus.adapter import ProteusAdapter
-    from superdiff_protein import checkpoints as C
-    from superdiff_protein.data import load_dataset_file
-    from superdiff_protein.generate import load_exact_frame_set
-    from superdiff_protein.registry import load_model
+    from superdiff_protein.frames import checkpoints as C
+    from superdiff_protein.frames.data import load_dataset_file
+    from superdiff_protein.cli.generate import load_exact_frame_set
+    from superdiff_protein.frames.registry import load_model
 
     return {
         "load_checkpoint_file": C.load_checkpoint_file,
@@ -300,22 +300,22 @@ def test_command_lines_refuse_and_exit_2(tmp_path, kind):
     trojan = tmp_path / "trojan.pt"
     trojan.write_bytes(planted_files(tmp_path, marker)[kind])
     runs = {
-        "generate models=": ("superdiff_protein.generate", f"models=[{trojan},default-strand]", "lengths=[20]",
+        "generate models=": ("superdiff_protein.cli.generate", f"models=[{trojan},default-strand]", "lengths=[20]",
                              "samples_per_length=1", "num_steps=2", f"out_dir={tmp_path / 'gen'}", "plots=false",
                              "progress=false"),
-        "train data.path=": ("superdiff_protein.train", "model=tiny", f"data.path={trojan}",
+        "train data.path=": ("superdiff_protein.cli.train", "model=tiny", f"data.path={trojan}",
                              f"out_dir={tmp_path / 'train'}", "max_steps=1", "trainer.accelerator=cpu"),
     }
     samples = tmp_path / "samples"
     samples.mkdir()
     _write_helix_pdb(samples / "a.pdb")
-    runs["evaluate mpnn.weights="] = ("eval.cli", f"samples_dir={samples}", f"mpnn.weights={trojan}", "esmfold=null",
+    runs["evaluate mpnn.weights="] = ("superdiff_protein.cli.evaluate", f"samples_dir={samples}", f"mpnn.weights={trojan}", "esmfold=null",
                                       "novelty.refold=false", "diversity.enabled=false", "plots=false",
                                       "progress=false", f"out_dir={tmp_path / 'ev'}")
     resume_dir = tmp_path / "resume"
     resume_dir.mkdir()
     (resume_dir / "last.ckpt").write_bytes(trojan.read_bytes())
-    runs["train resume"] = ("superdiff_protein.train", "model=tiny", f"data.path={trojan}", f"out_dir={resume_dir}",
+    runs["train resume"] = ("superdiff_protein.cli.train", "model=tiny", f"data.path={trojan}", f"out_dir={resume_dir}",
                             "resume=true", "max_steps=1", "trainer.accelerator=cpu")
     for name, args in runs.items():
         r = _cli(*args, cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""Tests of FrameDiff training: the command line ``superdiff_protein.train`` (``train_frame_model``) and the
+"""Tests of FrameDiff training: the command line ``superdiff_protein.cli.train`` (``train_frame_model``) and the
 training code next to the network in ``models/framediff/`` (losses, LightningModule, DataModule, fit).
 
 A tiny FrameDiff model is trained for a few dozen steps on a few real PDownB chains (the prepared
@@ -31,7 +31,7 @@ from conftest import REPO
 from test_pdb_io import pdownb_chain_dir  # noqa: F401  (session fixture)
 
 from models.framediff import losses as L
-from superdiff_protein import train as T
+from superdiff_protein.cli import train as T
 
 N_CHAINS = 8
 STEPS, STOP = 40, 25  # uninterrupted run length; the interrupted run stops at STOP and resumes
@@ -49,7 +49,7 @@ def dataset(request, tmp_path_factory) -> tuple[str, list[int] | None]:
         d = torch.load(prepared, weights_only=True)
         helix = d["splits"]["ss"]["helix"].tolist()
         return str(prepared), [int(i) for i in helix[:N_CHAINS]]
-    from superdiff_protein.data import prepare_dataset
+    from superdiff_protein.frames.data import prepare_dataset
 
     chain_dir = request.getfixturevalue("pdownb_chain_dir")
     out = tmp_path_factory.mktemp("train_ds") / "tiny.pt"
@@ -129,7 +129,7 @@ def test_model_pth_is_official_container_and_loads_safely(runs):
     from omegaconf import DictConfig
 
     from models.framediff import FrameDiffAdapter
-    from superdiff_protein.checkpoints import load_checkpoint_file
+    from superdiff_protein.frames.checkpoints import load_checkpoint_file
 
     path = runs["full"] / "model.pth"
     raw = load_checkpoint_file(path)  # safe loader, no trust flag
@@ -294,7 +294,7 @@ def test_compose_config_with_hydra():
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    r = subprocess.run([sys.executable, "-m", "superdiff_protein.train", f"out_dir={tmp_path / 'o'}",
+    r = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.train", f"out_dir={tmp_path / 'o'}",
                         f"data.path={tmp_path / 'missing.pt'}"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert "train_frame_model: error: dataset file" in r.stderr and "Traceback" not in r.stderr
@@ -315,7 +315,7 @@ class _Block:
             raise ModuleNotFoundError("blocked for this test: " + name)
         return None
 sys.meta_path.insert(0, _Block())
-from superdiff_protein import train as T
+from superdiff_protein.cli import train as T
 cfg = T.compose_config(json.loads(sys.argv[1]))
 cfg['data']['subset'] = json.loads(sys.argv[2])
 s = T.train(cfg)
@@ -356,7 +356,7 @@ def test_training_code_lives_next_to_the_network():
         tree = ast.parse((REPO / "models" / "framediff" / f"{name}.py").read_text())
         mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not mods & {"superdiff_protein._cli", "superdiff_protein.train", "superdiff_protein"}, (name, mods)
+        assert not mods & {"superdiff_protein.cli.common", "superdiff_protein.cli.train", "superdiff_protein"}, (name, mods)
 
 
 def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():

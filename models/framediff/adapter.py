@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from superdiff_protein.checkpoints import load_framediff_checkpoint, load_state_dict_checked
+from superdiff_protein.frames.checkpoints import load_framediff_checkpoint, load_state_dict_checked
 from superdiff_protein.geometry import backbone_atoms_from_frames, rotmat_to_quat
 
 from .config import FrameDiffConfig
@@ -75,10 +75,10 @@ class FrameDiffAdapter(nn.Module):
 
         The architecture is sized from the checkpoint's own ``conf.model``; keys are matched
         strictly (``module.`` prefixes stripped).  The file is read by the allow-listed loader
-        (:mod:`superdiff_protein.safe_load`): no code from it runs.  The model is returned in ``eval()`` mode.
+        (:mod:`superdiff_protein.runs.safe_load`): no code from it runs.  The model is returned in ``eval()`` mode.
 
         Raises:
-            superdiff_protein.checkpoints.CheckpointError: unreadable/unsafe file or key mismatch.
+            superdiff_protein.frames.checkpoints.CheckpointError: unreadable/unsafe file or key mismatch.
         """
         ck = load_framediff_checkpoint(path, map_location="cpu")
         net = FrameDiffScoreNetwork(FrameDiffConfig.from_dict(ck.model_conf))

@@ -4,7 +4,7 @@
   trainer does (``conf`` an OmegaConf ``DictConfig``), so ``FrameDiffAdapter.from_checkpoint`` and the
   allow-listed loader read it like the paper weights;
 * ``last.ckpt`` (Lightning) holds only tensors and plain containers: :func:`read_lightning_checkpoint` and
-  :class:`SafeCheckpointIO` (Lightning's reader on resume) go through ``superdiff_protein.checkpoints``, so no code
+  :class:`SafeCheckpointIO` (Lightning's reader on resume) go through ``superdiff_protein.frames.checkpoints``, so no code
   from the file runs (docs/security.md).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from superdiff_protein.checkpoints import CheckpointError, load_checkpoint_file
+from superdiff_protein.frames.checkpoints import CheckpointError, load_checkpoint_file
 
 from .training import TrainError
 
@@ -105,7 +105,7 @@ def export_from_lightning_checkpoint(ckpt_path: str | os.PathLike, out_path: str
     ck = read_lightning_checkpoint(p)
     cfg = ck.get("superdiff_config")
     if cfg is None:
-        raise TrainError(f"{p} was not written by superdiff_protein.train (no superdiff_config)")
+        raise TrainError(f"{p} was not written by superdiff_protein.cli.train (no superdiff_config)")
     which = which or cfg["experiment"]["export_weights"]
     return export_official_checkpoint(weights_from_lightning(ck, which), cfg, out_path,
                                       step=int(ck.get("global_step", 0)), epoch=int(ck.get("epoch", 0)))

@@ -3,7 +3,7 @@
 Batches form an *infinite, step-indexed stream*: length-bucketed epochs (:class:`LengthBucketSampler`, seeded by
 ``seed`` and the epoch) are concatenated, so batch ``k`` is a pure function of ``(seed, k)`` and the random crop
 of a chain depends on its data epoch. A run resumed at ``global_step`` sees exactly the batches it would have seen
-without interruption. Reading the file, cropping and padding: :mod:`superdiff_protein.data`
+without interruption. Reading the file, cropping and padding: :mod:`superdiff_protein.frames.data`
 (``FrameDataset``, ``collate_frames``). Documentation: ``docs/training.md``, "Batches, randomness, resume".
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from superdiff_protein.data import DatasetError, FrameDataset, LengthBucketSampler, collate_frames
+from superdiff_protein.frames.data import DatasetError, FrameDataset, LengthBucketSampler, collate_frames
 
 from .training import TrainError
 
@@ -40,7 +40,7 @@ class EpochItems(torch.utils.data.Dataset):
 class StepIndexedBatchSampler:
     """Infinite length-bucketed batch stream; batch ``k`` depends only on ``(seed, k)``.
 
-    Data epochs are :class:`~superdiff_protein.data.LengthBucketSampler` epochs concatenated;
+    Data epochs are :class:`~superdiff_protein.frames.data.LengthBucketSampler` epochs concatenated;
     items are ``(index, epoch)`` pairs (see :class:`EpochItems`).  Iteration starts at batch
     ``start_fn()`` (the number of batches already consumed, i.e. Lightning's ``global_step``), so
     a resumed run sees exactly the batches it would have seen without interruption.

@@ -2,7 +2,7 @@
 
 :func:`fit` checks everything that can be refused (resume state, accelerator, dataset, Trainer options) before it
 writes the first file, then trains (or resumes) until ``max_steps`` or the ``max_minutes`` budget. The command
-line ``train_frame_model`` (``superdiff_protein/train.py``) composes and validates the config and checks
+line ``train_frame_model`` (``superdiff_protein/cli/train.py``) composes and validates the config and checks
 ``out_dir`` first. Output directory and recipe: ``docs/training.md``.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ Like FrameFlow's ``models/flow_module.py``, next to the network. Per step ``k``:
 
 The data come from :class:`models.framediff.datamodule.FrameDataModule`; :func:`models.framediff.fit.fit` runs
 the Trainer. Configuration: ``configs/train_frame_model.yaml`` (composed and checked by
-``superdiff_protein/train.py``). Documentation: ``docs/training.md``.
+``superdiff_protein/cli/train.py``). Documentation: ``docs/training.md``.
 """
 from __future__ import annotations
 

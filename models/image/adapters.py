@@ -46,7 +46,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from superdiff_protein._cli import UserError
+from superdiff_protein.errors import UserError
 from superdiff_protein.protocol import ModelOutput
 from superdiff_protein.spaces import DiscreteVPSchedule, EuclideanVPSpace, ProductSpace
 

@@ -37,7 +37,7 @@ _TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 def _load_pickle(data: bytes) -> dict:
     """One archive member through the allow-listed unpickler (plain data and numpy arrays only)."""
-    from superdiff_protein.safe_load import CheckpointError, safe_unpickle
+    from superdiff_protein.runs.safe_load import CheckpointError, safe_unpickle
 
     try:
         return safe_unpickle(data, encoding="bytes")

@@ -161,7 +161,7 @@ class SuperDiffPipeline:
                 if need not in index:
                     raise ImageModelError(f"{p!r}: model_index.json lists no {need!r} component")
             unet_cls = getattr(diffusers, index["unet"][1])
-            from superdiff_protein.safe_load import CheckpointError, pretrained_load_kwargs
+            from superdiff_protein.runs.safe_load import CheckpointError, pretrained_load_kwargs
 
             try:
                 vetted = {sub: pretrained_load_kwargs(p, sub) for sub in ("unet", "text_encoder", "vae")}

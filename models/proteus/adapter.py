@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from superdiff_protein.checkpoints import load_proteus_checkpoint, load_state_dict_checked
+from superdiff_protein.frames.checkpoints import load_proteus_checkpoint, load_state_dict_checked
 from superdiff_protein.geometry import rotmat_to_quat
 
 from .network import ProteusNetwork
@@ -68,9 +68,9 @@ class ProteusAdapter(nn.Module):
         The architecture is sized from the checkpoint's own pickled ``conf.model``. Only ``model`` is
         used (``ema`` is ignored, as by the official sampler). Unlike the official non-strict load,
         keys and shapes must match exactly: any missing or unexpected key raises
-        :class:`~superdiff_protein.checkpoints.CheckpointError` naming them (the official
+        :class:`~superdiff_protein.frames.checkpoints.CheckpointError` naming them (the official
         checkpoints have no unused keys, so nothing needs to be ignored). The file is read by the
-        allow-listed loader (:mod:`superdiff_protein.safe_load`): no code from it runs.
+        allow-listed loader (:mod:`superdiff_protein.runs.safe_load`): no code from it runs.
         Returns the model in ``eval()`` mode.
         """
         ck = load_proteus_checkpoint(path, map_location="cpu")

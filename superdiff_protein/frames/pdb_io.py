@@ -7,25 +7,25 @@ output is byte-for-byte deterministic.
 * :func:`read_backbone` / :func:`parse_backbone` -> :class:`Backbone` (first model, one chain,
   ATOM records of amino-acid residues only; HETATM and water are skipped).
 * :func:`write_backbone_pdb` / :func:`write_trajectory_pdb` write PDB files **atomically**
-  (temporary file in the same directory, then ``os.replace``), so a killed process never leaves
-  a truncated file under the final name.
+  (:func:`superdiff_protein.runs.atomic.atomic_open`: temporary file in the same directory, then
+  ``os.replace``), so a killed process never leaves a truncated file under the final name.
 
 Every problem with an input file raises :class:`StructureError` (a ``ValueError``) with a message
 that names the file.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from ..runs.atomic import atomic_open
 
 __all__ = [
     "BACKBONE_ATOMS",
@@ -39,7 +39,6 @@ __all__ = [
     "write_backbone_pdb",
     "write_trajectory_pdb",
     "format_backbone_pdb",
-    "atomic_open",
 ]
 
 #: Backbone atom names in the order used by every (L, 4, 3) array of this package.
@@ -336,37 +335,6 @@ def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "ascii") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success fsync and ``os.replace`` it onto ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left untouched. The result gets
-    the usual ``0o666 & ~umask`` permissions (not the 0600 of ``tempfile``).
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        if "b" in mode:
-            fh = os.fdopen(fd, mode)
-        else:
-            fh = os.fdopen(fd, mode, encoding=encoding, newline="\n")
-        with fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
 
 def _as_atoms(atoms, what: str = "atoms") -> np.ndarray:
     try:

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._cli import UserError, check_out_dir, guard, resolve_device, run_hydra
+from .common import UserError, check_out_dir, guard, resolve_device, run_hydra
 
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ImageCLIError(RuntimeError, UserError):
@@ -184,7 +184,7 @@ def _to_dataclass(cls, cfg, name: str):
     try:
         opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
-        from ._cli import hydra_error_line
+        from .common import hydra_error_line
 
         raise ImageCLIError(hydra_error_line(e)) from e
     opts = {k: v for k, v in opts.items() if k != "hydra"}
@@ -208,7 +208,7 @@ def _as_user_errors(fn):
 
 
 def _guarded(name: str, fn) -> int:
-    """Run ``fn`` under the exit-code contract (``superdiff_protein._cli.guard``); returns the exit code."""
+    """Run ``fn`` under the exit-code contract (``superdiff_protein.cli.common.guard``); returns the exit code."""
     return guard(name, lambda: _as_user_errors(fn))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_NAME = "evaluate_backbones"
 
 
@@ -19,8 +19,8 @@ def load_config(overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns/exit code 0 on success, 2 on bad input (one line on stderr, nothing written),
-    1 on an unexpected failure, 130 when interrupted (superdiff_protein._cli)."""
-    from superdiff_protein._cli import config_keys, guard, hydra_error_line
+    1 on an unexpected failure, 130 when interrupted (superdiff_protein.cli.common)."""
+    from .common import config_keys, guard, hydra_error_line
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         from omegaconf import OmegaConf
         from omegaconf.errors import OmegaConfBaseException
 
-        from .errors import BadInputError
+        from eval.errors import BadInputError
 
         flags = [a for a in argv if a.startswith("-")]
         if flags:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInputError(hydra_error_line(exc, config_keys(CONFIG_NAME))) from exc
         if OmegaConf.is_missing(cfg, "samples_dir"):
             raise BadInputError("samples_dir is required: evaluate_backbones samples_dir=/path/to/backbones")
-        from .pipeline import evaluate, log
+        from eval.pipeline import evaluate, log
 
         summary = evaluate(cfg)
         out = cfg.out_dir or str(Path(str(cfg.samples_dir)) / "eval")

@@ -14,7 +14,7 @@ Third-party packages register models in their ``pyproject.toml``::
 
 Errors: unknown names raise :class:`UnknownModelError` (listing the available names); missing,
 corrupt, unsafe or wrong-architecture checkpoints raise
-:class:`~superdiff_protein.checkpoints.CheckpointError`.
+:class:`~superdiff_protein.frames.checkpoints.CheckpointError`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "superdiff_protein.models"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_DIR = REPO_ROOT / "models" / "checkpoints"
 
 #: Built-in names -> (kind, checkpoint file relative to ``models/checkpoints/``). A name is offered

@@ -2,7 +2,7 @@
 
 Python API::
 
-    from superdiff_protein.generate import generate
+    from superdiff_protein.cli.generate import generate
     summary = generate(rule="or", lengths=[60, 100], samples_per_length=8, num_steps=200, seed=0,
                        out_dir="runs/or")
     print(summary.text())
@@ -60,15 +60,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._cli import UserError, check_out_dir, run_hydra
-from ._cli import resolve_device as _resolve_device
-from .geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
-from .igso3 import igso3_dlog_domega, igso3_log_density
-from .kappa import BIAS_CONVENTIONS, make_rule
-from .pdb_io import PDBWriteError, atomic_open, format_backbone_pdb, write_trajectory_pdb
-from .protocol import IncompatibleModelsError, ModelOutput, check_compatible
-from .sampler import BiasedEstimatorWarning, SamplerConfig, SamplingError, superpose
-from .spaces import ProductSpace, frame_space
+from .common import UserError, check_out_dir, run_hydra
+from .common import resolve_device as _resolve_device
+from ..geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
+from ..igso3 import igso3_dlog_domega, igso3_log_density
+from ..kappa import BIAS_CONVENTIONS, make_rule
+from ..frames.pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
+from ..protocol import IncompatibleModelsError, ModelOutput, check_compatible
+from ..sampler import BiasedEstimatorWarning, SamplerConfig, SamplingError, superpose
+from ..runs.atomic import atomic_open
+from ..spaces import ProductSpace, frame_space
 
 __all__ = [
     "GenerateConfig",
@@ -87,7 +88,7 @@ __all__ = [
     "main",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 CONFIG_NAME = "generate_backbones"
 EXACT_FRAMES_FILE = REPO_ROOT / "models" / "checkpoints" / "exact_frames_pdownb.pt"
@@ -615,7 +616,7 @@ def _exact_space() -> ProductSpace:
     """The frame space of the neural frame models when available (so exact and neural models can be
     superposed), else FrameDiff's schedules via :func:`frame_space`."""
     try:
-        from . import se3  # type: ignore[attr-defined]
+        from .. import se3  # type: ignore[attr-defined]
 
         return se3.SE3Diffuser().space
     except Exception:
@@ -627,8 +628,8 @@ def load_exact_frame_set(path: str | os.PathLike = EXACT_FRAMES_FILE) -> dict:
     p = Path(path)
     if not p.is_file():
         raise GenerateError(f"exact models: data file {p} is missing (rebuild it with "
-                            "superdiff_protein.generate.build_exact_frame_set)")
-    from .checkpoints import CheckpointError, load_checkpoint_file
+                            "superdiff_protein.cli.generate.build_exact_frame_set)")
+    from ..frames.checkpoints import CheckpointError, load_checkpoint_file
 
     try:
         d = load_checkpoint_file(p, "cpu")
@@ -665,7 +666,7 @@ def build_exact_frame_set(archive: str | os.PathLike, members: Mapping[str, Sequ
     """
     import tarfile
 
-    from .pdb_io import read_backbone
+    from ..frames.pdb_io import read_backbone
 
     names, groups, atoms, sources = [], [], [], []
     with tarfile.open(archive) as tf, tempfile.TemporaryDirectory() as tmp:
@@ -693,7 +694,7 @@ def build_exact_frame_set(archive: str | os.PathLike, members: Mapping[str, Sequ
 # ------------------------------------------------------------------------------------ models
 def _registry():
     try:
-        from . import registry  # type: ignore[attr-defined]
+        from ..frames import registry  # type: ignore[attr-defined]
     except ImportError:
         return None
     return registry
@@ -747,7 +748,7 @@ def _load_one(spec: Any, opts: _Opts):
             raise GenerateError(f"models: checkpoint {s!r} not found")
         if looks_like_path:
             raise GenerateError(f"models: cannot load checkpoint {s!r}: checkpoint loading needs "
-                                "superdiff_protein.registry, which this installation lacks")
+                                "superdiff_protein.frames.registry, which this installation lacks")
         raise GenerateError(f"models: unknown model {s!r}; available: {', '.join(EXACT_MODELS)} "
                             "(or a checkpoint path)")
     dtype = _torch_dtype(opts.precision)
@@ -1096,7 +1097,7 @@ def plot_ca_trace(pdb_path: str | os.PathLike, png_path: str | os.PathLike, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .pdb_io import read_backbone
+    from ..frames.pdb_io import read_backbone
 
     bb = read_backbone(pdb_path)
     ca = np.asarray(bb.atoms[:, 1], dtype=np.float64)
@@ -1559,12 +1560,12 @@ def _run_from_cfg(cfg) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``generate_backbones`` (Hydra overrides, e.g. ``rule=and lengths=[60,100]``).
 
-    Exit codes (``superdiff_protein._cli``): 0 done, 1 sampling failed (NaN), 2 bad input (one line on
+    Exit codes (``superdiff_protein.cli.common``): 0 done, 1 sampling failed (NaN), 2 bad input (one line on
     stderr, nothing written), 130 interrupted.
     """
     import signal
 
-    from ._runtime import tune_malloc
+    from .runtime import tune_malloc
 
     tune_malloc()                           # reuse big freed blocks (docs/benchmarks.md, main job)
 

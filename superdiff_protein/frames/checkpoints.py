@@ -2,7 +2,7 @@
 
 Loading never executes code from the file: :func:`load_checkpoint_file` parses the torch file
 itself (zip and legacy formats, every pickle protocol) with the allow-listed unpickler of
-:mod:`superdiff_protein.safe_load`; anything outside the allow-list (OmegaConf configs, builtin
+:mod:`superdiff_protein.runs.safe_load`; anything outside the allow-list (OmegaConf configs, builtin
 containers, tensors) is refused with one line saying why and how to convert the file.  There is no
 "trust" switch: a file that needs one must be re-saved as plain data (``docs/security.md``).
 
@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .safe_load import CheckpointError, UnsafeCheckpointError, safe_load
+from ..runs.safe_load import CheckpointError, UnsafeCheckpointError, safe_load
 
 __all__ = [
     "CheckpointError",

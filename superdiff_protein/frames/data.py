@@ -1,7 +1,7 @@
 """Dataset preparation and loading for frame-model training.
 
-* :func:`prepare_dataset` (console script ``prepare_dataset``, Hydra config
-  ``configs/prepare_dataset.yaml``): a directory / tar archive / single file of PDB or mmCIF
+* :func:`prepare_dataset` (console script ``prepare_dataset``, :mod:`superdiff_protein.cli.prepare_dataset`;
+  Hydra config ``configs/prepare_dataset.yaml``): a directory / tar archive / single file of PDB or mmCIF
   structures -> ONE compact ``.pt`` dataset file (format in ``docs/data.md``), plus a sidecar
   ``<output>.log.json`` listing every skipped (unreadable / non-protein) and filtered file.
 * :class:`FrameDataset`: a ``torch.utils.data.Dataset`` over that file returning backbone atoms,
@@ -27,14 +27,15 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ._cli import UserError, check_out_dir, run_hydra
+from ..cli.common import check_out_dir
+from ..errors import UserError
+from ..runs.atomic import atomic_open
 from .pdb_io import (
     BACKBONE_ATOMS,
     StructureError,
     _backbone_from_chain_atoms,
     _load_atom_array,
     _protein_atoms,
-    atomic_open,
     chain_break_flags,
     detect_format,
 )
@@ -54,7 +55,6 @@ __all__ = [
     "collate_frames",
     "SSSplit",
     "split_by_secondary_structure",
-    "main",
 ]
 
 #: Residue-type order of ``aatype`` tokens (openfold / FrameDiff order), index 20 = unknown ``X``.
@@ -684,7 +684,7 @@ class FrameDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        from .geometry import frames_from_backbone
+        from ..geometry import frames_from_backbone
 
         ci = int(self.chain_indices[i])
         a, b = int(self._offsets[ci]), int(self._offsets[ci + 1])
@@ -820,37 +820,3 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self._batches())
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _run_from_cfg(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    opts = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    opts = {k: v for k, v in opts.items() if k != "hydra"}
-    unknown = set(opts) - set(PrepareConfig.__dataclass_fields__)
-    if unknown:
-        raise DatasetError(f"unknown config key(s) {sorted(unknown)}")
-    input_dir, output = opts.pop("input_dir", None), opts.pop("output", None)
-    summary = prepare_dataset(input_dir or "", output or "", **opts)
-    print(summary.text())
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point ``prepare_dataset`` (Hydra: ``prepare_dataset input_dir=... output=...``).
-
-    Exit codes (``superdiff_protein._cli``): 0 done, 1 unexpected failure, 2 bad input (one line on stderr,
-    nothing written), 130 interrupted.
-    """
-    sys.exit(run_hydra("prepare_dataset", "prepare_dataset", _run_from_cfg, argv=argv, node=PrepareConfig,
-                       interrupted="interrupted; nothing written"))
-
-
-if __name__ == "__main__":
-    main()

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .errors import UserError  # defined there so that models can raise it without importing a command line
+from ..errors import UserError  # defined there so that models can raise it without importing a command line
 
 __all__ = ["UserError", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "one_line",
            "is_user_error", "error_line", "report", "guard", "check_out_dir", "resolve_device",
@@ -36,7 +36,7 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -49,7 +49,7 @@ def _external_user_errors() -> tuple[type, ...]:
     """Error types of other packages that mean bad input (imported lazily; absent ones are skipped)."""
     out: list[type] = []
     try:
-        from .checkpoints import CheckpointError
+        from ..frames.checkpoints import CheckpointError
 
         out.append(CheckpointError)
     except Exception:  # pragma: no cover - a broken checkpoints module must not hide the real error

@@ -12,7 +12,7 @@ calls the training code, which lives next to the network in ``models/framediff/`
 * ``metrics.py``: ``metrics.csv`` and ``loss_curve.png``.
 
 Subcommands: ``export CKPT OUT [ema|raw]``, ``plot OUT_DIR``, ``bench [overrides]``, ``--cfg [overrides]``.
-Errors print one line and exit with code 2 before anything is written (``superdiff_protein._cli``).
+Errors print one line and exit with code 2 before anything is written (``superdiff_protein.cli.common``).
 """
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ from models.framediff.datamodule import FrameDataModule, StepIndexedBatchSampler
 from models.framediff.losses import ca_clash_loss, framediff_loss  # noqa: F401
 from models.framediff.training import FrameDiffusionModule  # noqa: F401
 
-from ._cli import check_out_dir, config_keys, guard, hydra_error_line
+from .common import check_out_dir, config_keys, guard, hydra_error_line
 
 __all__ = ["TrainError", "compose_config", "finalize_config", "train", "main",
            # moved to models.framediff (re-exported here for one release)
            "framediff_loss", "ca_clash_loss", "StepIndexedBatchSampler", "FrameDataModule", "FrameDiffusionModule",
            "official_conf", "export_official_checkpoint", "export_from_lightning_checkpoint", "plot_metrics"]
 
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _CONFIG_NAME = "train_frame_model"
 _PROCESS_START = time.time()
 
@@ -188,7 +188,7 @@ def train(cfg: dict, start_time: Optional[float] = None) -> dict:
 
 _USAGE = """usage:
   train_frame_model [key=value ...]                 train / resume (configs/train_frame_model.yaml)
-  python -m superdiff_protein.train [key=value ...]  the same
+  python -m superdiff_protein.cli.train [key=value ...]  the same
   train_frame_model export CKPT OUT [ema|raw]        last.ckpt -> official model.pth
   train_frame_model plot OUT_DIR                     metrics.csv -> loss_curve.png
   train_frame_model --cfg [key=value ...]            print the composed config
@@ -198,12 +198,12 @@ e.g. train_frame_model data.subset=helix out_dir=runs/helix max_steps=4000 resum
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point ``train_frame_model`` (also ``python -m superdiff_protein.train``).
+    """Console entry point ``train_frame_model`` (also ``python -m superdiff_protein.cli.train``).
 
-    Exit codes (``superdiff_protein._cli``): 0 done, 1 unexpected failure, 2 bad input (one line on stderr,
+    Exit codes (``superdiff_protein.cli.common``): 0 done, 1 unexpected failure, 2 bad input (one line on stderr,
     nothing written), 130 interrupted.
     """
-    from ._runtime import tune_malloc
+    from .runtime import tune_malloc
 
     tune_malloc()  # CPU training allocates the same (B, N, N, C) edge tensors each step (docs/benchmarks.md)
     args = list(sys.argv[1:] if argv is None else argv)

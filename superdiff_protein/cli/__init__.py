@@ -1,0 +1,1 @@
+"""Thin command-line entry points (the only library modules that import ``models``)."""
