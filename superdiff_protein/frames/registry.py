@@ -7,6 +7,10 @@
 * ``framediff:<path>`` / ``proteus:<path>``: an official (or our own training) checkpoint of that kind;
 * a checkpoint path: the container kind is detected from its keys (Proteus containers have ``ema``).
 
+The registry imports no concrete model: the checkpoint kinds are a table of ``"module:attr"`` strings
+(:data:`CHECKPOINT_ADAPTERS`, :data:`FRAME_SCORE_MODEL`) resolved only when a checkpoint of that kind is
+loaded, so ``superdiff_protein`` never imports ``models`` statically (docs/architecture.md).
+
 Third-party packages register models in their ``pyproject.toml``::
 
     [project.entry-points."superdiff_protein.models"]
@@ -18,6 +22,7 @@ corrupt, unsafe or wrong-architecture checkpoints raise
 """
 from __future__ import annotations
 
+import importlib
 import os
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +35,8 @@ from .checkpoints import CheckpointError, load_checkpoint_file
 __all__ = [
     "ENTRY_POINT_GROUP",
     "BUILTIN_CHECKPOINTS",
+    "CHECKPOINT_ADAPTERS",
+    "FRAME_SCORE_MODEL",
     "UnknownModelError",
     "register_model",
     "unregister_model",
@@ -37,6 +44,7 @@ __all__ = [
     "load_model",
     "load_frame_checkpoint",
     "detect_checkpoint_kind",
+    "resolve_object",
 ]
 
 ENTRY_POINT_GROUP = "superdiff_protein.models"
@@ -50,9 +58,18 @@ BUILTIN_CHECKPOINTS: dict[str, tuple[str, str]] = {
     "default-strand": ("auto", "default_strand.pt"),
 }
 
+#: Checkpoint kind -> ``"module:attr"`` of its adapter class (a ``from_checkpoint(path, device=, dtype=)``
+#: classmethod), imported only when a checkpoint of that kind is loaded. A new container kind adds a row here.
+CHECKPOINT_ADAPTERS: dict[str, str] = {
+    "framediff": "models.framediff.adapter:FrameDiffAdapter",
+    "proteus": "models.proteus.adapter:ProteusAdapter",
+}
+#: ``"module:attr"`` of the wrapper that turns a loaded adapter into a core score model (``from_adapter``).
+FRAME_SCORE_MODEL = "models.frame_models:FrameScoreModel"
+
 Factory = Callable[..., Any]
 _REGISTRY: dict[str, Factory] = {}
-_KINDS = ("framediff", "proteus")
+_KINDS = tuple(CHECKPOINT_ADAPTERS)
 
 
 class UnknownModelError(KeyError):
@@ -100,6 +117,15 @@ def available_models() -> list[str]:
     return sorted(set(_REGISTRY) | set(_builtin_files()) | set(_entry_points()))
 
 
+def resolve_object(ref: str) -> Any:
+    """Import ``"package.module:attr"`` (dotted ``attr`` allowed) and return the attribute."""
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split(".") if attr else ():
+        obj = getattr(obj, part)
+    return obj
+
+
 def detect_checkpoint_kind(container: Any, path: str | os.PathLike = "") -> str:
     """``"proteus"`` (has ``ema``) or ``"framediff"`` (``model`` + ``conf``) from a loaded container."""
     if not isinstance(container, dict):
@@ -114,19 +140,14 @@ def detect_checkpoint_kind(container: Any, path: str | os.PathLike = "") -> str:
 def load_frame_checkpoint(path: str | os.PathLike, kind: str = "auto", device: Any = "cpu",
                           dtype: torch.dtype | None = torch.float32,
                           name: str | None = None, self_condition: bool = True):
-    """Load a FrameDiff / Proteus checkpoint as a :class:`models.frame_models.FrameScoreModel`."""
-    from models.frame_models import FrameScoreModel
-
+    """Load a FrameDiff / Proteus checkpoint as a score model (:data:`FRAME_SCORE_MODEL`, resolved lazily)."""
     p = Path(path)
     if kind not in ("auto",) + _KINDS:
         raise UnknownModelError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(_KINDS)} or auto-detect")
     if kind == "auto":
         kind = detect_checkpoint_kind(load_checkpoint_file(p, "cpu"), p)
     dtype = dtype or torch.float32
-    if kind == "framediff":
-        from models.framediff.adapter import FrameDiffAdapter as Adapter
-    else:
-        from models.proteus.adapter import ProteusAdapter as Adapter
+    Adapter = resolve_object(CHECKPOINT_ADAPTERS[kind])
     try:
         adapter = Adapter.from_checkpoint(p, device=device, dtype=dtype)
     except CheckpointError:
@@ -134,7 +155,8 @@ def load_frame_checkpoint(path: str | os.PathLike, kind: str = "auto", device: A
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # config of another architecture
         raise CheckpointError(f"{p}: cannot build a {kind} model from this checkpoint's config "
                               f"({type(e).__name__}: {e}); is it a {kind} checkpoint?") from e
-    return FrameScoreModel.from_adapter(adapter, name=name or f"{kind}:{p.stem}", self_condition=self_condition)
+    wrapper = resolve_object(FRAME_SCORE_MODEL)
+    return wrapper.from_adapter(adapter, name=name or f"{kind}:{p.stem}", self_condition=self_condition)
 
 
 def _looks_like_path(spec: str) -> bool:
