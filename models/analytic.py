@@ -1,7 +1,8 @@
 """Analytic models with exact marginal log-densities and scores under the core's forward SDEs.
 
 They implement the same :class:`~superdiff_protein.protocol.ScoreModel` protocol as neural models,
-and additionally expose :meth:`AnalyticModel.log_prob`, the exact ``log q_t`` per component. They are
+and additionally expose :meth:`AnalyticModel.log_prob`, the exact ``log q_t`` per component (also as the
+protocol's optional ``log_density`` hook, for ``SamplerConfig(init_logq="model")``). They are
 how the core is verified (pathwise exactness of the Itô estimator, OR/AND behaviour) and the
 models of the ``superdiff_demo`` command.
 
@@ -135,6 +136,12 @@ class AnalyticModel:
         """Exact ``log q_t`` per component (w.r.t. Lebesgue / normalised Haar measure)."""
         _check_full_mask(mask)
         return {k: self.parts[k].log_prob(x[k], t) for k in self.space.names}
+
+    def log_density(self, x, t, mask=None) -> dict[str, Tensor]:
+        """The optional protocol hook behind ``SamplerConfig(init_logq="model")``: the model's own
+        ``log q_t`` per component, w.r.t. the same reference measure as the space's ``prior_log_prob``
+        (the sampler calls it at t = 1 to start the tracked log-densities; docs/superposition.md)."""
+        return self.log_prob(x, t, mask)
 
 
 def gaussian_mixture_model(means, variances, weights=None, schedule: VPSchedule | None = None,

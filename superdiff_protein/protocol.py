@@ -4,6 +4,12 @@ A model is called on a batched state and returns its score per component, in the
 coordinates of the corresponding :class:`~superdiff_protein.spaces.ComponentSpace`, plus any
 carried state (self-conditioning) and optional extras (e.g. predicted clean frames).
 See ``docs/frame_model_protocol.md`` for the frame-model specifics.
+
+Optional: ``log_density(x, t, mask) -> dict[str, Tensor]``, the model's own marginal log-density
+``log q_t`` per component (shape (B,) each), w.r.t. the same reference measure as the space's
+``prior_log_prob`` (Lebesgue on R^d, normalised Haar on SO(3)). Only models that know their density
+(the exact models of ``models/analytic.py``) provide it; ``SamplerConfig(init_logq="model")`` calls
+it at t = 1 to start the tracked log-densities there (``docs/superposition.md``, "Start value").
 """
 from __future__ import annotations
 

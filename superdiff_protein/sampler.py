@@ -22,6 +22,11 @@ scores: a model whose :class:`~superdiff_protein.protocol.ModelOutput` carries `
 sampler with ``scores`` while ``s_i`` above (and in ``A``, ``b``, the Laplacian and the AND
 correction) is its density score; then ``A_ij = c_s g^2 dtau <s_i, d_j>`` with ``d_j`` the drift scores.
 
+The tracked log-densities start at t = 1 from the space's prior log-density, shared by all models
+(``init_logq="prior"``), or from each model's own ``log_density`` at t = 1 (``init_logq="model"``,
+exact models only; AND then also removes the start gap). On SO(3) the two differ: the t = 1 marginal
+is IGSO(3)(1.5)-blurred data, not Haar (docs/superposition.md, "Start values on SO(3)").
+
 Each sample owns a random stream (``torch.Generator`` seeded from its own seed) from which its prior
 draw, step noise and probes come, so a sample's trajectory does not depend on the batch it ran in.
 """
@@ -78,6 +83,12 @@ class SamplerConfig:
     # correction for that costs one VJP per model and cancelled direction (docs/superposition.md).
     # False reproduces the paper's (biased) AND.
     and_correction: bool = True
+    # Start value of the tracked log-densities (docs/superposition.md, "Start value"):
+    # "prior": the space's prior log-density, shared by all models (exact on R^d only up to
+    #   alpha_bar(1); on SO(3) the t = 1 marginal is not Haar). "model": each model's own log q_i at
+    #   t = 1, from its ``log_density(x, t, mask)`` (exact models); AND then targets the absolute gap
+    #   log q_i - log q_1 = l_i - l_1 at the end instead of only equalising increments.
+    init_logq: str = "prior"
     # steps between checks for NaN/inf (each check syncs with the device); None: 1 on CPU, 16 on CUDA.
     # The error always names the first bad step.
     nan_check_every: int | None = None
@@ -99,6 +110,8 @@ class SamplerConfig:
             raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {self.probe!r}")
         if int(self.num_probes) < 1:
             raise ValueError("num_probes must be >= 1")
+        if self.init_logq not in ("prior", "model"):
+            raise ValueError(f"init_logq must be 'prior' or 'model', got {self.init_logq!r}")
 
     @property
     def eta(self) -> float:
@@ -331,6 +344,30 @@ def _oblique_and_corrections(S: dict[str, Tensor], D: dict[str, Tensor], g: dict
     return corr
 
 
+def _model_start_logq(models, x: State, t: Tensor, mask, comps: list[str]) -> Tensor:
+    """(B, C, M) start values log q_i(x, t = 1) per component from each model's ``log_density``
+    (``SamplerConfig(init_logq="model")``); a model without it is refused with one clear line."""
+    B = t.shape[0]
+    cols = []
+    for m in models:
+        name = getattr(m, "name", type(m).__name__)
+        fn = getattr(m, "log_density", None)
+        if not callable(fn):
+            raise ValueError(
+                f"init_logq='model' needs each model's log-density at t = 1, but model {name!r} has no "
+                "log_density(x, t, mask) method (only exact models provide it); use init_logq='prior'")
+        with torch.no_grad():
+            lq = fn(x, t, mask)
+        if not isinstance(lq, Mapping) or set(lq) != set(comps):
+            raise ValueError(f"model {name!r}: log_density must return one (B,) tensor per component "
+                             f"{comps}, got {sorted(lq) if isinstance(lq, Mapping) else type(lq).__name__}")
+        col = torch.stack([torch.as_tensor(lq[k]).to(device=t.device, dtype=t.dtype).reshape(B) for k in comps], 1)
+        if not bool(torch.isfinite(col).all()):
+            raise ValueError(f"model {name!r}: log_density at t = 1 is not finite for some samples")
+        cols.append(col)
+    return torch.stack(cols, -1).clone()
+
+
 def _bc(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
 
@@ -383,9 +420,16 @@ def superpose(
     x = x_init if x_init is not None else space.sample_prior(B, shapes, gens, mask, dtype, device)
     x = {k: v.to(device=device, dtype=dtype) for k, v in x.items()}
 
-    prior = space.prior_log_prob(x, mask)
-    logq = torch.stack([prior[k] for k in comps], 1)[:, :, None].expand(B, len(comps), M).clone()
     ts = time_grid(config.num_steps, config.min_t, config.time_grid, dtype).to(device)
+    if config.init_logq == "model":      # each model's own log q_i at t = 1 (docs/superposition.md)
+        logq = _model_start_logq(models, x, ts[0].expand(B), mask, comps)
+    else:                                # the shared prior value
+        prior = space.prior_log_prob(x, mask)
+        logq = torch.stack([prior[k] for k in comps], 1)[:, :, None].expand(B, len(comps), M).clone()
+    # AND with model start values: remove each sample's start gap log q_i - log q_1 at a constant rate
+    # (like the bias), so that the end gap is l_i - l_1 in absolute terms, not relative to the start
+    and_gap0 = logq - logq[..., :1] if (config.init_logq == "model" and M > 1
+                                        and bool(getattr(rule, "cancels_noise", False))) else None
     dtaus = step_sizes(ts, config.time_grid)
     total = float(sum(dtaus)) if config.time_grid == "framediff" else float(ts[0] - ts[-1])
     states = [m.init_state(B, mask) for m in models]
@@ -459,11 +503,15 @@ def superpose(
             b_c[k], fixed_c[k] = b + extra[k], fixed
 
         frac = dtau / total if total > 0 else 0.0
+        if and_gap0 is not None:     # the rule sees b + gap0 * frac (its solve targets dgap = (l - gap0) frac)
+            b_rule = {k: b_c[k] + and_gap0[:, ci] * frac for ci, k in enumerate(comps)}
+        else:
+            b_rule = b_c
         if config.kappa_scope == "joint":
-            kap = rule(logq.sum(1), sum(A_c.values()), sum(b_c.values()), frac)
+            kap = rule(logq.sum(1), sum(A_c.values()), sum(b_rule.values()), frac)
             kappa = kap[:, None, :].expand(B, len(comps), M)
         else:
-            kappa = torch.stack([rule(logq[:, ci], A_c[k], b_c[k], frac) for ci, k in enumerate(comps)], 1)
+            kappa = torch.stack([rule(logq[:, ci], A_c[k], b_rule[k], frac) for ci, k in enumerate(comps)], 1)
 
         for ci, k in enumerate(comps):
             sp = space.components[k]

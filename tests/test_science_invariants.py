@@ -12,6 +12,9 @@ the results are recorded in ``docs/mutation_checks.md``.
 * ``test_*_noise_is_independent``: rotation and translation noise are separate, independent draws.
 * ``test_igso3_*`` / ``test_hutchinson_*``: on SO(3) the Hutchinson trace of the score Jacobian is the
   Laplace-Beltrami operator of log q, checked against the exact IGSO(3) heat-equation identity.
+* ``test_and_start_values_on_so3``: on SO(3) the t = 1 marginal is not the Haar prior; with the shared
+  prior start value AND keeps the random start gap of the exact log-densities, with
+  ``init_logq="model"`` it removes it (issue 13).
 
 Conventions: Z = 5 standard errors for every Monte Carlo comparison (a false alarm has probability
 below 1e-6 per comparison; the seeds are fixed, so each test is deterministic anyway).
@@ -383,3 +386,136 @@ def test_sampler_hutchinson_estimate_is_unbiased_for_laplace_beltrami_on_so3(sig
     assert torch.all(dev <= Z * se + 1e-9 * heat.abs().clamp_min(1)), (
         f"Hutchinson estimate of Lap log q on SO(3) is biased: mean {_fmt(mean)}, exact {_fmt(heat)}, "
         f"|dev| / SE {_fmt(dev / se)} (limit {Z})")
+
+
+# ------------------------------------------------------------------------ 5. start values on SO(3) (init_logq)
+def _point_mass_frames(n_res: int = 3):
+    """Two exact point-mass frame models on SO(3)^N x R^{3N}: one rotation per residue and a narrow
+    Gaussian (variance 0.05) of translations each. At t = 1 their rotation marginals are IGSO(3)(1.5)
+    around different centres, not Haar, so log q_1 - log q_2 differs from 0 at the prior draw."""
+    g = torch.Generator().manual_seed(5)
+    mus = sample_uniform_so3((2, n_res), generator=g)
+    means = torch.randn(2, n_res, 3, generator=g, dtype=F64)
+    return [frame_mixture_model(mus[i:i + 1], means[i:i + 1], 0.05, name=f"pm{i}") for i in range(2)]
+
+
+def _start_gap_law(models, n_res: int, n: int = 200_000):
+    """sd of the exact start gap D_1 = log q_1(x, 1) - log q_2(x, 1) (summed over components) for x from
+    the sampler's prior (Haar x N(0, I)), by Monte Carlo independent of the sampler, and the kurtosis
+    m4 / sd^4 (for the standard error of a sample sd)."""
+    space = models[0].space
+    g = torch.Generator().manual_seed(6)
+    x = {"rot": sample_uniform_so3((n, n_res), generator=g), "trans": torch.randn(n, n_res, 3, generator=g, dtype=F64)}
+    one = torch.ones(n, dtype=F64)
+    lq = [m.log_prob(x, one) for m in models]
+    d = sum(lq[0][k] - lq[1][k] for k in space.names)
+    c = d - d.mean()
+    sd = c.pow(2).mean().sqrt()
+    return sd.item(), (c.pow(4).mean() / sd**4).item()
+
+
+def _and_start_run(models, init: str, steps: int, seeds, scope: str = "joint", min_t: float = 0.05):
+    """AND of the two point-mass frame models. Returns the exact gaps log q_1 - log q_2 at the start
+    (the run's own prior draw, t = 1) and at the end (min_t), summed over components, and the result."""
+    n_res = models[0].parts["rot"].mus.shape[1]
+    cfg = SamplerConfig(num_steps=steps, min_t=min_t, time_grid="quadratic", kappa_scope=scope, init_logq=init)
+    res = superpose(models[0].space, models, AndRule(), cfg, seeds, {"rot": (n_res,), "trans": (n_res, 3)},
+                    save_trajectory=True)
+    b = len(seeds)
+    one, end = torch.ones(b, dtype=F64), torch.full((b,), min_t, dtype=F64)
+    gaps = []
+    for x, t in ((res.trajectory[0], one), (res.x, end)):
+        lq = [m.log_prob(x, t) for m in models]
+        gaps.append(sum(lq[0][k] - lq[1][k] for k in res.components))
+    return gaps[0], gaps[1], res
+
+
+def _slope(y: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """Least-squares slope of y on x and its standard error sd(residual) / (sd(x) sqrt(n - 2))."""
+    xc, yc = x - x.mean(), y - y.mean()
+    beta = (xc * yc).sum() / (xc * xc).sum()
+    resid = yc - beta * xc
+    se = (resid.pow(2).sum() / (len(x) - 2)).sqrt() / (xc * xc).sum().sqrt()
+    return beta.item(), se.item()
+
+
+@pytest.mark.parametrize("scope", ["joint", "per_component"])
+def test_and_start_values_on_so3(scope):
+    """On SO(3) the t = 1 marginal of a model is IGSO(3)(1.5)-blurred data, not the Haar prior, so the
+    exact gap D = log q_1 - log q_2 at the prior draw x_1 is a random offset D_1 (N = 3 point-mass
+    frames: sd 0.71 nats averaged over centres, sqrt(N) growth; docs/superposition.md).
+
+    * ``init_logq="prior"`` (shared start value): AND equalises the *increments*, so the exact end gap
+      is D_1 + E (E: the two estimators' error difference). The part of the end gap explained by D_1
+      has slope 1, and sd(D_end) is the predicted sd(D_1) up to sd(E).
+    * ``init_logq="model"`` (each model's exact log q_i(x_1, 1)): the tracked values start at the exact
+      ones and AND removes D_1 over the run, so the end gap is E alone: mean 0, slope 0 on D_1.
+      Ignoring the option leaves slope 1, as above.
+
+    Tolerances (n = 256 samples, Z = 5): slopes within Z SE (least squares) + the step-halving change of
+    the slope (first-order discretisation allowance); the mean end gap within Z SE + its step-halving
+    change, as in ``test_and_equalises_exact_densities_on_frames``; sd(D_1) of the run within Z SE of the
+    predicted sd (SE of a sample sd, sd sqrt((kurtosis - 1) / (4 n)), from 2e5 independent prior draws),
+    and sd(D_end) within that plus sd(D_end - D_1) of it (triangle inequality for sample sds).
+    The tracked end gap is 0 to rounding by construction (1e-8, as in the test above).
+    """
+    n_res, steps, seeds = 3, 100, list(range(256))
+    models = _point_mass_frames(n_res)
+    n = len(seeds)
+    sd_pred, kurt = _start_gap_law(models, n_res)
+    se_sd = sd_pred * math.sqrt((kurt - 1) / (4 * n))
+
+    d1, d_end, res = _and_start_run(models, "prior", steps, seeds, scope)
+    _, d_end_half, _ = _and_start_run(models, "prior", steps // 2, seeds, scope)
+    assert abs(d1.std().item() - sd_pred) <= Z * se_sd, f"start gap sd {d1.std():.4f}, predicted {sd_pred:.4f}"
+    beta, se = _slope(d_end, d1)
+    beta_h, _ = _slope(d_end_half, d1)
+    assert abs(beta - 1) <= Z * se + abs(beta_h - beta), (
+        f"prior start ({scope}): end gap should keep the start offset, slope {beta:.3f} +- {se:.3f}")
+    err_sd = (d_end - d1).std().item()
+    assert abs(d_end.std().item() - sd_pred) <= Z * se_sd + err_sd, (
+        f"prior start ({scope}): end gap sd {d_end.std():.3f}, predicted offset sd {sd_pred:.3f}, error sd {err_sd:.3f}")
+
+    d1m, d_end_m, res_m = _and_start_run(models, "model", steps, seeds, scope)
+    _, d_end_mh, _ = _and_start_run(models, "model", steps // 2, seeds, scope)
+    assert torch.equal(d1m, d1)                                       # same prior draws
+    beta_m, se_m = _slope(d_end_m, d1m)
+    beta_mh, _ = _slope(d_end_mh, d1m)
+    assert abs(beta_m) <= Z * se_m + abs(beta_mh - beta_m), (
+        f"model start ({scope}): AND left the start offset in the exact gap, slope {beta_m:.3f} +- {se_m:.3f}")
+    mean, se_mean = d_end_m.mean().item(), d_end_m.std().item() / math.sqrt(n)
+    tol = Z * se_mean + abs(d_end_mh.mean().item() - mean)
+    assert abs(mean) <= tol, f"model start ({scope}): exact end gap mean {mean:.4f}, tolerance {tol:.4f}"
+    one = torch.ones(n, dtype=F64)
+    exact0 = torch.stack([torch.stack([m.log_prob(res_m.trajectory[0], one)[k] for k in res_m.components], -1)
+                          for m in models], -1)
+    assert torch.allclose(res_m.logq_trace[0], exact0, rtol=0, atol=1e-12), "tracking did not start at log q_i(x, 1)"
+    tracked = res_m.logq_total[:, 0] - res_m.logq_total[:, 1]
+    assert tracked.abs().max() <= 1e-8, f"tracked end gap {tracked.abs().max():.3g}"
+
+
+def test_init_logq_model_refuses_models_without_density():
+    """``init_logq="model"`` needs ``log_density`` on every model; one without it is refused with one line."""
+
+    class NoDensity:
+        name = "net"
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def signature(self):
+            return self.inner.signature()
+
+        def init_state(self, batch, mask):
+            return None
+
+        def __call__(self, x, t, mask, state):
+            return self.inner(x, t, mask, state)
+
+    m1, m2 = _point_mass_frames(1)
+    cfg = SamplerConfig(num_steps=2, min_t=0.5, init_logq="model")
+    with pytest.raises(ValueError, match="'net' has no log_density") as err:
+        superpose(m1.space, [m1, NoDensity(m2)], AndRule(), cfg, [0], {"rot": (1,), "trans": (1, 3)})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="init_logq"):
+        SamplerConfig(init_logq="exact").validate()
