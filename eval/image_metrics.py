@@ -190,10 +190,10 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         super().__init__()
         path = find_inception_weights(weights_path)
-        from superdiff_protein.frames.checkpoints import CheckpointError, load_checkpoint_file
+        from superdiff_protein.runs.safe_load import CheckpointError, safe_load
 
         try:
-            sd = load_checkpoint_file(path, "cpu")
+            sd = safe_load(path, "cpu")
         except CheckpointError as e:
             raise ImageMetricsError(f"InceptionV3 weights: {e}") from e
         if not isinstance(sd, Mapping) or "fc.weight" not in sd or tuple(sd["fc.weight"].shape) != (1008, 2048):

@@ -64,10 +64,10 @@ def load_proteinmpnn(model_name: str = "v_48_020", ca_only: bool = False, weight
     path = Path(weights) if weights else weights_path(model_name, ca_only, soluble)
     if not path.is_file():
         raise ModelUnavailableError(f"ProteinMPNN checkpoint {path} not found")
-    from superdiff_protein.frames.checkpoints import CheckpointError, load_checkpoint_file
+    from superdiff_protein.runs.safe_load import CheckpointError, safe_load
 
     try:
-        ckpt = load_checkpoint_file(path, "cpu")
+        ckpt = safe_load(path, "cpu")
     except CheckpointError as e:
         raise ModelUnavailableError(f"ProteinMPNN weights: {e}") from e
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "num_edges" not in ckpt:

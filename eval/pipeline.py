@@ -248,10 +248,10 @@ def evaluate(cfg: Any, mpnn_model=None, fold_model=None) -> dict:
                             "PDB/mmCIF files, or a prepared .npz from `python -m eval.reference`)")
     weights = cfg.get("mpnn", {}).get("weights")
     if weights and cfg.mpnn.get("enabled", True):  # a user-given file is vetted before any work (exit 2)
-        from superdiff_protein.frames.checkpoints import CheckpointError, load_checkpoint_file
+        from superdiff_protein.runs.safe_load import CheckpointError, safe_load
 
         try:
-            load_checkpoint_file(str(weights), "cpu")
+            safe_load(str(weights), "cpu")
         except CheckpointError as exc:
             raise BadInputError(f"mpnn.weights: {exc}") from exc
     files = discover_structures(samples_dir, exclude=[out_dir])
