@@ -1,5 +1,6 @@
-"""Outputs of ``evaluate_backbones``: metrics.csv, summary.json, the grouped table (the columns of the paper's
-Table 3, mean +- standard error, by method and length) as CSV and markdown, and PNG plots."""
+"""Outputs of ``evaluate_backbones``: metrics.csv (one flat row per sample, :func:`build_rows`), summary.json,
+the grouped table (the columns of the paper's Table 3, mean +- standard error, by method and length) as CSV and
+markdown, and PNG plots."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .samples import Sample, group_of
+
+CONTRACT_COLUMNS = ["path", "length", "novelty_max_tm", "helix_frac", "strand_frac", "coil_frac", "sc_rmsd",
+                    "sc_tm", "designable"]
+METRIC_COLUMNS = [
+    "path", "id", "method", "length", "error",
+    "novelty_max_tm", "novelty_best_ref", "novelty_refold_max_tm",
+    "helix_frac", "strand_frac", "coil_frac",
+    "sc_rmsd", "sc_tm", "plddt", "designable", "sc_rmsd_mean", "sc_best_seq",
+    "mpnn_ll", "mpnn_ll_best", "mpnn_model",
+    "ca_ca_mean", "ca_ca_std", "ca_ca_max", "ca_ca_valid_frac", "n_chain_breaks",
+    "n_ca_clashes", "n_bb_clashes", "radius_of_gyration", "full_backbone", "cluster",
+]
 
 #: (column in table, source column in metrics.csv, kind) -- kind "frac" uses the binomial standard error
 TABLE_METRICS = [
@@ -28,6 +43,62 @@ TABLE_METRICS = [
     ("ca_ca_valid_frac", "ca_ca_valid_frac", "mean"),
     ("radius_of_gyration", "radius_of_gyration", "mean"),
 ]
+
+
+def _num(x):
+    if x is None:
+        return None
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    return x
+
+
+def build_rows(samples: list[Sample], div: dict) -> list[dict]:
+    """One flat record per sample (for metrics.csv and the table)."""
+    rows = []
+    labels = div.get("labels_by_rel", {}) if div else {}
+    for s in samples:
+        sec = s.sections
+        r: dict[str, Any] = {"path": s.rel, "id": s.meta.get("id", Path(s.rel).stem), "method": group_of(s.meta)}
+        errors = [f"{k}: {v['error']}" for k, v in sec.items() if isinstance(v, dict) and "error" in v]
+        r["error"] = "; ".join(errors) if errors else None
+        st = sec.get("structure", {})
+        for k in ("length", "helix_frac", "strand_frac", "coil_frac", "ca_ca_mean", "ca_ca_std", "ca_ca_max",
+                  "ca_ca_valid_frac", "n_chain_breaks", "n_ca_clashes", "n_bb_clashes", "radius_of_gyration",
+                  "full_backbone"):
+            r[k] = st.get(k)
+        mp = sec.get("mpnn", {})
+        for k in ("mpnn_ll", "mpnn_ll_best", "mpnn_model"):
+            r[k] = mp.get(k)
+        fo = sec.get("fold", {})
+        for k in ("sc_rmsd", "sc_tm", "plddt", "designable", "sc_rmsd_mean", "sc_best_seq"):
+            r[k] = fo.get(k)
+        nv = sec.get("novelty", {})
+        r["novelty_max_tm"] = nv.get("max_tm")
+        r["novelty_best_ref"] = nv.get("best_ref")
+        r["novelty_refold_max_tm"] = sec.get("novelty_refold", {}).get("max_tm")
+        r["cluster"] = labels.get(s.rel)
+        for k, v in s.meta.items():
+            if k not in r and k not in ("pdb_path",):
+                r[k] = v
+        rows.append({k: _num(v) for k, v in r.items()})
+    return rows
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> None:
+    """metrics.csv: contract columns first; empty cells where a metric was not computed."""
+    extra = sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+    cols = METRIC_COLUMNS + extra
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+    atomic_write_text(path, buf.getvalue())
 
 
 def _vals(rows: list[dict], col: str) -> np.ndarray:
@@ -205,10 +276,6 @@ def make_plots(rows: list[dict], div: dict, plot_dir: Path) -> list[str]:
 def write_reports(rows: list[dict], out_dir: Path, cfg, div: dict, group_div: dict, status: dict,
                   elapsed: float, n_files: int) -> dict:
     """Write metrics.csv, summary.json, table.csv, table.md and plots/ (all atomically); return the summary."""
-    from omegaconf import OmegaConf
-
-    from .pipeline import write_metrics_csv
-
     write_metrics_csv(rows, out_dir / "metrics.csv")
     good = [r for r in rows if r.get("length") is not None]
 
