@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from superdiff_protein.geometry import rotmat_to_quat, so3_exp  # noqa: E402
+from superdiff_protein.frames.geometry import rotmat_to_quat, so3_exp  # noqa: E402
 
 
 def random_frames(b, n, device, seed=0):

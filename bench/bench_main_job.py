@@ -64,7 +64,7 @@ def forward_ms(reps: int = 10, batch: int = 10, length: int = 100) -> dict:
     import torch
 
     from superdiff_protein.cli.runtime import tune_malloc
-    from superdiff_protein.geometry import so3_exp
+    from superdiff_protein.frames.geometry import so3_exp
     from superdiff_protein.frames.registry import load_model
 
     tuned = tune_malloc()

@@ -36,9 +36,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.frame_models import FrameScoreModel  # noqa: E402
-from superdiff_protein.kappa import OrRule, SingleRule  # noqa: E402
-from superdiff_protein.sampler import SamplerConfig, superpose  # noqa: E402
-from superdiff_protein.se3 import SE3Diffuser  # noqa: E402
+from superdiff_protein.core.kappa import OrRule, SingleRule  # noqa: E402
+from superdiff_protein.core.sampler import SamplerConfig, superpose  # noqa: E402
+from superdiff_protein.frames.se3 import SE3Diffuser  # noqa: E402
 
 
 class Autocast(nn.Module):

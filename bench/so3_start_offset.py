@@ -14,11 +14,11 @@ import math
 import torch
 
 from models.analytic import AnalyticModel, SO3PointMixture, frame_mixture_model
-from superdiff_protein.geometry import so3_log
-from superdiff_protein.igso3 import igso3_log_density, sample_uniform_so3
-from superdiff_protein.kappa import OrRule
-from superdiff_protein.sampler import SamplerConfig, step_sizes, superpose, time_grid
-from superdiff_protein.spaces import LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace, SO3Space
+from superdiff_protein.frames.geometry import so3_log
+from superdiff_protein.core.igso3 import igso3_log_density, sample_uniform_so3
+from superdiff_protein.core.kappa import OrRule
+from superdiff_protein.core.sampler import SamplerConfig, step_sizes, superpose, time_grid
+from superdiff_protein.core.spaces import LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace, SO3Space
 
 F64 = torch.float64
 

@@ -1,6 +1,6 @@
 """Analytic models with exact marginal log-densities and scores under the core's forward SDEs.
 
-They implement the same :class:`~superdiff_protein.protocol.ScoreModel` protocol as neural models,
+They implement the same :class:`~superdiff_protein.core.protocol.ScoreModel` protocol as neural models,
 and additionally expose :meth:`AnalyticModel.log_prob`, the exact ``log q_t`` per component (also as the
 protocol's optional ``log_density`` hook, for ``SamplerConfig(init_logq="model")``). They are
 how the core is verified (pathwise exactness of the Itô estimator, OR/AND behaviour) and the
@@ -22,10 +22,10 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from superdiff_protein.igso3 import igso3_log_density, igso3_score
-from superdiff_protein.geometry import so3_log
-from superdiff_protein.protocol import ModelOutput
-from superdiff_protein.spaces import (EuclideanVPSpace, LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace,
+from superdiff_protein.core.igso3 import igso3_log_density, igso3_score
+from superdiff_protein.frames.geometry import so3_log
+from superdiff_protein.core.protocol import ModelOutput
+from superdiff_protein.core.spaces import (EuclideanVPSpace, LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace,
                                       SO3Space, VPSchedule)
 
 __all__ = ["GaussianMixtureVP", "SO3PointMixture", "AnalyticModel", "gaussian_mixture_model", "frame_mixture_model"]

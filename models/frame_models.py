@@ -1,8 +1,8 @@
-"""Frame models (FrameDiff, Proteus, your own) as core :class:`~superdiff_protein.protocol.ScoreModel` s.
+"""Frame models (FrameDiff, Proteus, your own) as core :class:`~superdiff_protein.core.protocol.ScoreModel` s.
 
 :class:`FrameScoreModel` wraps a *frame predictor* (anything that maps noisy frames to predicted clean
 frames, e.g. :class:`~models.framediff.FrameDiffAdapter`, :class:`~models.proteus.ProteusAdapter`) and
-the :class:`~superdiff_protein.se3.SE3Diffuser` it was trained with into the protocol the superposition
+the :class:`~superdiff_protein.frames.se3.SE3Diffuser` it was trained with into the protocol the superposition
 sampler calls::
 
     model = FrameScoreModel.from_checkpoint("paper_weights.pth")       # FrameDiff or Proteus, autodetected
@@ -32,9 +32,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from superdiff_protein.geometry import rotmat_to_quat
-from superdiff_protein.protocol import ModelOutput
-from superdiff_protein.se3 import SE3Diffuser
+from superdiff_protein.frames.geometry import rotmat_to_quat
+from superdiff_protein.core.protocol import ModelOutput
+from superdiff_protein.frames.se3 import SE3Diffuser
 
 __all__ = ["FrameModelState", "FramePrediction", "FrameScoreModel"]
 

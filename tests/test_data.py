@@ -24,7 +24,7 @@ from superdiff_protein.frames.data import (
     prepare_dataset,
     split_by_secondary_structure,
 )
-from superdiff_protein.geometry import frames_from_backbone
+from superdiff_protein.frames.geometry import frames_from_backbone
 from superdiff_protein.frames.pdb_io import read_backbone
 from test_pdb_io import DNA_PDB, chain_files, pdownb_chain_dir  # noqa: F401  (session fixture)
 

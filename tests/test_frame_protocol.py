@@ -32,12 +32,12 @@ from torch import nn
 
 from conftest import official_fixtures_dir, official_skip_reason
 from models.frame_models import FrameModelState, FramePrediction, FrameScoreModel
-from superdiff_protein.geometry import quat_to_rotmat, so3_exp, so3_log
-from superdiff_protein.kappa import SingleRule
-from superdiff_protein.protocol import IncompatibleModelsError, ScoreModel, check_compatible
+from superdiff_protein.frames.geometry import quat_to_rotmat, so3_exp, so3_log
+from superdiff_protein.core.kappa import SingleRule
+from superdiff_protein.core.protocol import IncompatibleModelsError, ScoreModel, check_compatible
 from superdiff_protein.frames.registry import load_model
-from superdiff_protein.sampler import BiasedEstimatorWarning, SamplerConfig, superpose
-from superdiff_protein.se3 import SE3Diffuser
+from superdiff_protein.core.sampler import BiasedEstimatorWarning, SamplerConfig, superpose
+from superdiff_protein.frames.se3 import SE3Diffuser
 from tolerances import (C, C_MEASURED, close, magnitude, quat_path_tol, rot_score_tol, rounding_tol, shadow_error,
                         trans_score_tol)
 

@@ -32,8 +32,8 @@ from conftest import official_fixtures_dir, official_params
 from models.framediff import FrameDiffAdapter, FrameDiffConfig, FrameDiffScoreNetwork
 from models.framediff.official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
 from superdiff_protein.frames.checkpoints import load_framediff_checkpoint, load_state_dict_checked
-from superdiff_protein.geometry import backbone_atoms_from_frames, quat_multiply, quat_to_rotmat, quat_to_rotvec
-from superdiff_protein.se3 import SE3Diffuser
+from superdiff_protein.frames.geometry import backbone_atoms_from_frames, quat_multiply, quat_to_rotmat, quat_to_rotvec
+from superdiff_protein.frames.se3 import SE3Diffuser
 from tolerances import (C_MEASURED, close, magnitude, quat_path_tol, rot_score_tol, rounding_tol, shadow_error,
                         shadow_tol, trans_score_tol)
 

@@ -16,7 +16,7 @@ import torch
 from models.framediff import FrameDiffConfig, FrameDiffScoreNetwork
 from models.framediff.network import EdgeTransition, _distogram_linear, _rel_index_linear, calc_distogram, \
     index_embedding
-from superdiff_protein.geometry import rotmat_to_quat, so3_exp
+from superdiff_protein.frames.geometry import rotmat_to_quat, so3_exp
 from tolerances import close, float64_tol
 
 SMALL = {

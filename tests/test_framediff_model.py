@@ -15,8 +15,8 @@ import torch
 from conftest import official_fixtures_dir, official_params
 from models.framediff import FrameDiffAdapter, FrameDiffConfig, FrameDiffScoreNetwork
 from models.framediff.official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
-from superdiff_protein.geometry import quat_multiply, quat_to_rotmat, quat_to_rotvec, rotmat_to_quat, so3_exp
-from superdiff_protein.se3 import SE3Diffuser
+from superdiff_protein.frames.geometry import quat_multiply, quat_to_rotmat, quat_to_rotvec, rotmat_to_quat, so3_exp
+from superdiff_protein.frames.se3 import SE3Diffuser
 from tolerances import C_MEASURED, close, float64_tol, magnitude, rot_score_tol, rounding_tol, shadow_error
 
 F32, F64 = torch.float32, torch.float64

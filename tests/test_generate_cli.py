@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import official_fixtures_dir, official_skip_reason
-from superdiff_protein.geometry import IDEAL_BACKBONE_LOCAL
+from superdiff_protein.frames.geometry import IDEAL_BACKBONE_LOCAL
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

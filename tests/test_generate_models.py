@@ -17,8 +17,8 @@ from superdiff_protein.cli.generate import (
     parse_lengths,
     sample_seed,
 )
-from superdiff_protein.geometry import IDEAL_BACKBONE_LOCAL, backbone_atoms_from_frames, so3_exp
-from superdiff_protein.spaces import frame_space
+from superdiff_protein.frames.geometry import IDEAL_BACKBONE_LOCAL, backbone_atoms_from_frames, so3_exp
+from superdiff_protein.core.spaces import frame_space
 
 
 # ----------------------------------------------------------------------------- factories (CLI tests)

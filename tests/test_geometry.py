@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation as ScipyRotation
 
-from superdiff_protein import geometry as G
+from superdiff_protein.frames import geometry as G
 
 DT = torch.float64
 

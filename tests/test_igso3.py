@@ -17,8 +17,8 @@ import pytest
 import torch
 from scipy import stats
 
-from superdiff_protein.geometry import so3_exp, so3_log
-from superdiff_protein.igso3 import (_kmax, igso3_dlog_domega, igso3_log_density, igso3_log_density_series,
+from superdiff_protein.frames.geometry import so3_exp, so3_log
+from superdiff_protein.core.igso3 import (_kmax, igso3_dlog_domega, igso3_log_density, igso3_log_density_series,
                                      igso3_log_prob, igso3_score, sample_igso3, sample_uniform_so3)
 from tolerances import close, igso3_series_bounds, rounding_tol
 

@@ -13,10 +13,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from models.image.adapters import (ImageModelError, PromptGroup, UNetScoreModel, model_output_to_eps,  # noqa: E402
                                    schedule_from_scheduler, t_to_timestep)
 from models.image.tiny import tiny_ddpm_components, tiny_sd_components  # noqa: E402
-from superdiff_protein.kappa import AndRule, OrRule, SingleRule  # noqa: E402
-from superdiff_protein.protocol import IncompatibleModelsError  # noqa: E402
-from superdiff_protein.sampler import BiasedEstimatorWarning, SamplerConfig, make_generators, superpose  # noqa: E402
-from superdiff_protein.spaces import DiscreteVPSchedule  # noqa: E402
+from superdiff_protein.core.kappa import AndRule, OrRule, SingleRule  # noqa: E402
+from superdiff_protein.core.protocol import IncompatibleModelsError  # noqa: E402
+from superdiff_protein.core.sampler import BiasedEstimatorWarning, SamplerConfig, make_generators, superpose  # noqa: E402
+from superdiff_protein.core.spaces import DiscreteVPSchedule  # noqa: E402
 
 SCHEDULERS = [
     DDPMScheduler(beta_schedule="linear"),

@@ -19,8 +19,8 @@ from diffusers import DDPMScheduler  # noqa: E402
 
 from models.image.adapters import (GuidedDensityWarning, ImageModelError, PromptGroup,  # noqa: E402
                                    schedule_from_scheduler)
-from superdiff_protein.kappa import AndRule, OrRule  # noqa: E402
-from superdiff_protein.sampler import (BiasedEstimatorWarning, SamplerConfig, _bilinear_forms,  # noqa: E402
+from superdiff_protein.core.kappa import AndRule, OrRule  # noqa: E402
+from superdiff_protein.core.sampler import (BiasedEstimatorWarning, SamplerConfig, _bilinear_forms,  # noqa: E402
                                        _noise_cancelling_directions, _oblique_and_corrections, _quadratic_forms,
                                        make_generators, superpose)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from superdiff_protein.kappa import AndRule, AverageRule, OrRule, SingleRule, make_rule
+from superdiff_protein.core.kappa import AndRule, AverageRule, OrRule, SingleRule, make_rule
 
 
 def _rand(b=8, m=3, seed=0):

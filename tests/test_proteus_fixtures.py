@@ -38,8 +38,8 @@ from conftest import official_fixtures_dir, official_params
 from models.proteus import ProteusNetwork
 from models.proteus.official_scores import official_scores
 from superdiff_protein.frames.checkpoints import load_proteus_checkpoint, load_state_dict_checked
-from superdiff_protein.geometry import quat_multiply, quat_to_rotvec, so3_exp
-from superdiff_protein.se3 import SE3Diffuser
+from superdiff_protein.frames.geometry import quat_multiply, quat_to_rotvec, so3_exp
+from superdiff_protein.frames.se3 import SE3Diffuser
 from tolerances import (C, C_MEASURED, close, magnitude, quat_path_tol, rot_score_tol, rounding_tol, shadow_error,
                         trans_score_tol)
 

@@ -11,7 +11,7 @@ from conftest import official_fixtures_dir, official_skip_reason
 from models.proteus import ProteusAdapter, ProteusConfigError, ProteusNetwork
 from models.proteus.template import backbone_atoms
 from superdiff_protein.frames.checkpoints import CheckpointError
-from superdiff_protein.geometry import so3_exp
+from superdiff_protein.frames.geometry import so3_exp
 from tolerances import C_MEASURED, close, magnitude, rounding_tol, shadow_error
 
 FIX = official_fixtures_dir()

@@ -99,7 +99,7 @@ def test_builtin_table_offers_existing_files_only(tmp_path, monkeypatch):
 def test_entry_point_plugin(tmp_path, monkeypatch):
     """A third-party distribution registering a model through the entry-point group."""
     (tmp_path / "superdiff_toy_plugin.py").write_text(textwrap.dedent('''
-        from superdiff_protein.se3 import SE3Diffuser
+        from superdiff_protein.frames.se3 import SE3Diffuser
         from models.frame_models import FrameScoreModel
         from tests_toy_predictor import ToyPredictor
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from models.analytic import frame_mixture_model, gaussian_mixture_model
-from superdiff_protein.igso3 import sample_uniform_so3
-from superdiff_protein.kappa import AndRule, AverageRule, OrRule, SingleRule
-from superdiff_protein.protocol import IncompatibleModelsError, ModelOutput
-from superdiff_protein.sampler import (BiasedEstimatorWarning, SamplerConfig, SamplingError, make_generators,
+from superdiff_protein.core.igso3 import sample_uniform_so3
+from superdiff_protein.core.kappa import AndRule, AverageRule, OrRule, SingleRule
+from superdiff_protein.core.protocol import IncompatibleModelsError, ModelOutput
+from superdiff_protein.core.sampler import (BiasedEstimatorWarning, SamplerConfig, SamplingError, make_generators,
                                        superpose)
-from superdiff_protein.spaces import LinearVPSchedule
+from superdiff_protein.core.spaces import LinearVPSchedule
 
 
 def exact_increment(models, space, result, seeds, shapes, cfg):

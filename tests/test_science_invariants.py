@@ -27,12 +27,12 @@ import pytest
 import torch
 
 from models.analytic import AnalyticModel, SO3PointMixture, frame_mixture_model, gaussian_mixture_model
-from superdiff_protein.geometry import so3_exp, so3_log
-from superdiff_protein.igso3 import igso3_log_density, sample_uniform_so3
-from superdiff_protein.kappa import AndRule, SingleRule
-from superdiff_protein.sampler import SamplerConfig, _eval_models, superpose
-from superdiff_protein.se3 import SE3Diffuser
-from superdiff_protein.spaces import LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace, SO3Space
+from superdiff_protein.frames.geometry import so3_exp, so3_log
+from superdiff_protein.core.igso3 import igso3_log_density, sample_uniform_so3
+from superdiff_protein.core.kappa import AndRule, SingleRule
+from superdiff_protein.core.sampler import SamplerConfig, _eval_models, superpose
+from superdiff_protein.frames.se3 import SE3Diffuser
+from superdiff_protein.core.spaces import LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace, SO3Space
 
 Z = 5.0
 F64 = torch.float64
@@ -67,7 +67,7 @@ def _gaussian_flow_setup(n: int = 1000, seed: int = 0):
     return model, marginal, x1
 
 
-@pytest.mark.filterwarnings("ignore::superdiff_protein.sampler.BiasedEstimatorWarning")
+@pytest.mark.filterwarnings("ignore::superdiff_protein.core.sampler.BiasedEstimatorWarning")
 def test_probability_flow_ode_reaches_exact_gaussian_marginals():
     """The probability-flow ODE (``sampling="ode"``, score coefficient 1/2) maps q_1 onto q_{min_t}.
 

@@ -27,11 +27,11 @@ import pytest
 import torch
 
 from conftest import official_fixtures_dir, official_params
-from superdiff_protein.geometry import quat_to_rotmat, so3_exp
-from superdiff_protein.kappa import SingleRule
-from superdiff_protein.protocol import ModelOutput
-from superdiff_protein.sampler import SamplerConfig, superpose
-from superdiff_protein.se3 import DiffuserConfigError, SE3Diffuser, SE3DiffuserConfig
+from superdiff_protein.frames.geometry import quat_to_rotmat, so3_exp
+from superdiff_protein.core.kappa import SingleRule
+from superdiff_protein.core.protocol import ModelOutput
+from superdiff_protein.core.sampler import SamplerConfig, superpose
+from superdiff_protein.frames.se3 import DiffuserConfigError, SE3Diffuser, SE3DiffuserConfig
 from tolerances import (close, igso3_score_vec_bounds, igso3_series_bounds, magnitude, quat_path_tol,
                         rot_score_tol, rounding_tol, trans_score_tol, vp_var_tol)
 
@@ -283,7 +283,7 @@ def test_calc_scores_from_prediction(case):
     """Scores from float32 predicted frames: the official path goes through float32 eigh quaternions, so the
     relative rotation vector carries ``20 eps32 (1 + omega/2)`` (module docstring); the bound is that
     times the score's Jacobian, plus the series bound with float32 trigonometry."""
-    from superdiff_protein.geometry import so3_log
+    from superdiff_protein.frames.geometry import so3_log
 
     ref, _, d = case
     Rt, R0 = ref["calc_scores/rots_t_rotmats"], ref["calc_scores/rots_0_rotmats"]
@@ -364,7 +364,7 @@ class _ConstScore:
         return ModelOutput({"rot": self.rot, "trans": self.trans})
 
 
-@pytest.mark.filterwarnings("ignore::superdiff_protein.sampler.BiasedEstimatorWarning")
+@pytest.mark.filterwarnings("ignore::superdiff_protein.core.sampler.BiasedEstimatorWarning")
 @pytest.mark.parametrize("noise_scale", [1.0, 0.1])
 def test_core_sampler_step_is_the_official_reverse_step(case, noise_scale):
     """One step of the core sampler (single model, same noise, FrameDiff time grid) == SE3Diffuser.reverse

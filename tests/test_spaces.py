@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from superdiff_protein.spaces import (DiscreteVPSchedule, EuclideanVPSpace, LinearVPSchedule, LogLinearSigmaSchedule,
+from superdiff_protein.core.spaces import (DiscreteVPSchedule, EuclideanVPSpace, LinearVPSchedule, LogLinearSigmaSchedule,
                                       SO3Space, frame_space)
 
 

@@ -149,7 +149,7 @@ def test_model_pth_is_official_container_and_loads_safely(runs):
     model = FrameDiffAdapter.from_checkpoint(path)  # the allow-listed loader
     assert model.config.node_embed_size == cfg["model"]["node_embed_size"]
     assert model.config.ipa.num_blocks == cfg["model"]["ipa"]["num_blocks"]
-    from superdiff_protein.geometry import so3_exp
+    from superdiff_protein.frames.geometry import so3_exp
 
     g = torch.Generator().manual_seed(0)
     b, n = 2, 17
@@ -192,7 +192,7 @@ def test_refuses_to_clobber_and_checks_resume_config(dataset, runs, tmp_path):
 
 
 def _fake_batch(b=3, n=12, seed=0):
-    from superdiff_protein.geometry import backbone_atoms_from_frames, so3_exp
+    from superdiff_protein.frames.geometry import backbone_atoms_from_frames, so3_exp
 
     g = torch.Generator().manual_seed(seed)
     rot = so3_exp(torch.randn(b, n, 3, generator=g))
@@ -205,7 +205,7 @@ def _fake_batch(b=3, n=12, seed=0):
 
 
 def test_framediff_loss_zero_for_perfect_prediction_and_gates():
-    from superdiff_protein.se3 import SE3Diffuser
+    from superdiff_protein.frames.se3 import SE3Diffuser
 
     cfg = T.compose_config(["model=tiny"])
     exp = dict(cfg["experiment"])
@@ -237,14 +237,14 @@ def test_framediff_loss_zero_for_perfect_prediction_and_gates():
 
 
 def T_small_rot() -> torch.Tensor:
-    from superdiff_protein.geometry import so3_exp
+    from superdiff_protein.frames.geometry import so3_exp
 
     return so3_exp(torch.tensor([0.2, -0.1, 0.15]))
 
 
 def test_padding_does_not_change_the_loss():
     """Per-chain losses are independent of how much padding the batch has."""
-    from superdiff_protein.se3 import SE3Diffuser
+    from superdiff_protein.frames.se3 import SE3Diffuser
 
     cfg = T.compose_config(["model=tiny"])
     exp = dict(cfg["experiment"])
@@ -360,7 +360,7 @@ def test_training_code_lives_next_to_the_network():
 
 
 def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
-    from superdiff_protein.se3 import SE3Diffuser
+    from superdiff_protein.frames.se3 import SE3Diffuser
 
     rot, trans, psi, mask, _ = _fake_batch()
     # the truth costs nothing, whatever its own close contacts

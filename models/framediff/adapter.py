@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from superdiff_protein.frames.checkpoints import load_framediff_checkpoint, load_state_dict_checked
-from superdiff_protein.geometry import backbone_atoms_from_frames, rotmat_to_quat
+from superdiff_protein.frames.geometry import backbone_atoms_from_frames, rotmat_to_quat
 
 from .config import FrameDiffConfig
 from .network import FrameDiffScoreNetwork

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from superdiff_protein.errors import UserError
-from superdiff_protein.geometry import so3_exp
+from superdiff_protein.frames.geometry import so3_exp
 
 from .adapter import FrameDiffAdapter
 from .checkpointing import SafeCheckpointIO, export_official_checkpoint, read_lightning_checkpoint

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from superdiff_protein.geometry import backbone_atoms_from_frames, psi_from_backbone
+from superdiff_protein.frames.geometry import backbone_atoms_from_frames, psi_from_backbone
 
 __all__ = ["framediff_loss", "ca_clash_loss", "seq_idx", "psi_targets"]
 

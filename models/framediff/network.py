@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from superdiff_protein.geometry import (
+from superdiff_protein.frames.geometry import (
     quat_to_rotmat,
     quat_update_compose,
 )

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from superdiff_protein.errors import UserError
-from superdiff_protein.se3 import SE3Diffuser
+from superdiff_protein.frames.se3 import SE3Diffuser
 
 from .adapter import FrameDiffAdapter
 from .config import FrameDiffConfig

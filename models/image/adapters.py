@@ -3,7 +3,7 @@
 Forward process
     diffusers' DDPM-family schedulers define ``x_i = sqrt(abar_i) x_0 + sqrt(1 - abar_i) eps`` for the
     integer timestep ``i = 0..N-1`` (``abar = alphas_cumprod``). The core sees this as the continuous
-    VP-SDE of :class:`~superdiff_protein.spaces.DiscreteVPSchedule`, where timestep ``i`` sits at
+    VP-SDE of :class:`~superdiff_protein.core.spaces.DiscreteVPSchedule`, where timestep ``i`` sits at
     ``t = (i + 1) / N`` and ``log abar`` is linear in between. The network is therefore called at the
     (fractional) timestep ``t N - 1`` -- the exact inverse of ``DiscreteVPSchedule.timestep_to_t``;
     diffusers' sinusoidal timestep embeddings accept fractional timesteps.
@@ -47,8 +47,8 @@ import torch
 from torch import Tensor
 
 from superdiff_protein.errors import UserError
-from superdiff_protein.protocol import ModelOutput
-from superdiff_protein.spaces import DiscreteVPSchedule, EuclideanVPSpace, ProductSpace
+from superdiff_protein.core.protocol import ModelOutput
+from superdiff_protein.core.spaces import DiscreteVPSchedule, EuclideanVPSpace, ProductSpace
 
 __all__ = [
     "ImageModelError",

@@ -6,8 +6,8 @@
 
 Models are the product ``UNets x prompts`` (unet-major). Every prompt of one UNet is a view of one
 :class:`~models.image.adapters.PromptGroup` (one batched UNet call per step, shared unconditional
-branch). Sampling is :func:`superdiff_protein.sampler.superpose` with a kappa rule of
-:mod:`superdiff_protein.kappa`; nothing image-specific happens inside the sampler.
+branch). Sampling is :func:`superdiff_protein.core.sampler.superpose` with a kappa rule of
+:mod:`superdiff_protein.core.kappa`; nothing image-specific happens inside the sampler.
 
 Rules: ``and`` (bias from ``lift``), ``or`` (bias from ``lift``, ``temperature``), ``average`` (the
 paper's average-of-scores baseline), ``joint`` (the joint-prompt baseline: the prompts joined by
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from superdiff_protein.kappa import AndRule, AverageRule, KappaRule, OrRule, SingleRule
-from superdiff_protein.sampler import SampleResult, SamplerConfig, superpose
+from superdiff_protein.core.kappa import AndRule, AverageRule, KappaRule, OrRule, SingleRule
+from superdiff_protein.core.sampler import SampleResult, SamplerConfig, superpose
 
 from .adapters import (DENSITY_MODES, ImageModelError, PromptGroup, UNetScoreModel, encode_prompts,
                        latent_representation, pixel_representation, schedule_from_scheduler)

@@ -2,7 +2,7 @@
 
 These exist because Proteus's trunk works on *quaternions* (w-first) and its numerics depend on
 the exact formulas openfold uses (``quat_to_rot`` from products of components, ``rot_vec_mul`` as
-explicit sums).  Generic geometry lives in :mod:`superdiff_protein.geometry`; the functions here
+explicit sums).  Generic geometry lives in :mod:`superdiff_protein.frames.geometry`; the functions here
 are kept private to the Proteus package on purpose (they reproduce the official rounding).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from superdiff_protein.geometry import quat_to_rotmat  # same formula/order as openfold quat_to_rot
+from superdiff_protein.frames.geometry import quat_to_rotmat  # same formula/order as openfold quat_to_rot
 
 __all__ = ["quat_to_rotmat", "quat_mul_vec", "rot_vec_mul", "apply", "invert_apply", "compose_q_update"]
 

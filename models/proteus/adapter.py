@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from superdiff_protein.frames.checkpoints import load_proteus_checkpoint, load_state_dict_checked
-from superdiff_protein.geometry import rotmat_to_quat
+from superdiff_protein.frames.geometry import rotmat_to_quat
 
 from .network import ProteusNetwork
 

@@ -10,7 +10,7 @@ Proteus predicts clean frames; ``FoldModule.diffusion_sample`` turns them into s
 The two official SE(3) diffusers (FrameDiff, Proteus) are numerically identical for these
 functions (see ``diffuser_differences.json``: only ``rot_to_quat`` differs by an ``1e-7 I``
 shift of the 4x4 matrix, which does not change its eigenvectors), so this delegates to the shared
-diffuser :mod:`superdiff_protein.se3` (the same code FrameDiff uses).
+diffuser :mod:`superdiff_protein.frames.se3` (the same code FrameDiff uses).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from superdiff_protein.se3 import SE3DiffuserConfig, official_rot_score, official_trans_score
+from superdiff_protein.frames.se3 import SE3DiffuserConfig, official_rot_score, official_trans_score
 
 __all__ = ["official_scores"]
 

@@ -37,8 +37,8 @@ def run_demo(out: str | Path = "superdiff_demo.png", samples: int = 600, steps: 
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
-    from superdiff_protein.kappa import AndRule, AverageRule, OrRule, SingleRule
-    from superdiff_protein.sampler import SamplerConfig, superpose
+    from superdiff_protein.core.kappa import AndRule, AverageRule, OrRule, SingleRule
+    from superdiff_protein.core.sampler import SamplerConfig, superpose
 
     if samples < 1 or steps < 1:
         raise ValueError("samples and steps must be >= 1")

@@ -60,16 +60,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.igso3 import igso3_dlog_domega, igso3_log_density
+from ..core.kappa import BIAS_CONVENTIONS, make_rule
+from ..core.protocol import IncompatibleModelsError, ModelOutput, check_compatible
+from ..core.sampler import BiasedEstimatorWarning, SamplerConfig, SamplingError, superpose
+from ..core.spaces import ProductSpace, frame_space
+from ..frames.geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
+from ..frames.pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
+from ..runs.atomic import atomic_open
 from .common import UserError, check_out_dir, run_hydra
 from .common import resolve_device as _resolve_device
-from ..geometry import backbone_atoms_from_frames, frames_from_backbone, psi_from_backbone, so3_log
-from ..igso3 import igso3_dlog_domega, igso3_log_density
-from ..kappa import BIAS_CONVENTIONS, make_rule
-from ..frames.pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
-from ..protocol import IncompatibleModelsError, ModelOutput, check_compatible
-from ..sampler import BiasedEstimatorWarning, SamplerConfig, SamplingError, superpose
-from ..runs.atomic import atomic_open
-from ..spaces import ProductSpace, frame_space
 
 __all__ = [
     "GenerateConfig",
@@ -616,7 +616,7 @@ def _exact_space() -> ProductSpace:
     """The frame space of the neural frame models when available (so exact and neural models can be
     superposed), else FrameDiff's schedules via :func:`frame_space`."""
     try:
-        from .. import se3  # type: ignore[attr-defined]
+        from ..frames import se3  # type: ignore[attr-defined]
 
         return se3.SE3Diffuser().space
     except Exception:

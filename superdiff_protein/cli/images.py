@@ -197,7 +197,7 @@ def _to_dataclass(cls, cfg, name: str):
 def _as_user_errors(fn):
     """``fn()``; sampling failures and the ``ValueError`` / ``OSError`` that diffusers raises for unusable models
     and paths are bad input here (exit code 2)."""
-    from superdiff_protein.sampler import SamplingError
+    from superdiff_protein.core.sampler import SamplingError
 
     try:
         return fn()

@@ -6,7 +6,7 @@
   ``<output>.log.json`` listing every skipped (unreadable / non-protein) and filtered file.
 * :class:`FrameDataset`: a ``torch.utils.data.Dataset`` over that file returning backbone atoms,
   masks, sequence tokens, secondary-structure labels and backbone frames
-  (:func:`superdiff_protein.geometry.frames_from_backbone`).
+  (:func:`superdiff_protein.frames.geometry.frames_from_backbone`).
 * :class:`LengthBucketSampler`: deterministic batches of similar length;
   :func:`collate_frames` pads them.
 * :func:`split_by_secondary_structure`: helix-rich vs strand-rich halves.
@@ -684,7 +684,7 @@ class FrameDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        from ..geometry import frames_from_backbone
+        from .geometry import frames_from_backbone
 
         ci = int(self.chain_indices[i])
         a, b = int(self._offsets[ci]), int(self._offsets[ci + 1])

@@ -1,6 +1,6 @@
 """The batched superposition sampler with per-model density tracking.
 
-For M models with scores ``s_i`` on a :class:`~superdiff_protein.spaces.ProductSpace`, each step of
+For M models with scores ``s_i`` on a :class:`~superdiff_protein.core.spaces.ProductSpace`, each step of
 reverse time ``tau`` (``t = 1 - tau`` runs from 1 to ``min_t``) does, per component c:
 
     dx_c = [-f_c + c_s g_c^2 sum_j kappa_j s_j^c] dtau + eta g_c sqrt(dtau) z_c      (z_c ~ N(0, I))
@@ -17,7 +17,7 @@ for every eta; at eta = 0 this is the usual ODE divergence estimator). Both are 
 ``dlogq = A kappa + b``, which is what the AND rule solves.
 
 The formula holds along ANY path ``dx``, so the drift and the tracked densities may use different
-scores: a model whose :class:`~superdiff_protein.protocol.ModelOutput` carries ``density_scores``
+scores: a model whose :class:`~superdiff_protein.core.protocol.ModelOutput` carries ``density_scores``
 (a classifier-free-guided prompt: drift ``s_u + w (s_c - s_u)``, density score ``s_c``) drives the
 sampler with ``scores`` while ``s_i`` above (and in ``A``, ``b``, the Laplacian and the AND
 correction) is its density score; then ``A_ij = c_s g^2 dtau <s_i, d_j>`` with ``d_j`` the drift scores.

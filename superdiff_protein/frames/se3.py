@@ -1,14 +1,14 @@
 """The SE(3) diffuser of FrameDiff and Proteus, built on the core spaces.
 
 :class:`SE3Diffuser` is THE diffuser of the package: the superposition sampler uses its
-:attr:`SE3Diffuser.space` (a :class:`~superdiff_protein.spaces.ProductSpace` with components
+:attr:`SE3Diffuser.space` (a :class:`~superdiff_protein.core.spaces.ProductSpace` with components
 ``rot`` = IGSO(3) Brownian motion on SO(3)^N and ``trans`` = VP-SDE on R^{N x 3} in *scaled* units,
 nm = 0.1 x Angstrom), the frame-model adapters use it to turn predicted clean frames into scores, and
 the training code uses :meth:`SE3Diffuser.forward_marginal`. It is numerically equal to the official
 diffusers (jasonkyuyim/se3_diffusion @ 53359d7 ``data/se3_diffuser.py``; Proteus's copy differs only
 in the centring rule), see ``docs/frame_model_protocol.md`` and ``tests/test_se3_diffuser.py``.
 
-Conventions (same as :mod:`superdiff_protein.geometry` and the core):
+Conventions (same as :mod:`superdiff_protein.frames.geometry` and the core):
 
 * rotation tangents / scores are *body-frame* rotation vectors: a step is ``R @ exp(delta)``. The
   official IGSO(3) score ``score(|v|) v/|v|`` with ``v = log(R_0^T R_t)`` is already in this frame
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .geometry import quat_multiply, quat_to_rotvec, rotmat_to_quat, so3_exp
-from .spaces import EuclideanVPSpace, LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace, SO3Space
+from ..core.spaces import EuclideanVPSpace, LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace, SO3Space
 
 __all__ = [
     "SE3DiffuserConfig",
@@ -120,7 +120,7 @@ class SE3DiffuserConfig:
 
 def _to_plain(conf: Any) -> dict:
     """OmegaConf / mapping -> plain dict (the checkpoint module's conversion, with this module's error)."""
-    from .frames.checkpoints import CheckpointError, conf_to_container
+    from .checkpoints import CheckpointError, conf_to_container
 
     try:
         return conf_to_container(conf)

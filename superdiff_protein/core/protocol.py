@@ -1,7 +1,7 @@
 """The score-model protocol every model adapter implements (analytic, frame networks, images).
 
 A model is called on a batched state and returns its score per component, in the tangent
-coordinates of the corresponding :class:`~superdiff_protein.spaces.ComponentSpace`, plus any
+coordinates of the corresponding :class:`~superdiff_protein.core.spaces.ComponentSpace`, plus any
 carried state (self-conditioning) and optional extras (e.g. predicted clean frames).
 See ``docs/frame_model_protocol.md`` for the frame-model specifics.
 
