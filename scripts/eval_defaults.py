@@ -37,7 +37,7 @@ LABELS = {"helix": "default-helix alone", "strand": "default-strand alone", "ave
 
 
 def _generate(out: Path, name: str, args) -> Path:
-    from superdiff_protein.cli.generate import generate
+    from superdiff_protein.frames.generation import generate
 
     d = out / "samples" / name
     want = len(args.lengths) * args.n

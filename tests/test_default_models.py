@@ -44,7 +44,7 @@ def _ca_ca_and_clashes(ca: np.ndarray) -> tuple[np.ndarray, int]:
 def test_default_model_samples_have_protein_geometry(name, tmp_path):
     """What a user gets from ``generate_backbones models=[name]``: 3 samples of length 80, 100 steps."""
     from eval.io import read_backbone
-    from superdiff_protein.cli.generate import generate
+    from superdiff_protein.frames.generation import generate
 
     generate(models=[name], rule="single", lengths=[80], samples_per_length=3, batch_size=3, num_steps=100,
              seed=0, out_dir=str(tmp_path / "out"), progress=False, plots=False)

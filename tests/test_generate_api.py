@@ -4,15 +4,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from superdiff_protein.cli.generate import (
-    CONFIG_DIR,
-    GenerateConfig,
-    GenerateError,
-    _validate,
-    generate,
-    load_config,
-    load_exact_model,
-)
+from models.exact_frames import load_exact_model
+from superdiff_protein.frames.generate_config import CONFIG_DIR, GenerateConfig, GenerateError, load_config, validate
+from superdiff_protein.frames.generation import generate
 
 CONTRACT = ["models", "rule", "temperature", "bias", "kappa_scope", "estimator", "num_steps", "min_t", "noise_scale",
             "lengths", "samples_per_length", "batch_size", "seed", "device", "precision", "out_dir", "save_traj"]
@@ -42,7 +36,7 @@ PAPER = {"paper_or": dict(rule="or", bias=None, bias_convention="official"),
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "generate").glob("*.yaml")))
 def test_every_preset_loads_and_validates(preset):
-    opts = _validate(load_config(preset=preset))
+    opts = validate(load_config(preset=preset))
     if preset.startswith("exact"):
         assert opts.num_steps == 500 and opts.noise_scale == 1.0 and opts.estimator == "ito"
         return
@@ -78,7 +72,7 @@ def test_tutorial_preset_table_lists_every_preset_with_its_settings():
             "and_correction", "time_grid", "final"} <= set(rows)
     for preset in presets:
         assert preset in cols, f"{preset} missing from the tutorial's preset table"
-        opts = _validate(load_config(preset=preset))
+        opts = validate(load_config(preset=preset))
         for key, row in rows.items():
             if not hasattr(opts, key):
                 continue

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from superdiff_protein.cli.generate import (
-    EXACT_MODELS,
-    ExactFrameMixture,
-    GenerateError,
-    load_exact_frame_set,
-    load_exact_model,
-    parse_lengths,
-    sample_seed,
-)
+from models.exact_frames import EXACT_MODELS, ExactFrameMixture, load_exact_frame_set, load_exact_model
+from superdiff_protein.frames.generate_config import GenerateError, parse_lengths
+from superdiff_protein.frames.plan import sample_seed
 from superdiff_protein.frames.geometry import IDEAL_BACKBONE_LOCAL, backbone_atoms_from_frames, so3_exp
 from superdiff_protein.core.spaces import frame_space
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from superdiff_protein.cli.generate import GenerateError, generate
+from superdiff_protein.frames.generate_config import GenerateError
+from superdiff_protein.frames.generation import generate
 
 COMMON = dict(models=["exact-helix", "exact-strand"], lengths=[20, 24], samples_per_length=3, batch_size=2, num_steps=6, seed=3, device="cpu",
               plots=False, progress=False)

@@ -132,7 +132,7 @@ def _evaluate(sdir, models, *extra):
 
 
 def _generate(out, layout):
-    from superdiff_protein.cli.generate import generate
+    from superdiff_protein.frames.generation import generate
 
     return generate(models=["exact-helix", "exact-strand"], lengths=[16], samples_per_length=2, num_steps=4,
                     plots=False, progress=False, layout=layout, out_dir=str(out))

@@ -201,7 +201,7 @@ def _entry_points(tmp: Path):
     from models.proteus.adapter import ProteusAdapter
     from superdiff_protein.frames import checkpoints as C
     from superdiff_protein.frames.data import load_dataset_file
-    from superdiff_protein.cli.generate import load_exact_frame_set
+    from models.exact_frames import load_exact_frame_set
     from superdiff_protein.frames.registry import load_model
 
     return {
