@@ -121,7 +121,8 @@ def hydra_error_line(exc: BaseException, valid: Mapping[str, Any] | Sequence[str
     if m:
         return f"{m.group(1)} is required ({m.group(1)}=...; see --help)"
     m = re.search(r"Could not override '([^']+)'", msg)
-    if m and ("not in struct" in cause_msg or "No match in the defaults list" in msg):
+    if m and ("not in struct" in cause_msg or "No match in the defaults list" in msg
+              or re.search(r"Key '[^']+' not in '", cause_msg)):          # a structured config's schema
         return _unknown_key_line(m.group(1), valid)
     m = re.search(r"Ambiguous value for argument '([^'=]+)=([^']*)'", msg)
     if m:
@@ -228,7 +229,8 @@ def _parse_hydra_args(argv: list[str]):
 
 
 def run_hydra(prog: str, config_name: str, body: Callable[[Any], Any], *, argv: Sequence[str] | None = None,
-              list_keys: Sequence[str] = (), node: Any = None, interrupted: str = "interrupted") -> int:
+              list_keys: Sequence[str] = (), node: Any = None, interrupted: str = "interrupted",
+              valid: Mapping[str, Any] | None = None) -> int:
     """Run ``body(cfg)`` as a Hydra app (``@hydra.main``: ``--help``, ``--cfg``, ``-m`` and launchers keep
     working) under the exit-code contract; returns the exit code.
 
@@ -236,11 +238,12 @@ def run_hydra(prog: str, config_name: str, body: Callable[[Any], Any], *, argv: 
     exit code 2 instead of Hydra's multi-line report with exit code 1. Outside ``--multirun``,
     ``key=a,b`` for a key of ``list_keys`` means the list ``[a,b]``. ``node`` is a structured config stored
     under ``config_name`` when ``configs/<config_name>.yaml`` is absent; ``interrupted`` is the Ctrl-C line.
+    ``valid``: the options named in "unknown option" messages (default: the keys of the YAML, :func:`config_keys`).
     """
     import hydra
 
     args = list(sys.argv[1:] if argv is None else argv)
-    valid = config_keys(config_name)
+    valid = config_keys(config_name) if valid is None else valid
     try:
         parsed = _parse_hydra_args(args)
     except _ArgError as e:

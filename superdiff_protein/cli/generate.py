@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-from ..frames.generate_config import CONFIG_NAME, GenerateConfig, register_schema, strip_hydra
+from ..frames.generate_config import CONFIG_NAME, GenerateConfig, option_tree, register_schema, strip_hydra
 from ..frames.generation import generate_from_config
 from .common import run_hydra
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _on_term)
     register_schema()
     code = run_hydra(_PROG, CONFIG_NAME, _run_from_cfg, argv=argv, list_keys=("lengths", "models", "bias", "weights"),
-                     node=GenerateConfig,
+                     node=GenerateConfig, valid={**option_tree(), "generate": {}},   # generate=: the preset group
                      interrupted="interrupted; complete samples are kept, rerun the same command to resume")
     sys.exit(code)
 

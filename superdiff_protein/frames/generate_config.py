@@ -34,7 +34,7 @@ from .plan import parse_shard, torchrun_world
 __all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "CONFIG_DIR", "CONFIG_NAME",
            "SCHEMA_NAME", "MAX_LENGTH", "MAX_SAMPLES", "TIME_GRIDS", "FIELDS", "SAMPLE_KEYS", "load_config",
            "parse_lengths", "validate", "canonical", "canon_precision", "sampler_config", "resolve_device",
-           "register_schema", "strip_hydra"]
+           "register_schema", "strip_hydra", "option_tree"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_NAME = "generate_backbones"
@@ -256,6 +256,11 @@ def register_schema() -> None:
 def _defaults() -> dict:
     c = GenerateConfig()
     return {k: getattr(c, k) for k in FIELDS}
+
+
+def option_tree() -> dict:
+    """Every option with its default (``exact`` with its sub-options), for "unknown option" messages."""
+    return _defaults()
 
 
 def strip_hydra(d: Mapping[str, Any]) -> dict:
