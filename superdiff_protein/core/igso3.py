@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..frames.geometry import so3_exp, so3_log
+from .so3 import so3_exp, so3_log
 
 __all__ = [
     "igso3_log_density",

@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from ..frames.geometry import so3_exp
+from .so3 import so3_exp
 from .igso3 import sample_uniform_so3
 
 __all__ = [
