@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -31,7 +31,7 @@ from ..runs.checks import resolve_device as _resolve_device
 from ..runs.rundir import LAYOUTS, SETTING_COLUMNS
 from .plan import parse_shard, torchrun_world
 
-__all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "CONFIG_DIR", "CONFIG_NAME",
+__all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "ExactOptions", "CONFIG_DIR", "CONFIG_NAME",
            "SCHEMA_NAME", "MAX_LENGTH", "MAX_SAMPLES", "TIME_GRIDS", "FIELDS", "SAMPLE_KEYS", "load_config",
            "parse_lengths", "validate", "canonical", "canon_precision", "sampler_config", "resolve_device",
            "register_schema", "strip_hydra", "option_tree"]
@@ -151,7 +151,7 @@ _models.kind = "str_list"  # type: ignore[attr-defined]
 
 
 def _exact(v: Any, key: str) -> dict:
-    exact = dict(v or {})
+    exact = asdict(v) if is_dataclass(v) and not isinstance(v, type) else dict(v or {})
     bad = set(exact) - {"trans_std", "windows_per_chain"}
     if bad:
         raise GenerateError(f"exact: unknown option(s) {sorted(bad)} (valid: trans_std, windows_per_chain)")
@@ -187,6 +187,14 @@ def _opt(check: Callable[[Any, str], Any], *, sample: bool = False, added: bool 
 
 
 # ------------------------------------------------------------------------------------------ schema
+@dataclass
+class ExactOptions:
+    """Options of the exact (analytic) frame models (``models.exact_frames``)."""
+
+    trans_std: float = 0.1            # Angstrom: spread of CA positions around each chain window
+    windows_per_chain: int = 4        # length-L windows taken from each chain (modes of the mixture)
+
+
 @dataclass
 class GenerateConfig:
     """All options of :func:`~superdiff_protein.frames.generation.generate` and ``generate_backbones``; the
@@ -225,8 +233,7 @@ class GenerateConfig:
     plots: bool = field(default=True, metadata=_opt(_boolean))
     progress: bool = field(default=True, metadata=_opt(_boolean))
     layout: str = field(default="flat", metadata=_opt(_choice(*LAYOUTS), sample=True, added=True))
-    exact: Any = field(default_factory=lambda: {"trans_std": 0.1, "windows_per_chain": 4},
-                       metadata=_opt(_exact, sample=True))
+    exact: ExactOptions = field(default_factory=ExactOptions, metadata=_opt(_exact, sample=True))
     shard: Any = field(default=None, metadata=_opt(_keep))              # "i/n"; resolved in validate
 
 
@@ -255,7 +262,7 @@ def register_schema() -> None:
 
 def _defaults() -> dict:
     c = GenerateConfig()
-    return {k: getattr(c, k) for k in FIELDS}
+    return {k: asdict(v) if is_dataclass(v) else v for k, v in ((k, getattr(c, k)) for k in FIELDS)}
 
 
 def option_tree() -> dict:

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -272,7 +272,7 @@ def generate(cfg: Any = None, /, **kwargs: Any) -> GenerateSummary:
     over: dict[str, Any] = {}
     if cfg is not None:
         if isinstance(cfg, GenerateConfig):
-            over.update({k: getattr(cfg, k) for k in FIELDS})
+            over.update({k: asdict(v) if is_dataclass(v) else v for k, v in ((k, getattr(cfg, k)) for k in FIELDS)})
         else:
             try:
                 from omegaconf import DictConfig, OmegaConf
