@@ -1,31 +1,43 @@
 """Reading protein backbones (PDB / mmCIF, plain, gzip-compressed (``.pdb.gz``) or inside tar archives),
 discovering sample files, and atomic file writes.
 
-A :class:`Backbone` is the first protein chain of the first model of a file: per residue the N, CA, C, O
-coordinates (float64, NaN where an atom is absent, e.g. CA-only files), the one-letter sequence (``X`` for
-unknown residues) and the residue numbers. Residues without a CA atom are dropped.
+Structures are parsed by the project's one reader, :func:`superdiff_protein.runs.structures.read_backbone`
+(``eval`` imports only :mod:`superdiff_protein.runs` of the library), into its one
+:class:`~superdiff_protein.runs.structures.Backbone`: the first protein chain of the first model of a file.
+The evaluation's view of it (:func:`read_backbone`) keeps the modified residues ``MSE``/``SEC``/``PYL`` written
+as HETATM, drops residues without a CA atom and spells the sequence with :data:`_THREE_TO_ONE`; metrics use
+``Backbone.coords`` (float64, NaN where an atom is absent, e.g. CA-only files), ``ca``, ``sequence`` and
+``res_ids``.
 """
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import re
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from superdiff_protein.runs.structures import Backbone, StructureError, detect_format, parse_backbone
+from superdiff_protein.runs.structures import read_backbone as _read_backbone
+
 from .errors import BadInputError, StructureReadError
+
+__all__ = ["Backbone", "BACKBONE_ATOMS", "STRUCTURE_SUFFIXES", "MIN_RESIDUES", "HETERO_RESIDUES", "read_backbone",
+           "backbone_from_text", "structure_suffix", "iter_tar_structures", "is_tar", "discover_structures",
+           "write_backbone_pdb", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "require_dir"]
 
 BACKBONE_ATOMS = ("N", "CA", "C", "O")
 _PLAIN_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".bcif")
 #: file names read as structures (gzip-compressed variants too, as prepare_dataset reads them)
 STRUCTURE_SUFFIXES = _PLAIN_SUFFIXES + tuple(s + ".gz" for s in _PLAIN_SUFFIXES)
+#: modified amino acids read even when written as HETATM records (selenomethionine in crystal structures, ...)
+HETERO_RESIDUES = ("MSE", "SEC", "PYL")
 #: fewer residues than this cannot be evaluated (TM-align needs 3; ProteinMPNN and DSSP-like labels are meaningless)
 MIN_RESIDUES = 3
 
@@ -37,86 +49,6 @@ _THREE_TO_ONE = {
 _ONE_TO_THREE = {v: k for k, v in _THREE_TO_ONE.items() if k not in ("MSE", "SEC", "PYL")}
 
 
-@dataclass
-class Backbone:
-    """Backbone of one protein chain."""
-
-    name: str
-    coords: np.ndarray  # (L, 4, 3) float64, atoms N, CA, C, O; NaN where absent
-    sequence: str
-    res_ids: np.ndarray  # (L,) int
-    chain_id: str = "A"
-
-    @property
-    def length(self) -> int:
-        return int(self.coords.shape[0])
-
-    @property
-    def ca(self) -> np.ndarray:
-        """CA coordinates (L, 3) float64."""
-        return self.coords[:, 1, :]
-
-    @property
-    def has_full_backbone(self) -> bool:
-        """True when every residue has N, CA, C and O."""
-        return bool(np.isfinite(self.coords).all())
-
-
-def _atom_array_to_backbone(atoms, name: str) -> Backbone:
-    import biotite.structure as struc
-
-    if atoms.array_length() == 0:
-        raise StructureReadError(f"{name}: no atoms")
-    atoms = atoms[~atoms.hetero | np.isin(atoms.res_name, ["MSE", "SEC", "PYL"])]
-    atoms = atoms[np.isin(atoms.element, ["H", "D"], invert=True)] if "element" in atoms.get_annotation_categories() else atoms
-    if atoms.array_length() == 0:
-        raise StructureReadError(f"{name}: no protein (ATOM) records")
-    chain = atoms.chain_id[0]
-    atoms = atoms[atoms.chain_id == chain]
-    starts = struc.get_residue_starts(atoms)
-    ends = np.append(starts[1:], atoms.array_length())
-    coords, seq, res_ids = [], [], []
-    for s, e in zip(starts, ends):
-        names = atoms.atom_name[s:e]
-        if "CA" not in names:
-            continue
-        xyz = np.full((4, 3), np.nan)
-        for k, a in enumerate(BACKBONE_ATOMS):
-            hit = np.nonzero(names == a)[0]
-            if len(hit):
-                xyz[k] = atoms.coord[s + hit[0]]
-        coords.append(xyz)
-        seq.append(_THREE_TO_ONE.get(str(atoms.res_name[s]).upper(), "X"))
-        res_ids.append(int(atoms.res_id[s]))
-    if not coords:
-        raise StructureReadError(f"{name}: no residue with a CA atom in chain {chain!r}")
-    return Backbone(name=name, coords=np.asarray(coords, dtype=np.float64), sequence="".join(seq),
-                    res_ids=np.asarray(res_ids, dtype=np.int64), chain_id=str(chain))
-
-
-def _read_atoms(handle, suffix: str, name: str):
-    import biotite.structure.io.pdb as pdb
-    import biotite.structure.io.pdbx as pdbx
-
-    try:
-        if suffix in (".pdb", ".ent"):
-            f = pdb.PDBFile.read(handle)
-            atoms = f.get_structure(model=1, altloc="first")
-        elif suffix in (".cif", ".mmcif"):
-            f = pdbx.CIFFile.read(handle)
-            atoms = pdbx.get_structure(f, model=1, altloc="first")
-        elif suffix == ".bcif":
-            f = pdbx.BinaryCIFFile.read(handle)
-            atoms = pdbx.get_structure(f, model=1, altloc="first")
-        else:
-            raise StructureReadError(f"{name}: unsupported file type {suffix!r}")
-    except StructureReadError:
-        raise
-    except Exception as exc:  # biotite raises many types on malformed input
-        raise StructureReadError(f"{name}: cannot parse structure ({type(exc).__name__}: {exc})") from exc
-    return atoms
-
-
 def structure_suffix(name: str | os.PathLike) -> tuple[str, bool]:
     """``(suffix, gzipped)`` of a structure file name: ``x.pdb.gz`` -> ``(".pdb", True)``."""
     p = Path(name)
@@ -125,8 +57,20 @@ def structure_suffix(name: str | os.PathLike) -> tuple[str, bool]:
     return p.suffix.lower(), False
 
 
+def _eval_view(bb: Backbone, name: str) -> Backbone:
+    """The evaluation's view of a parsed chain: residues without a CA atom dropped and the sequence spelled
+    with :data:`_THREE_TO_ONE` (``MSE`` -> ``M``, ``SEC`` -> ``C``, ``PYL`` -> ``K``, else ``X``)."""
+    keep = bb.atom_mask[:, 1]
+    if not keep.any():
+        raise StructureReadError(f"{name}: no residue with a CA atom in chain {bb.chain_id!r}")
+    bb = bb.select(keep)
+    return replace(bb, sequence="".join(_THREE_TO_ONE.get(str(r).upper(), "X") for r in bb.res_names))
+
+
 def read_backbone(path: str | os.PathLike, name: str | None = None) -> Backbone:
-    """Read the first protein chain of a PDB/mmCIF file (plain or ``.gz``) as a :class:`Backbone`.
+    """Read the first protein chain of a PDB/mmCIF file (plain or ``.gz``) as a
+    :class:`~superdiff_protein.runs.structures.Backbone` (the project's one reader, with the modified residues
+    of :data:`HETERO_RESIDUES` kept), in the evaluation's view (:func:`_eval_view`).
 
     Raises :class:`StructureReadError` when the file is missing, malformed or has no CA atoms.
     """
@@ -134,23 +78,20 @@ def read_backbone(path: str | os.PathLike, name: str | None = None) -> Backbone:
     name = name or path.name
     if not path.is_file():
         raise StructureReadError(f"{path}: file not found")
-    suffix, gz = structure_suffix(path)
     try:
-        data = path.read_bytes()
-        if gz:
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as exc:
-        raise StructureReadError(f"{name}: cannot read{' gzip data' if gz else ''} ({exc})") from exc
-    if suffix == ".bcif":
-        atoms = _read_atoms(io.BytesIO(data), suffix, name)
-    else:
-        atoms = _read_atoms(io.StringIO(data.decode("utf-8", errors="replace")), suffix, name)
-    return _atom_array_to_backbone(atoms, name)
+        bb = _read_backbone(path, name=name, hetero_residues=HETERO_RESIDUES)
+    except StructureError as exc:
+        raise StructureReadError(str(exc)) from exc
+    return _eval_view(bb, name)
 
 
 def backbone_from_text(text: str, suffix: str, name: str) -> Backbone:
-    """Parse PDB/mmCIF text (e.g. a tar member) into a :class:`Backbone`."""
-    return _atom_array_to_backbone(_read_atoms(io.StringIO(text), suffix.lower(), name), name)
+    """Parse PDB/mmCIF text (e.g. a tar member) into a :class:`Backbone` (as :func:`read_backbone`)."""
+    try:
+        bb = parse_backbone(text, detect_format(f"x{suffix.lower()}")[0], name=name, hetero_residues=HETERO_RESIDUES)
+    except StructureError as exc:
+        raise StructureReadError(str(exc)) from exc
+    return _eval_view(bb, name)
 
 
 def iter_tar_structures(path: str | os.PathLike) -> Iterator[tuple[str, str, str]]:
