@@ -29,6 +29,17 @@ is IGSO(3)(1.5)-blurred data, not Haar (docs/superposition.md, "Start values on 
 
 Each sample owns a random stream (``torch.Generator`` seeded from its own seed) from which its prior
 draw, step noise and probes come, so a sample's trajectory does not depend on the batch it ran in.
+
+The step can be called alone, like a diffusers ``scheduler.step()``::
+
+    sampler = Sampler(space, models, rule, config)
+    state = sampler.init_state(seeds, shapes)            # SamplerState at t = 1
+    for _ in range(sampler.num_steps):
+        out = sampler.step(state)                        # StepOutput: .state, .kappa, .dlogq (B, C, M)
+        state = out.state
+
+:func:`superpose` is that loop plus the traces and the NaN check. The quadratic forms of the score
+Jacobian (Hutchinson, AND correction) live in :mod:`.jacobian`.
 """
 from __future__ import annotations
 
@@ -42,6 +53,8 @@ from torch import Tensor
 
 from .kappa import KappaRule
 from .protocol import ModelOutput, check_compatible
+from .jacobian import (bilinear_forms, eval_models, noise_cancelling_directions, oblique_and_corrections,
+                       quadratic_forms)
 from .spaces import ProductSpace, State
 
 __all__ = [
@@ -50,6 +63,9 @@ __all__ = [
     "SamplingError",
     "BiasedEstimatorWarning",
     "superpose",
+    "Sampler",
+    "SamplerState",
+    "StepOutput",
     "make_generators",
     "time_grid",
     "step_sizes",
@@ -192,157 +208,6 @@ def _probe(x: Tensor, gens, kind: str, space_c) -> Tensor:
     return z
 
 
-def _eval_models(models, x: State, t: Tensor, mask, states, space: ProductSpace, need_grad: bool,
-                 probes: list[State] | None = None, keep_graphs: bool = False):
-    """Evaluate all models. With ``need_grad`` the state is perturbed by a zero tangent ``u`` that
-    requires grad, so quadratic forms of the score Jacobian can be taken (one VJP each).
-
-    With ``probes`` the Hutchinson quadratic forms are taken right after each model's forward, so
-    only one model's graph is alive at a time; graphs are returned only when ``keep_graphs``
-    (needed by the AND correction, whose directions depend on every model's score).
-    Returns ``(outputs, graphs or Nones, per-model probe quadratic forms or None)``.
-    """
-    outs, graphs, quads = [], [], []
-    for i, m in enumerate(models):
-        if not need_grad:
-            with torch.no_grad():
-                outs.append(m(x, t, mask, states[i]))
-            graphs.append(None)
-            continue
-        with torch.enable_grad():
-            u = {k: space.components[k].zeros_tangent(v).requires_grad_(True) for k, v in x.items()}
-            xu = {k: space.components[k].step(x[k], u[k]) for k in x}
-            out = m(xu, t, mask, states[i])
-        # Jacobian terms (Laplacian, AND correction) are of the tracked log-density: the density scores
-        graph = (u, out.density_scores if out.density_scores is not None else out.scores)
-        if probes:
-            quads.append(_quadratic_forms(graph, probes, space, mask, retain=keep_graphs))
-        graphs.append(graph if keep_graphs else None)
-        dens = None if out.density_scores is None else {k: v.detach() for k, v in out.density_scores.items()}
-        outs.append(ModelOutput({k: v.detach() for k, v in out.scores.items()}, out.state,
-                                {k: v.detach() for k, v in out.extras.items()}, dens))
-        del out, graph
-    return outs, graphs, (quads if probes else None)
-
-
-def _quadratic_forms(graph, directions: list[State], space: ProductSpace, mask, retain: bool = True
-                     ) -> dict[str, Tensor]:
-    """sum_a v_a^T J v_a per sample, split by component (J = Jacobian of the score, i.e. the Hessian of
-    log q in the space's tangent coordinates), from one vector-Jacobian product per direction."""
-    u, scores = graph
-    names = list(u)
-    out = {k: torch.zeros(u[k].shape[0], dtype=u[k].dtype, device=u[k].device) for k in names}
-    with torch.enable_grad():
-        for a, v in enumerate(directions):
-            proj = sum((space.components[k].project(scores[k], mask) * v[k]).flatten(1).sum() for k in names)
-            keep = retain or a < len(directions) - 1
-            grads = torch.autograd.grad(proj, [u[k] for k in names], retain_graph=keep, allow_unused=True)
-            for k, gk in zip(names, grads):
-                if gk is not None:
-                    out[k] = out[k] + space.components[k].inner(gk, v[k], mask).detach()
-    return out
-
-
-def _diff_bases(S: dict[str, Tensor], g: dict[str, Tensor], space: ProductSpace, mask,
-                scope: str) -> list[tuple[list[str], list[dict[str, Tensor]]]]:
-    """Per kappa group (all components for ``joint``, each alone otherwise): an orthonormal basis e_a
-    (per sample; Gram-Schmidt, degenerate directions set to zero) of span{w_i - w_1}, w_i = G s_i."""
-    names = list(S)
-    groups = [names] if scope == "joint" else [[k] for k in names]
-    M = next(iter(S.values())).shape[1]
-    out = []
-    for grp in groups:
-        basis: list[dict[str, Tensor]] = []
-        for i in range(1, M):
-            d = {k: (S[k][:, i] - S[k][:, 0]) * _bc(g[k], S[k][:, 0]) for k in grp}
-            for e in basis:
-                c = sum(space.components[k].inner(d[k], e[k], mask) for k in grp)
-                d = {k: d[k] - _bc(c, d[k]) * e[k] for k in grp}
-            nrm = torch.sqrt(sum(space.components[k].inner(d[k], d[k], mask) for k in grp))
-            ok = nrm > 1e-12 * (1 + nrm.max())
-            inv = torch.where(ok, 1.0 / torch.where(ok, nrm, torch.ones_like(nrm)), torch.zeros_like(nrm))
-            basis.append({k: d[k] * _bc(inv, d[k]) for k in grp})
-        out.append((grp, basis))
-    return out
-
-
-def _pad_directions(basis: list[dict[str, Tensor]], grp: list[str], g: dict[str, Tensor],
-                    S: dict[str, Tensor]) -> list[State]:
-    """G e_a on the group's components, zero on the others."""
-    return [{k: (e[k] * _bc(g[k], e[k]) if k in grp else torch.zeros_like(S[k][:, 0])) for k in S} for e in basis]
-
-
-def _noise_cancelling_directions(S: dict[str, Tensor], g: dict[str, Tensor], space: ProductSpace, mask,
-                                 scope: str) -> list[State]:
-    """Directions v_a = G e_a, with e_a an orthonormal basis (per sample) of span{w_i - w_1}, w_i = G s_i.
-
-    The AND rule solves for kappa with this step's noise, which cancels the noise along exactly this
-    span; the Itô formula's second-order term then lacks  -eta^2/2 sum_a v_a^T H_i v_a  dtau.
-    """
-    dirs: list[State] = []
-    for grp, basis in _diff_bases(S, g, space, mask, scope):
-        dirs += _pad_directions(basis, grp, g, S)
-    return dirs
-
-
-def _bilinear_forms(graph, lefts: list[State], rights: list[State], space: ProductSpace, mask
-                    ) -> dict[str, Tensor]:
-    """p_l^T J q_r per sample, (B, L, R) per component (the component's share of the inner product),
-    from one vector-Jacobian product per left direction (J = Jacobian of the graph's score)."""
-    u, scores = graph
-    names = list(u)
-    B = next(iter(u.values())).shape[0]
-    ref = next(iter(u.values()))
-    out = {k: torch.zeros(B, len(lefts), len(rights), dtype=ref.dtype, device=ref.device) for k in names}
-    with torch.enable_grad():
-        for a, p in enumerate(lefts):
-            proj = sum((space.components[k].project(scores[k], mask) * p[k]).flatten(1).sum() for k in names)
-            grads = torch.autograd.grad(proj, [u[k] for k in names], retain_graph=True, allow_unused=True)
-            for k, gk in zip(names, grads):
-                if gk is None:
-                    continue
-                gk = gk.detach()
-                for r, q in enumerate(rights):
-                    out[k][:, a, r] = space.components[k].inner(gk, q[k], mask)
-    return out
-
-
-def _oblique_and_corrections(S: dict[str, Tensor], D: dict[str, Tensor], g: dict[str, Tensor], graphs,
-                             space: ProductSpace, mask, scope: str) -> list[dict[str, Tensor]]:
-    """The AND Itô correction when the drift scores D differ from the tracked density scores S
-    (classifier-free guidance tracked with the unguided conditionals; docs/images.md).
-
-    AND fixes <G(s_i - s_1), z_eff> (the density-score differences) by moving along G(d_j - d_1) (the
-    drift-score differences), so the realised noise is  G P z  with the oblique projector
-    P = I - E_v W E_u^T,  E_u / E_v orthonormal bases of span{G(s_i - s_1)} / span{G(d_j - d_1)},
-    W = (E_u^T E_v)^+. The Itô second-order term of model i changes by
-    eta^2/2 tr(G J_i G (P P^T - I)) dtau = eta^2/2 [-tr(E_u^T K E_v W) - tr(E_v^T K E_u W^T)
-    + tr(E_v^T K E_v W W^T)] dtau,  K = G J_i G. With D = S, P is the orthogonal projector and this is
-    :func:`_noise_cancelling_directions`'s  -sum_a v_a^T J_i v_a. Returns, per model, the bracket per
-    component (to be multiplied by eta^2/2 dtau). 2(M-1) vector-Jacobian products per model and group.
-    """
-    names = list(S)
-    M = next(iter(S.values())).shape[1]
-    B = next(iter(S.values())).shape[0]
-    ref = next(iter(S.values()))
-    corr = [{k: torch.zeros(B, dtype=ref.dtype, device=ref.device) for k in names} for _ in range(M)]
-    for (grp, eu), (_, ev) in zip(_diff_bases(S, g, space, mask, scope), _diff_bases(D, g, space, mask, scope)):
-        r = len(eu)
-        if r == 0:
-            continue
-        C = torch.stack([torch.stack([sum(space.components[k].inner(eu[b][k], ev[a][k], mask) for k in grp)
-                                      for a in range(r)], -1) for b in range(r)], -2)          # C[b, a] = <eu_b, ev_a>
-        W = torch.linalg.pinv(C)                                                            # W[a, b]
-        WWt = W @ W.transpose(-1, -2)
-        dirs = _pad_directions(eu, grp, g, S) + _pad_directions(ev, grp, g, S)
-        for i in range(M):
-            bil = _bilinear_forms(graphs[i], dirs, dirs, space, mask)
-            for k in names:
-                X, Xp, Y = bil[k][:, :r, r:], bil[k][:, r:, :r], bil[k][:, r:, r:]
-                corr[i][k] = corr[i][k] - (X * W.transpose(-1, -2)).sum((-1, -2)) - (Xp * W).sum((-1, -2)) \
-                    + (Y * WWt).sum((-1, -2))
-    return corr
-
 
 def _model_start_logq(models, x: State, t: Tensor, mask, comps: list[str]) -> Tensor:
     """(B, C, M) start values log q_i(x, t = 1) per component from each model's ``log_density``
@@ -368,8 +233,215 @@ def _model_start_logq(models, x: State, t: Tensor, mask, comps: list[str]) -> Te
     return torch.stack(cols, -1).clone()
 
 
-def _bc(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
+
+@dataclass
+class SamplerState:
+    """What the loop carries from one step to the next. Every tensor has the sample axis first, so a
+    state can be sliced or re-indexed per sample (model states excepted: they are the models' own).
+
+    ``generators`` are the per-sample random streams (prior draw, step noise, probes); :meth:`Sampler.step`
+    advances them in place, so a state is used up by the step it is given to: :meth:`clone` it first to
+    replay a step.
+    """
+
+    x: State                          # component -> (B, ...) the current point
+    logq: Tensor                      # (B, C, M) tracked log-density of each model, per component
+    model_states: list[Any]           # per model: init_state(), then the last ModelOutput.state
+    generators: list[torch.Generator]  # one random stream per sample
+    step: int = 0                     # index on the time grid of the next step (0 = at t = 1)
+    # AND with init_logq="model": each sample's start gap log q_i - log q_1 (B, C, M), removed over the run
+    and_gap0: Tensor | None = None
+    outputs: list[ModelOutput] = field(default_factory=list)  # the last step's model outputs (extras)
+
+    def clone(self) -> "SamplerState":
+        """An independent copy: tensors cloned, generators copied at their current position."""
+        def gen_copy(g: torch.Generator) -> torch.Generator:
+            c = torch.Generator(device=g.device)
+            c.set_state(g.get_state())
+            return c
+        return SamplerState({k: v.clone() for k, v in self.x.items()}, self.logq.clone(), list(self.model_states),
+                            [gen_copy(g) for g in self.generators], self.step,
+                            None if self.and_gap0 is None else self.and_gap0.clone(), list(self.outputs))
+
+
+@dataclass
+class StepOutput:
+    """One step's result: the new state, and the kappa and log-density increments of this step."""
+
+    state: SamplerState
+    kappa: Tensor      # (B, C, M) the weights of this step (equal over C for kappa_scope="joint")
+    dlogq: Tensor      # (B, C, M) this step's tracked log-density increments A kappa + b
+
+
+class Sampler:
+    """The superposition sampler as a step: ``state = sampler.init_state(seeds, shapes)``, then
+    ``out = sampler.step(state)`` once per step of the time grid (``out.state`` is the next state).
+    :func:`superpose` is that loop plus the traces and the NaN check."""
+
+    def __init__(self, space: ProductSpace, models: Sequence[Any], rule: KappaRule, config: SamplerConfig,
+                 mask: Tensor | None = None, check_models: bool = True, warn_stacklevel: int = 2):
+        config.validate()
+        models = list(models)
+        if not models:
+            raise ValueError("superpose needs at least one model")
+        if check_models:
+            check_compatible(space.signature(), models)
+        eta = config.eta
+        if config.estimator == "ito" and abs(eta - 1.0) > 1e-12:
+            warnings.warn(
+                f"plain Itô density estimates are biased with sampling={config.sampling!r} and effective noise "
+                f"scale {eta}: the Laplacian term (eta^2 - 1) g^2/2 Lap(log q) no longer cancels. Use "
+                "estimator='hutchinson' for unbiased log-densities (docs/superposition.md).",
+                BiasedEstimatorWarning, stacklevel=warn_stacklevel)
+        self.space, self.models, self.rule, self.config = space, models, rule, config
+        self.eta, self.cs = eta, config.score_coeff
+        self.cancels_noise = bool(getattr(rule, "cancels_noise", False))
+        self.use_lap = config.estimator == "hutchinson" and abs(eta - 1.0) > 1e-12
+        self.and_corr = self.cancels_noise and config.and_correction and eta > 0 and len(models) > 1
+        self.dtype, self.device = config.dtype, torch.device(config.device)
+        self.mask = mask.to(device=self.device) if mask is not None else None
+        self.comps = space.names
+        self.ts = time_grid(config.num_steps, config.min_t, config.time_grid, self.dtype).to(self.device)
+        self.dtaus = step_sizes(self.ts, config.time_grid)
+        self.total = float(sum(self.dtaus)) if config.time_grid == "framediff" else float(self.ts[0] - self.ts[-1])
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.dtaus)
+
+    def init_state(self, seeds: Sequence[int], shapes: Mapping[str, tuple[int, ...]],
+                   x_init: State | None = None) -> SamplerState:
+        """The state at t = 1: the prior draw (or ``x_init``) and the start values of the log-densities."""
+        B, M, comps, mask = len(seeds), len(self.models), self.comps, self.mask
+        gens = make_generators(seeds, self.device)
+        x = x_init if x_init is not None else self.space.sample_prior(B, shapes, gens, mask, self.dtype, self.device)
+        x = {k: v.to(device=self.device, dtype=self.dtype) for k, v in x.items()}
+        if self.config.init_logq == "model":      # each model's own log q_i at t = 1 (docs/superposition.md)
+            logq = _model_start_logq(self.models, x, self.ts[0].expand(B), mask, comps)
+        else:                                     # the shared prior value
+            prior = self.space.prior_log_prob(x, mask)
+            logq = torch.stack([prior[k] for k in comps], 1)[:, :, None].expand(B, len(comps), M).clone()
+        # AND with model start values: remove each sample's start gap log q_i - log q_1 at a constant rate
+        # (like the bias), so that the end gap is l_i - l_1 in absolute terms, not relative to the start
+        gap0 = logq - logq[..., :1] if (self.config.init_logq == "model" and M > 1 and self.cancels_noise) else None
+        states = [m.init_state(B, mask) for m in self.models]
+        return SamplerState(x, logq, states, gens, 0, gap0)
+
+    def step(self, state: SamplerState, noise: Mapping[str, Tensor] | None = None) -> StepOutput:
+        """Step ``state.step`` of the grid, from ``t = ts[state.step]`` to ``ts[state.step + 1]``.
+
+        ``noise`` (optional): this step's standard-normal tangent noise per component (before
+        projection/masking), else drawn from ``state.generators``. Probes always come from the generators.
+        """
+        i = state.step
+        if not 0 <= i < self.num_steps:
+            raise IndexError(f"step {i} is outside the time grid of {self.num_steps} steps")
+        dtau = self.dtaus[i]
+        B = state.logq.shape[0]
+        tb = self.ts[i].expand(B)
+        x, gens = state.x, state.generators
+        noise = self._noise(x, gens, noise)
+        probes = self._probes(x, gens) if self.use_lap else None
+        outs, graphs, lap_q = eval_models(self.models, x, tb, self.mask, state.model_states, self.space,
+                                          self.use_lap or self.and_corr, probes, keep_graphs=self.and_corr)
+        A_c, b_c, fixed_c, D_c, g2_c = self._linear_model(x, tb, dtau, outs, graphs, lap_q, noise,
+                                                          len(probes) if probes else 0)
+        del graphs
+        kappa = self._kappa(state, A_c, b_c, dtau)
+        x_new, logq, dlogq = {}, state.logq.clone(), torch.empty_like(state.logq)
+        for ci, k in enumerate(self.comps):
+            kk, g2 = kappa[:, ci], g2_c[k]
+            mix = (kk.reshape(kk.shape + (1,) * (D_c[k].dim() - 2)) * D_c[k]).sum(1)
+            dx = self.cs * (g2 * dtau).reshape((B,) + (1,) * (mix.dim() - 1)) * mix + fixed_c[k]
+            x_new[k] = self.space.components[k].step(x[k], dx)
+            a_k = (A_c[k] @ kk[..., None]).squeeze(-1)
+            logq[:, ci] = state.logq[:, ci] + a_k + b_c[k]
+            dlogq[:, ci] = a_k + b_c[k]
+        new = SamplerState(x_new, logq, [o.state for o in outs], gens, i + 1, state.and_gap0, outs)
+        return StepOutput(new, kappa, dlogq)
+
+    def _noise(self, x: State, gens, injected) -> State:
+        sp, mask = self.space.components, self.mask
+        if injected is not None:
+            return {k: sp[k].project(torch.as_tensor(injected[k]).to(device=self.device, dtype=self.dtype), mask)
+                    for k in self.comps}
+        return {k: sp[k].randn_tangent(x[k], gens, mask) for k in self.comps}
+
+    def _probes(self, x: State, gens) -> list[State]:
+        sp, kind = self.space.components, self.config.probe
+        probes = [{k: _probe(x[k], gens, kind, sp[k]) for k in self.comps} for _ in range(self.config.num_probes)]
+        return [{k: sp[k].project(z[k], self.mask) for k in self.comps} for z in probes]
+
+    def _linear_model(self, x: State, tb: Tensor, dtau: float, outs: list[ModelOutput], graphs, lap_q, noise: State,
+                      n_probes: int):
+        """This step's increments as ``dlogq = A kappa + b`` per component, the kappa-free part of the move
+        (``fixed``: drift and noise), the drift scores D (B, M, ...) and g^2."""
+        comps, mask, dtype, eta, M, B = self.comps, self.mask, self.dtype, self.eta, len(outs), tb.shape[0]
+        A_c, b_c, fixed_c, S_c, D_c, g2_c = {}, {}, {}, {}, {}, {}
+        # S: scores of the tracked densities; D: drift scores (differ only for models with density_scores)
+        split = any(o.density_scores is not None for o in outs)
+        for k in comps:
+            sp = self.space.components[k]
+            S_c[k] = torch.stack([sp.project((o.scores if o.density_scores is None else o.density_scores)[k].to(dtype),
+                                             mask) for o in outs], 1)  # (B, M, ...)
+            D_c[k] = torch.stack([sp.project(o.scores[k].to(dtype), mask) for o in outs], 1) if split else S_c[k]
+            g2_c[k] = sp.diffusion(tb) ** 2
+        extra = {k: torch.zeros(B, M, dtype=dtype, device=self.device) for k in comps}
+        if self.use_lap:     # (eta^2 - 1) g^2 / 2 * Hutchinson estimate of Lap(log q_i)
+            for i in range(M):
+                for k in comps:
+                    extra[k][:, i] += 0.5 * (eta**2 - 1.0) * g2_c[k] * lap_q[i][k] / n_probes * dtau
+        if self.and_corr and not split:    # noise cancelled by AND's kappa: -eta^2 / 2 * v^T H_i v per direction
+            dirs = noise_cancelling_directions(S_c, {k: torch.sqrt(g2_c[k]) for k in comps}, self.space, mask,
+                                               self.config.kappa_scope)
+            for i in range(M):
+                q = quadratic_forms(graphs[i], dirs, self.space, mask)
+                for k in comps:
+                    extra[k][:, i] -= 0.5 * eta**2 * q[k] * dtau
+        elif self.and_corr:                # drift and density scores differ: oblique noise cancellation
+            corr = oblique_and_corrections(S_c, D_c, {k: torch.sqrt(g2_c[k]) for k in comps}, graphs, self.space,
+                                           mask, self.config.kappa_scope)
+            for i in range(M):
+                for k in comps:
+                    extra[k][:, i] += 0.5 * eta**2 * corr[i][k] * dtau
+
+        for k in comps:
+            sp = self.space.components[k]
+            s, d, g2 = S_c[k], D_c[k], g2_c[k]
+            f = sp.drift(x[k], tb, mask)
+            fixed = -f * dtau + eta * (torch.sqrt(g2 * dtau)).reshape((B,) + (1,) * (f.dim() - 1)) * noise[k]
+            gram = torch.stack([torch.stack([sp.inner(s[:, i], d[:, j], mask) for j in range(M)], -1)
+                                for i in range(M)], -2)                                     # (B, M, M): <s_i, d_j>
+            sq = torch.diagonal(gram, dim1=-2, dim2=-1) if not split else \
+                torch.stack([sp.inner(s[:, i], s[:, i], mask) for i in range(M)], -1)       # |s_i|^2
+            s_fixed = torch.stack([sp.inner(s[:, i], fixed, mask) for i in range(M)], -1)  # (B, M)
+            s_f = torch.stack([sp.inner(s[:, i], f, mask) for i in range(M)], -1)
+            divf = sp.div_drift(x[k], tb, mask)
+            b = s_fixed + (divf[:, None] + s_f - 0.5 * g2[:, None] * sq) * dtau
+            A_c[k] = self.cs * (g2 * dtau)[:, None, None] * gram
+            b_c[k], fixed_c[k] = b + extra[k], fixed
+        return A_c, b_c, fixed_c, D_c, g2_c
+
+    def _kappa(self, state: SamplerState, A_c, b_c, dtau: float) -> Tensor:
+        """(B, C, M) kappa from the rule, per sample (joint) or per sample and component."""
+        comps, logq, B, M = self.comps, state.logq, state.logq.shape[0], len(self.models)
+        frac = dtau / self.total if self.total > 0 else 0.0
+        if state.and_gap0 is not None:     # the rule sees b + gap0 * frac (its solve targets dgap = (l - gap0) frac)
+            b_rule = {k: b_c[k] + state.and_gap0[:, ci] * frac for ci, k in enumerate(comps)}
+        else:
+            b_rule = b_c
+        if self.config.kappa_scope == "joint":
+            kap = self.rule(logq.sum(1), sum(A_c.values()), sum(b_rule.values()), frac)
+            return kap[:, None, :].expand(B, len(comps), M)
+        return torch.stack([self.rule(logq[:, ci], A_c[k], b_rule[k], frac) for ci, k in enumerate(comps)], 1)
+
+
+def _nonfinite(out: StepOutput) -> Tensor:
+    """(B,) True where the step left a non-finite log-density, state or kappa."""
+    bad = ~torch.isfinite(out.state.logq).flatten(1).all(1)
+    for v in out.state.x.values():
+        bad |= ~torch.isfinite(v).flatten(1).all(1)
+    return bad | ~torch.isfinite(out.kappa).flatten(1).all(1)
 
 
 def superpose(
@@ -395,155 +467,39 @@ def superpose(
     tangent noise ``z`` of ``dx = ... + eta g sqrt(dtau) z``, before projection/masking), or ``None`` to
     draw it from the per-sample streams; used to replay official trajectories with recorded noise.
     """
-    config.validate()
-    models = list(models)
-    if not models:
-        raise ValueError("superpose needs at least one model")
-    if check_models:
-        check_compatible(space.signature(), models)
-    eta, cs = config.eta, config.score_coeff
-    if config.estimator == "ito" and abs(eta - 1.0) > 1e-12:
-        warnings.warn(
-            f"plain Itô density estimates are biased with sampling={config.sampling!r} and effective noise "
-            f"scale {eta}: the Laplacian term (eta^2 - 1) g^2/2 Lap(log q) no longer cancels. Use "
-            "estimator='hutchinson' for unbiased log-densities (docs/superposition.md).",
-            BiasedEstimatorWarning, stacklevel=2)
-    use_lap = config.estimator == "hutchinson" and abs(eta - 1.0) > 1e-12
-    and_corr = bool(getattr(rule, "cancels_noise", False)) and config.and_correction and eta > 0 and len(models) > 1
-
-    dtype, device = config.dtype, torch.device(config.device)
-    B, M = len(seeds), len(models)
-    comps = space.names
-    gens = make_generators(seeds, device)
-    if mask is not None:
-        mask = mask.to(device=device)
-    x = x_init if x_init is not None else space.sample_prior(B, shapes, gens, mask, dtype, device)
-    x = {k: v.to(device=device, dtype=dtype) for k, v in x.items()}
-
-    ts = time_grid(config.num_steps, config.min_t, config.time_grid, dtype).to(device)
-    if config.init_logq == "model":      # each model's own log q_i at t = 1 (docs/superposition.md)
-        logq = _model_start_logq(models, x, ts[0].expand(B), mask, comps)
-    else:                                # the shared prior value
-        prior = space.prior_log_prob(x, mask)
-        logq = torch.stack([prior[k] for k in comps], 1)[:, :, None].expand(B, len(comps), M).clone()
-    # AND with model start values: remove each sample's start gap log q_i - log q_1 at a constant rate
-    # (like the bias), so that the end gap is l_i - l_1 in absolute terms, not relative to the start
-    and_gap0 = logq - logq[..., :1] if (config.init_logq == "model" and M > 1
-                                        and bool(getattr(rule, "cancels_noise", False))) else None
-    dtaus = step_sizes(ts, config.time_grid)
-    total = float(sum(dtaus)) if config.time_grid == "framediff" else float(ts[0] - ts[-1])
-    states = [m.init_state(B, mask) for m in models]
-    kappa_tr, logq_tr = [], [logq.clone()]
-    traj = [{k: v.clone() for k, v in x.items()}] if save_trajectory else None
-    outs: list[ModelOutput] = []
-    first_bad = torch.full((B,), -1, dtype=torch.long, device=device)
-    check_every = config.nan_check_every or (16 if device.type == "cuda" else 1)
-
-    for step in range(config.num_steps):
-        t_now, dtau = ts[step], dtaus[step]
-        tb = t_now.expand(B)
-        injected = noise_fn(step, tb, x) if noise_fn is not None else None
-        if injected is not None:
-            noise = {k: space.components[k].project(torch.as_tensor(injected[k]).to(device=device, dtype=dtype), mask)
-                     for k in comps}
-        else:
-            noise = {k: space.components[k].randn_tangent(x[k], gens, mask) for k in comps}
-        probes = None
-        if use_lap:
-            probes = [{k: _probe(x[k], gens, config.probe, space.components[k]) for k in comps}
-                      for _ in range(config.num_probes)]
-            probes = [{k: space.components[k].project(z[k], mask) for k in comps} for z in probes]
-        outs, graphs, lap_q = _eval_models(models, x, tb, mask, states, space, use_lap or and_corr,
-                                           probes if use_lap else None, keep_graphs=and_corr)
-        states = [o.state for o in outs]
-
-        A_c, b_c, fixed_c, S_c, D_c, g2_c = {}, {}, {}, {}, {}, {}
-        # S: scores of the tracked densities; D: drift scores (differ only for models with density_scores)
-        split = any(o.density_scores is not None for o in outs)
-        for k in comps:
-            sp = space.components[k]
-            S_c[k] = torch.stack([sp.project((o.scores if o.density_scores is None else o.density_scores)[k].to(dtype),
-                                             mask) for o in outs], 1)  # (B, M, ...)
-            D_c[k] = torch.stack([sp.project(o.scores[k].to(dtype), mask) for o in outs], 1) if split else S_c[k]
-            g2_c[k] = sp.diffusion(tb) ** 2
-        extra = {k: torch.zeros(B, M, dtype=dtype, device=device) for k in comps}
-        if use_lap:     # (eta^2 - 1) g^2 / 2 * Hutchinson estimate of Lap(log q_i)
-            for i in range(M):
-                for k in comps:
-                    extra[k][:, i] += 0.5 * (eta**2 - 1.0) * g2_c[k] * lap_q[i][k] / len(probes) * dtau
-        if and_corr and not split:    # noise cancelled by AND's kappa: -eta^2 / 2 * v^T H_i v per cancelled direction
-            dirs = _noise_cancelling_directions(S_c, {k: torch.sqrt(g2_c[k]) for k in comps}, space, mask,
-                                                config.kappa_scope)
-            for i in range(M):
-                q = _quadratic_forms(graphs[i], dirs, space, mask)
-                for k in comps:
-                    extra[k][:, i] -= 0.5 * eta**2 * q[k] * dtau
-        elif and_corr:                # drift and density scores differ: oblique noise cancellation
-            corr = _oblique_and_corrections(S_c, D_c, {k: torch.sqrt(g2_c[k]) for k in comps}, graphs, space, mask,
-                                            config.kappa_scope)
-            for i in range(M):
-                for k in comps:
-                    extra[k][:, i] += 0.5 * eta**2 * corr[i][k] * dtau
-        del graphs
-
-        for k in comps:
-            sp = space.components[k]
-            s, d, g2 = S_c[k], D_c[k], g2_c[k]
-            f = sp.drift(x[k], tb, mask)
-            fixed = -f * dtau + eta * (torch.sqrt(g2 * dtau)).reshape((B,) + (1,) * (f.dim() - 1)) * noise[k]
-            gram = torch.stack([torch.stack([sp.inner(s[:, i], d[:, j], mask) for j in range(M)], -1)
-                                for i in range(M)], -2)                                     # (B, M, M): <s_i, d_j>
-            sq = torch.diagonal(gram, dim1=-2, dim2=-1) if not split else \
-                torch.stack([sp.inner(s[:, i], s[:, i], mask) for i in range(M)], -1)       # |s_i|^2
-            s_fixed = torch.stack([sp.inner(s[:, i], fixed, mask) for i in range(M)], -1)  # (B, M)
-            s_f = torch.stack([sp.inner(s[:, i], f, mask) for i in range(M)], -1)
-            divf = sp.div_drift(x[k], tb, mask)
-            b = s_fixed + (divf[:, None] + s_f - 0.5 * g2[:, None] * sq) * dtau
-            A_c[k] = cs * (g2 * dtau)[:, None, None] * gram
-            b_c[k], fixed_c[k] = b + extra[k], fixed
-
-        frac = dtau / total if total > 0 else 0.0
-        if and_gap0 is not None:     # the rule sees b + gap0 * frac (its solve targets dgap = (l - gap0) frac)
-            b_rule = {k: b_c[k] + and_gap0[:, ci] * frac for ci, k in enumerate(comps)}
-        else:
-            b_rule = b_c
-        if config.kappa_scope == "joint":
-            kap = rule(logq.sum(1), sum(A_c.values()), sum(b_rule.values()), frac)
-            kappa = kap[:, None, :].expand(B, len(comps), M)
-        else:
-            kappa = torch.stack([rule(logq[:, ci], A_c[k], b_rule[k], frac) for ci, k in enumerate(comps)], 1)
-
-        for ci, k in enumerate(comps):
-            sp = space.components[k]
-            kk = kappa[:, ci]
-            g2 = g2_c[k]
-            mix = (kk.reshape(kk.shape + (1,) * (D_c[k].dim() - 2)) * D_c[k]).sum(1)
-            dx = cs * (g2 * dtau).reshape((B,) + (1,) * (mix.dim() - 1)) * mix + fixed_c[k]
-            x[k] = sp.step(x[k], dx)
-            logq[:, ci] = logq[:, ci] + (A_c[k] @ kk[..., None]).squeeze(-1) + b_c[k]
-
-        bad = ~torch.isfinite(logq).flatten(1).all(1)
-        for k in comps:
-            bad |= ~torch.isfinite(x[k]).flatten(1).all(1)
-        bad |= ~torch.isfinite(kappa).flatten(1).all(1)
+    sampler = Sampler(space, models, rule, config, mask, check_models, warn_stacklevel=3)
+    state = sampler.init_state(seeds, shapes, x_init)
+    B, S = len(seeds), sampler.num_steps
+    kappa_tr, logq_tr = [], [state.logq.clone()]
+    traj = [{k: v.clone() for k, v in state.x.items()}] if save_trajectory else None
+    first_bad = torch.full((B,), -1, dtype=torch.long, device=sampler.device)
+    check_every = config.nan_check_every or (16 if sampler.device.type == "cuda" else 1)
+    for step in range(S):
+        noise = noise_fn(step, sampler.ts[step].expand(B), state.x) if noise_fn is not None else None
+        out = sampler.step(state, noise)
+        state = out.state
         # record each sample's first bad step on the device; look at it (a host sync) only every
         # `check_every` steps so that kernel launches keep overlapping GPU work
-        first_bad = torch.where((first_bad < 0) & bad, torch.full_like(first_bad, step), first_bad)
-        if (step + 1) % check_every == 0 or step + 1 == config.num_steps:
+        first_bad = torch.where((first_bad < 0) & _nonfinite(out), torch.full_like(first_bad, step), first_bad)
+        if (step + 1) % check_every == 0 or step + 1 == S:
             if bool((first_bad >= 0).any()):
                 fb = first_bad.tolist()
                 s0 = min(v for v in fb if v >= 0)
                 idx = [i for i, v in enumerate(fb) if v == s0]
                 raise SamplingError(
-                    f"non-finite values at step {s0 + 1}/{config.num_steps} (t={float(ts[s0]):.4f}) for sample(s) "
+                    f"non-finite values at step {s0 + 1}/{S} (t={float(sampler.ts[s0]):.4f}) for sample(s) "
                     f"{idx} (seeds {[int(seeds[i]) for i in idx]}); the batch was stopped")
-        kappa_tr.append(kappa.clone())
-        logq_tr.append(logq.clone())
+        kappa_tr.append(out.kappa.clone())
+        logq_tr.append(state.logq.clone())
         if traj is not None:
-            traj.append({k: v.clone() for k, v in x.items()})
+            traj.append({k: v.clone() for k, v in state.x.items()})
         if callback is not None:
-            callback(step + 1, config.num_steps)
-
+            callback(step + 1, S)
     return SampleResult(
-        x=x, logq=logq, kappa_trace=torch.stack(kappa_tr), logq_trace=torch.stack(logq_tr), t=ts,
-        components=comps, extras=[o.extras for o in outs], trajectory=traj)
+        x=state.x, logq=state.logq, kappa_trace=torch.stack(kappa_tr), logq_trace=torch.stack(logq_tr),
+        t=sampler.ts, components=sampler.comps, extras=[o.extras for o in state.outputs], trajectory=traj)
+
+
+# the Jacobian helpers under the names the tests import from this module
+_eval_models, _quadratic_forms, _bilinear_forms = eval_models, quadratic_forms, bilinear_forms
+_noise_cancelling_directions, _oblique_and_corrections = noise_cancelling_directions, oblique_and_corrections
