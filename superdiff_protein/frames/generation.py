@@ -18,7 +18,6 @@ same directory skips complete samples (and refuses a directory written with diff
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -36,15 +35,15 @@ from ..core.sampler import BiasedEstimatorWarning, SamplingError, superpose
 from ..runs import rundir
 from ..runs.atomic import atomic_open
 from ..runs.checks import check_out_dir
-from ..runs.plots import plot_ca, plot_length_traces
+from ..runs.plots import plot_length_traces
 from .generate_config import (FIELDS, GenerateConfig, GenerateError, GenerationFailed, Options, canon_precision,
                               canonical, load_config, sampler_config, strip_hydra, validate)
 from .geometry import backbone_atoms_from_frames
 from .model_loading import angstrom_per_unit, auto_precision, load_model_spec, model_labels, space_for, supports_padding
-from .pdb_io import PDBWriteError, format_backbone_pdb, read_backbone, write_trajectory_pdb
+from .pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
 from .plan import sample_seed, shard_batches
 
-__all__ = ["GenerateSummary", "generate", "generate_from_config", "plot_ca_trace"]
+__all__ = ["GenerateSummary", "generate", "generate_from_config"]
 
 _PROG = "generate_backbones"
 
@@ -83,14 +82,6 @@ def _fmt_lengths(ls: list[int]) -> str:
 
 def _fmt(v: float) -> str:
     return f"{float(v):.12g}"
-
-
-def plot_ca_trace(pdb_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> Path:
-    """Render the CA trace of a backbone PDB as a 3-D line plot (PNG, matplotlib Agg), coloured from
-    N- to C-terminus: a quick look at a sample without a molecular viewer."""
-    ca = np.asarray(read_backbone(pdb_path).atoms[:, 1], dtype=np.float64)
-    return plot_ca(ca, png_path, title or f"{Path(pdb_path).name}: CA trace, {len(ca)} residues "
-                                          "(N -> C: purple -> yellow)")
 
 
 # ----------------------------------------------------------------------------------- logging

@@ -16,7 +16,7 @@ import numpy as np
 
 from .atomic import atomic_open
 
-__all__ = ["plot_length_traces", "plot_ca", "save_figure"]
+__all__ = ["plot_length_traces", "plot_ca", "plot_ca_trace", "save_figure"]
 
 
 def _pyplot():
@@ -101,7 +101,7 @@ def plot_length_traces(length_dir: str | os.PathLike, traces: Sequence[str | os.
 
 def plot_ca(ca: np.ndarray, png_path: str | os.PathLike, title: str) -> Path:
     """Render a CA trace ``ca`` (L, 3), Angstrom, as a 3-D line plot (PNG, matplotlib Agg), coloured from N- to
-    C-terminus. ``superdiff_protein.frames.generation.plot_ca_trace`` draws a PDB file with it."""
+    C-terminus (:func:`plot_ca_trace` draws a PDB file with it)."""
     plt = _pyplot()
     ca = np.asarray(ca, dtype=np.float64)
     ca = ca - ca.mean(0)
@@ -124,3 +124,13 @@ def plot_ca(ca: np.ndarray, png_path: str | os.PathLike, title: str) -> Path:
     out = save_figure(fig, Path(png_path))
     plt.close(fig)
     return out
+
+
+def plot_ca_trace(pdb_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> Path:
+    """Render the CA trace of a backbone PDB as a 3-D line plot (PNG, matplotlib Agg), coloured from
+    N- to C-terminus: a quick look at a sample without a molecular viewer."""
+    from .structures import read_backbone
+
+    ca = np.asarray(read_backbone(pdb_path).atoms[:, 1], dtype=np.float64)
+    return plot_ca(ca, png_path, title or f"{Path(pdb_path).name}: CA trace, {len(ca)} residues "
+                                          "(N -> C: purple -> yellow)")
