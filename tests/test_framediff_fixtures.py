@@ -30,10 +30,10 @@ import torch
 
 from conftest import official_fixtures_dir, official_params
 from models.framediff import FrameDiffAdapter, FrameDiffConfig, FrameDiffScoreNetwork
-from models.framediff.official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
+from superdiff_protein.frames.official_numerics import official_rot_score, official_trans_score
 from superdiff_protein.frames.checkpoints import load_framediff_checkpoint, load_state_dict_checked
 from superdiff_protein.frames.geometry import backbone_atoms_from_frames, quat_multiply, quat_to_rotmat, quat_to_rotvec
-from superdiff_protein.frames.se3 import SE3Diffuser
+from superdiff_protein.frames.se3 import SE3Diffuser, SE3DiffuserConfig
 from tolerances import (C_MEASURED, close, magnitude, quat_path_tol, rot_score_tol, rounding_tol, shadow_error,
                         shadow_tol, trans_score_tol)
 
@@ -61,7 +61,7 @@ def _load(ref_path: Path):
     net = FrameDiffScoreNetwork(FrameDiffConfig.from_dict(ck.model_conf))
     load_state_dict_checked(net, ck.state_dict, strict=True)
     net.eval()
-    dcfg = OfficialDiffuserConfig.from_conf(ck.conf)
+    dcfg = SE3DiffuserConfig.from_conf(ck.conf)
     return ref, net, copy.deepcopy(net).double(), dcfg, SE3Diffuser(dcfg)
 
 

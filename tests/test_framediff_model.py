@@ -14,9 +14,9 @@ import torch
 
 from conftest import official_fixtures_dir, official_params
 from models.framediff import FrameDiffAdapter, FrameDiffConfig, FrameDiffScoreNetwork
-from models.framediff.official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
+from superdiff_protein.frames.official_numerics import official_rot_score, official_trans_score
 from superdiff_protein.frames.geometry import quat_multiply, quat_to_rotmat, quat_to_rotvec, rotmat_to_quat, so3_exp
-from superdiff_protein.frames.se3 import SE3Diffuser
+from superdiff_protein.frames.se3 import SE3Diffuser, SE3DiffuserConfig
 from tolerances import C_MEASURED, close, float64_tol, magnitude, rot_score_tol, rounding_tol, shadow_error
 
 F32, F64 = torch.float32, torch.float64
@@ -150,7 +150,7 @@ def test_se3_equivariance(self_cond):
     shift = torch.tensor([5.0, -3.0, 12.0], dtype=torch.float64)
     sc = trans + torch.randn(b, n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if self_cond else None
     sc2 = (sc @ q_glob.T + shift) if self_cond else None
-    dcfg = OfficialDiffuserConfig()
+    dcfg = SE3DiffuserConfig()
     rot2, trans2 = q_glob @ rot, trans @ q_glob.T + shift
 
     def run(m, dt):  # the moved input (the less favourable rounding: larger coordinates)

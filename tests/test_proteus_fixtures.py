@@ -36,7 +36,7 @@ import torch
 
 from conftest import official_fixtures_dir, official_params
 from models.proteus import ProteusNetwork
-from models.proteus.official_scores import official_scores
+from models.proteus.adapter import official_scores_from_frames as official_scores
 from superdiff_protein.frames.checkpoints import load_proteus_checkpoint, load_state_dict_checked
 from superdiff_protein.frames.geometry import quat_multiply, quat_to_rotvec, so3_exp
 from superdiff_protein.frames.se3 import SE3Diffuser

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from superdiff_protein.frames.checkpoints import load_framediff_checkpoint, load_state_dict_checked
 from superdiff_protein.frames.geometry import backbone_atoms_from_frames, rotmat_to_quat
+from superdiff_protein.frames.official_numerics import official_rot_score, official_trans_score
+from superdiff_protein.frames.se3 import SE3DiffuserConfig
 
 from .config import FrameDiffConfig
 from .network import FrameDiffScoreNetwork
-from .official_scores import OfficialDiffuserConfig, official_rot_score, official_trans_score
 
 __all__ = ["FrameDiffOutput", "FrameDiffAdapter"]
 
@@ -59,10 +60,10 @@ class FrameDiffOutput:
 class FrameDiffAdapter(nn.Module):
     """Thin wrapper around :class:`FrameDiffScoreNetwork` with Angstrom frames in and out."""
 
-    def __init__(self, network: FrameDiffScoreNetwork, diffuser_cfg: Optional[OfficialDiffuserConfig] = None):
+    def __init__(self, network: FrameDiffScoreNetwork, diffuser_cfg: Optional[SE3DiffuserConfig] = None):
         super().__init__()
         self.network = network
-        self.diffuser_cfg = diffuser_cfg or OfficialDiffuserConfig()
+        self.diffuser_cfg = diffuser_cfg or SE3DiffuserConfig()
 
     @classmethod
     def from_checkpoint(
@@ -83,7 +84,7 @@ class FrameDiffAdapter(nn.Module):
         ck = load_framediff_checkpoint(path, map_location="cpu")
         net = FrameDiffScoreNetwork(FrameDiffConfig.from_dict(ck.model_conf))
         load_state_dict_checked(net, ck.state_dict, strict=True, source=str(path))
-        model = cls(net, OfficialDiffuserConfig.from_conf(ck.conf))
+        model = cls(net, SE3DiffuserConfig.from_conf(ck.conf))
         return model.to(device=device, dtype=dtype).eval()
 
     @property
@@ -129,7 +130,7 @@ class FrameDiffAdapter(nn.Module):
         self, out: FrameDiffOutput, rotmats_t: Optional[Tensor], trans_t: Tensor, t: Tensor, res_mask: Tensor,
         quats_t: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
-        """Scores exactly as the official ``IpaScore`` (see :mod:`.official_scores`).
+        """Scores exactly as the official ``IpaScore`` (:mod:`superdiff_protein.frames.official_numerics`).
 
         Returns ``(rot_score (B,N,3) float64, 1/rad; trans_score (B,N,3), 1/nm, scaled coords)``.
         """

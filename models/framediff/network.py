@@ -15,7 +15,7 @@ Differences from the official code (all deliberate):
   per-sample runs.
 * The network returns *predicted frames* (and psi); the rotation / translation scores, which
   the official ``IpaScore`` computes with the SE(3) diffuser, are computed outside the network
-  (:mod:`models.framediff.official_scores` or the core diffusion spaces).
+  (:mod:`superdiff_protein.frames.official_numerics` or the core diffusion spaces).
 * No numpy round trips; any device / dtype; dropout is not implemented (the official models
   are trained and sampled with ``dropout=0``).
 """

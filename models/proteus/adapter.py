@@ -23,10 +23,32 @@ from torch import Tensor, nn
 
 from superdiff_protein.frames.checkpoints import load_proteus_checkpoint, load_state_dict_checked
 from superdiff_protein.frames.geometry import rotmat_to_quat
+from superdiff_protein.frames.official_numerics import official_rot_score, official_trans_score
+from superdiff_protein.frames.se3 import SE3DiffuserConfig
 
 from .network import ProteusNetwork
 
-__all__ = ["ProteusOutput", "ProteusAdapter"]
+__all__ = ["ProteusOutput", "ProteusAdapter", "official_scores_from_frames"]
+
+
+def official_scores_from_frames(quats_t: Tensor, trans_t: Tensor, quats_pred: Tensor, trans_pred: Tensor, t: Tensor,
+                                res_mask: Tensor | None = None, conf: Any = None) -> tuple[Tensor, Tensor]:
+    """Scores the way the official Proteus sampler derives them from the predicted frames.
+
+    ``FoldModule.diffusion_sample`` calls its ``SE3Diffuser``: ``calc_rot_score(R_t, Rotation(pred_rotmats), t)``
+    (the IGSO(3) score of the rotation vector of ``q_pred^-1 q_t`` with the tabulated sigma, mixed float32/float64)
+    and ``calc_trans_score(x_t, x_pred, t, use_torch=True)`` in scaled coordinates. The two official SE(3)
+    diffusers (FrameDiff, Proteus) are numerically identical for these functions (``diffuser_differences.json``:
+    only ``rot_to_quat`` differs, by an ``1e-7 I`` shift of the 4x4 matrix, which does not change its
+    eigenvectors), so this is :mod:`superdiff_protein.frames.official_numerics` with Proteus's config.
+
+    ``conf`` is the full run config (its ``diffuser`` section; defaults = the official base.yaml); translations in
+    Angstrom. Returns ``(rot_score (B, N, 3) float64 in 1/rad, trans_score (B, N, 3) in 1/nm)``; padded residues
+    (``res_mask == 0``) get zero scores (the official code does not mask them).
+    """
+    cfg = SE3DiffuserConfig.from_conf(conf, center_rule="proteus")
+    return (official_rot_score(quats_t, quats_pred, t, cfg, res_mask),
+            official_trans_score(trans_t, trans_pred, t, cfg, res_mask))
 
 
 @dataclass
@@ -119,12 +141,12 @@ class ProteusAdapter(nn.Module):
     def official_scores(self, out: ProteusOutput, rotmats_t: Optional[Tensor], trans_t: Tensor, t: Tensor,
                         res_mask: Tensor, quats_t: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Scores as the official Proteus sampler computes them from the prediction (see
-        :mod:`.official_scores`). Returns ``(rot_score (B,N,3) float64 1/rad, trans_score (B,N,3) 1/nm)``."""
-        from .official_scores import official_scores
+        :func:`official_scores_from_frames`).
 
+        Returns ``(rot_score (B,N,3) float64 1/rad, trans_score (B,N,3) 1/nm)``."""
         if quats_t is None:
             quats_t = rotmat_to_quat(rotmats_t.float())
         t = torch.as_tensor(t, device=trans_t.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(res_mask.shape[0])
-        return official_scores(quats_t, trans_t, out.quats, out.trans, t, res_mask, self.conf)
+        return official_scores_from_frames(quats_t, trans_t, out.quats, out.trans, t, res_mask, self.conf)

@@ -16,31 +16,25 @@ Conventions (same as :mod:`superdiff_protein.frames.geometry` and the core):
 * translations are Angstrom at the API (``trans_*`` arguments) and nm (x ``coordinate_scaling``)
   inside the space; translation scores are in 1/nm (scaled coordinates), as official.
 
-Official numerics reproduced (they matter at float32-rounding level):
-
-* the rotation score uses the *tabulated* sigma ``discrete_sigma[digitize(sigma(t)) - 1]`` (not
-  ``sigma(t)``), the IGSO(3) series with ``L = 1000`` terms, ``omega = |v| + 1e-6``, trig factors in
-  the dtype of ``v`` (float32 for network predictions) and the series weights in float64; the
-  derivative ``lo dhi - hi dlo`` cancels catastrophically at small sigma / large omega, where the
-  official score is rounding noise;
-* IGSO(3) sampling by inverse CDF on a 1000-point omega grid (``np.interp``), score scaling from the
-  tabulated score norms;
-* the VP-SDE on scaled translations; the reverse step ``x - [(f - g^2 s) dt + g sqrt(dt) eta z]``,
-  then (optionally) recentring, then the diffuse-mask blend.
-
-Series terms whose float64 weight ``(2l+1) exp(-l(l+1) sigma^2/2)`` underflows to exactly 0 are
-skipped (they contribute exactly 0); only the summation order then differs from numpy.
+The official numerics (tabulated sigma, the truncated IGSO(3) series, scores from predicted frames,
+inverse-CDF sampling) live in :mod:`superdiff_protein.frames.official_numerics`; this module builds the
+diffuser on them: tables and score scaling, the forward marginal, the reference draw, the reverse step
+``x - [(f - g^2 s) dt + g sqrt(dt) eta z]`` (then optional recentring, then the diffuse-mask blend).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .geometry import quat_multiply, quat_to_rotvec, rotmat_to_quat, so3_exp
+from .geometry import rotmat_to_quat, so3_exp
+# the config is defined with the official numerics it parameterises; the diffuser's API re-exports it
+from .official_numerics import (DiffuserConfigError, SE3DiffuserConfig, discrete_sigma, igso3_score_from_rotvec,
+                                igso3_series, marginal_b, np_interp, np_linspace, official_rot_score,
+                                official_trans_score, sigma_index, sigma_of_t)
 from ..core.spaces import EuclideanVPSpace, LinearVPSchedule, LogLinearSigmaSchedule, ProductSpace, SO3Space
 
 __all__ = [
@@ -49,237 +43,7 @@ __all__ = [
     "ForwardMarginal",
     "ScaledEuclideanVPSpace",
     "DiffuserConfigError",
-    "discrete_sigma",
-    "tabulated_sigma",
-    "igso3_expansion",
-    "igso3_dlog_domega",
-    "official_rot_score",
-    "official_trans_score",
 ]
-
-
-class DiffuserConfigError(ValueError):
-    """The ``diffuser`` section of a config is not supported (names the offending entry)."""
-
-
-# ------------------------------------------------------------------------------------- config
-@dataclass
-class SE3DiffuserConfig:
-    """The ``diffuser`` section of the official config (defaults: FrameDiff ``config/base.yaml``).
-
-    ``center_rule``: ``"framediff"`` (reverse takes ``center``, default True) or ``"proteus"``
-    (recentre only when every real residue is diffused).
-    """
-
-    min_sigma: float = 0.1
-    max_sigma: float = 1.5
-    num_sigma: int = 1000
-    num_omega: int = 1000
-    schedule: str = "logarithmic"
-    use_cached_score: bool = False  # recorded only: the score is always computed on the fly (official 53359d7)
-    min_b: float = 0.1
-    max_b: float = 20.0
-    coordinate_scaling: float = 0.1
-    num_terms: int = 1000  # IGSO(3) series truncation L (official: 1000)
-    diffuse_rot: bool = True
-    diffuse_trans: bool = True
-    center_rule: str = "framediff"
-
-    def __post_init__(self) -> None:
-        if self.schedule != "logarithmic":
-            raise DiffuserConfigError(f"unsupported SO(3) sigma schedule {self.schedule!r} (official: logarithmic)")
-        if self.center_rule not in ("framediff", "proteus"):
-            raise DiffuserConfigError(f"center_rule must be 'framediff' or 'proteus', got {self.center_rule!r}")
-        if not (self.coordinate_scaling > 0 and self.min_sigma > 0 and self.max_sigma > self.min_sigma):
-            raise DiffuserConfigError(f"invalid diffuser config {self}")
-
-    @classmethod
-    def from_conf(cls, conf: Any, center_rule: str | None = None) -> "SE3DiffuserConfig":
-        """From an official config: the full run config (with a ``diffuser`` section), the ``diffuser``
-        section itself, an OmegaConf object or ``None`` (defaults). Missing entries keep the defaults;
-        unresolved interpolations (``${...}``) are ignored."""
-        d = _to_plain(conf)
-        if "diffuser" in d:
-            d = _to_plain(d["diffuser"])
-        so3, r3 = _to_plain(d.get("so3")), _to_plain(d.get("r3"))
-        kw: dict[str, Any] = {}
-        names = {f.name: f for f in fields(cls)}
-        for src, keys in ((so3, ("min_sigma", "max_sigma", "num_sigma", "num_omega", "schedule", "use_cached_score")),
-                          (r3, ("min_b", "max_b", "coordinate_scaling")),
-                          (d, ("diffuse_rot", "diffuse_trans"))):
-            for k in keys:
-                v = src.get(k)
-                if v is None or (isinstance(v, str) and v.startswith("${")):
-                    continue
-                typ = type(names[k].default)
-                kw[k] = typ(v) if typ is not bool else bool(v)
-        if center_rule is not None:
-            kw["center_rule"] = center_rule
-        return cls(**kw)
-
-
-def _to_plain(conf: Any) -> dict:
-    """OmegaConf / mapping -> plain dict (the checkpoint module's conversion, with this module's error)."""
-    from .checkpoints import CheckpointError, conf_to_container
-
-    try:
-        return conf_to_container(conf)
-    except CheckpointError:
-        raise DiffuserConfigError(f"expected a mapping / OmegaConf config, got {type(conf).__name__}") from None
-
-
-# ------------------------------------------------------------------------------------- IGSO(3) numerics
-def _np_linspace(start: float, stop: float, num: int, device: Any = None) -> Tensor:
-    """``numpy.linspace`` bit for bit (float64): ``arange(num) * step + start``, last = ``stop``."""
-    if num == 1:
-        return torch.tensor([start], dtype=torch.float64, device=device)
-    step = (stop - start) / (num - 1)
-    y = torch.arange(num, dtype=torch.float64, device=device) * step + start
-    y[-1] = stop
-    return y
-
-
-def _sigma_of_t(t: Tensor, cfg: SE3DiffuserConfig) -> Tensor:
-    return torch.log(t * math.exp(cfg.max_sigma) + (1 - t) * math.exp(cfg.min_sigma))
-
-
-def discrete_sigma(cfg: SE3DiffuserConfig, device: Any = None) -> Tensor:
-    """The official sigma grid ``sigma(linspace(0, 1, num_sigma))`` (float64)."""
-    return _sigma_of_t(_np_linspace(0.0, 1.0, cfg.num_sigma, device), cfg)
-
-
-def _t_to_idx(t: Tensor, cfg: SE3DiffuserConfig, grid: Tensor | None = None) -> Tensor:
-    grid = discrete_sigma(cfg, t.device) if grid is None else grid.to(t.device)
-    idx = torch.bucketize(_sigma_of_t(t.to(torch.float64), cfg), grid, right=True) - 1
-    return idx.clamp(0, cfg.num_sigma - 1)
-
-
-def tabulated_sigma(t: Tensor, cfg: SE3DiffuserConfig) -> Tensor:
-    """``discrete_sigma[digitize(sigma(t), discrete_sigma) - 1]`` (float64), as the official lookup.
-
-    ``t`` keeps its dtype's value (the official samplers pass float32 times) and is promoted to
-    float64 like numpy does with the float64 schedule constants.
-    """
-    grid = discrete_sigma(cfg, t.device)
-    return grid[_t_to_idx(t, cfg, grid)]
-
-
-def _num_terms_needed(sigma_min: float, num_terms: int) -> int:
-    """Terms beyond this have weight ``(2l+1) exp(-l(l+1) sigma^2/2) == 0.0`` exactly in float64."""
-    if sigma_min <= 0:
-        return num_terms
-    return int(min(num_terms, math.ceil(math.sqrt(2 * 760.0) / sigma_min) + 2))
-
-
-def _series(omega: Tensor, sigma: Tensor, num_terms: int, deriv: bool) -> tuple[Tensor, Tensor | None]:
-    """(expansion, d expansion / d omega or None). omega (...,), sigma broadcast to omega.
-
-    Official dtype flow: ``ls`` int64, weights in float64 (from the float64 sigma), trig factors in
-    omega's dtype (float32 for network predictions), products promoted to float64.
-    """
-    smin = float(sigma.min()) if sigma.numel() else 1.0
-    L = _num_terms_needed(smin, num_terms)
-    ls = torch.arange(L, device=omega.device)
-    om = omega[..., None]
-    w = (2 * ls + 1) * torch.exp(-ls * (ls + 1) * sigma[..., None] ** 2 / 2)
-    arg = om * (ls + 0.5)
-    hi = torch.sin(arg)
-    lo = torch.sin(om / 2)
-    exp = (w * hi / lo).sum(-1)
-    if not deriv:
-        return exp, None
-    dhi = (ls + 0.5) * torch.cos(arg)
-    dlo = 0.5 * torch.cos(om / 2)
-    return exp, (w * (lo * dhi - hi * dlo) / lo**2).sum(-1)
-
-
-def _chunked(omega: Tensor, sigma: Tensor, num_terms: int, deriv: bool,
-             max_elems: int = 1 << 23) -> tuple[Tensor, Tensor | None]:
-    sigma = torch.broadcast_to(sigma, omega.shape)
-    L = _num_terms_needed(float(sigma.min()) if sigma.numel() else 1.0, num_terms)
-    per = max(1, max_elems // L)
-    if omega.numel() <= per:
-        return _series(omega, sigma, num_terms, deriv)
-    flat_o, flat_s = omega.reshape(-1), sigma.reshape(-1)
-    parts = [_series(flat_o[i:i + per], flat_s[i:i + per], num_terms, deriv) for i in range(0, flat_o.numel(), per)]
-    exp = torch.cat([p[0] for p in parts]).reshape(omega.shape)
-    d = torch.cat([p[1] for p in parts]).reshape(omega.shape) if deriv else None
-    return exp, d
-
-
-def igso3_expansion(omega: Tensor, sigma: Tensor, num_terms: int = 1000) -> Tensor:
-    """Truncated IGSO(3) series ``sum_l (2l+1) e^{-l(l+1) s^2/2} sin((l+1/2) w) / sin(w/2)``.
-
-    ``sigma`` broadcasts against ``omega``; dtype flow as official (trig in omega's dtype).
-    """
-    return _chunked(omega, sigma, num_terms, False)[0]
-
-
-def igso3_dlog_domega(omega: Tensor, sigma: Tensor, expansion: Tensor, num_terms: int = 1000) -> Tensor:
-    """Official ``so3_diffuser.score``: d/domega of the series divided by ``expansion + 1e-4``."""
-    return _chunked(omega, sigma, num_terms, True)[1] / (expansion + 1e-4)
-
-
-def _igso3_score_from_rotvec(vec: Tensor, sigma: Tensor, num_terms: int, eps: float = 1e-6) -> Tensor:
-    """Official ``SO3Diffuser.torch_score`` body with a given (tabulated) sigma broadcastable to |vec|."""
-    omega = torch.linalg.norm(vec, dim=-1) + eps
-    exp, d = _chunked(omega, sigma, num_terms, True)
-    s = d / (exp + 1e-4)
-    return s[..., None] * vec / (omega[..., None] + eps)
-
-
-def _quat_invert(q: Tensor) -> Tensor:
-    conj = torch.cat([q[..., :1], -q[..., 1:]], -1)
-    return conj / (q * q).sum(-1, keepdim=True)
-
-
-def official_rot_score(quats_t: Tensor, quats_pred: Tensor, t: Tensor, cfg: SE3DiffuserConfig,
-                       res_mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """Rotation score (B, N, 3) as ``SE3Diffuser.calc_rot_score(rots_t, rots_pred, t)``.
-
-    ``quats_*`` (B, N, 4) w-first (float32 in the official code), ``t`` (B,). Returns float64 body-frame
-    rotation vectors (1/rad) of the IGSO(3) score of ``q_pred^-1 q_t``; masked by ``res_mask`` if given.
-    """
-    q0t = quat_multiply(_quat_invert(quats_pred), quats_t)
-    vec = quat_to_rotvec(q0t)
-    sigma = tabulated_sigma(t, cfg)[:, None]  # (B, 1) float64
-    score = _igso3_score_from_rotvec(vec, sigma, cfg.num_terms, eps)
-    if res_mask is not None:
-        score = score * res_mask[..., None].to(score.dtype)
-    return score
-
-
-def _marginal_b(t: Tensor, cfg: SE3DiffuserConfig) -> Tensor:
-    return t * cfg.min_b + 0.5 * t**2 * (cfg.max_b - cfg.min_b)
-
-
-def official_trans_score(trans_t: Tensor, trans_pred: Tensor, t: Tensor, cfg: SE3DiffuserConfig,
-                         res_mask: Tensor | None = None) -> Tensor:
-    """Translation score (B, N, 3) in 1/nm as ``calc_trans_score(x_t, x_0, t[:, None, None], use_torch=True)``
-    (``scale=True``): inputs in Angstrom, computed in the inputs' dtype (float32 in the official code)."""
-    tt = t[:, None, None]
-    b = _marginal_b(tt, cfg)
-    x_t = trans_t * cfg.coordinate_scaling
-    x_0 = trans_pred * cfg.coordinate_scaling
-    score = -(x_t - torch.exp(-0.5 * b) * x_0) / (1 - torch.exp(-b))
-    if res_mask is not None:
-        score = score * res_mask[..., None].to(score.dtype)
-    return score
-
-
-def _np_interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Row-wise ``numpy.interp``: x (B, N), xp (B, K) increasing, fp (K,)."""
-    K = xp.shape[-1]
-    i = torch.searchsorted(xp.contiguous(), x.contiguous(), right=True) - 1
-    ic = i.clamp(0, K - 2)
-    x0, x1 = torch.gather(xp, -1, ic), torch.gather(xp, -1, ic + 1)
-    f0, f1 = fp[ic], fp[ic + 1]
-    den = x1 - x0
-    slope = torch.where(den != 0, (f1 - f0) / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(den))
-    y = slope * (x - x0) + f0
-    y = torch.where(i < 0, fp[0].expand_as(y), y)
-    y = torch.where(x >= xp[..., -1:], fp[-1].expand_as(y), y)
-    return y
 
 
 # ------------------------------------------------------------------------------------- spaces
@@ -330,7 +94,7 @@ class SE3Diffuser:
             "trans": ScaledEuclideanVPSpace(LinearVPSchedule(c.min_b, c.max_b), c.coordinate_scaling, center=True),
         })
         self.discrete_sigma = discrete_sigma(c)
-        self.discrete_omega = _np_linspace(0.0, math.pi, c.num_omega + 1)[1:]
+        self.discrete_omega = np_linspace(0.0, math.pi, c.num_omega + 1)[1:]
         self._pdf = torch.full((c.num_sigma, c.num_omega), float("nan"), dtype=torch.float64)
         self._cdf = torch.full_like(self._pdf, float("nan"))
         self._score_norms = torch.full_like(self._pdf, float("nan"))
@@ -364,17 +128,17 @@ class SE3Diffuser:
     # -- schedules
     def sigma(self, t: Tensor) -> Tensor:
         """Continuous ``sigma(t)`` of the logarithmic schedule (float64)."""
-        return _sigma_of_t(torch.as_tensor(t).to(torch.float64), self.cfg)
+        return sigma_of_t(torch.as_tensor(t).to(torch.float64), self.cfg)
 
     def t_to_idx(self, t: Tensor) -> Tensor:
         """Row of the sigma table used at time t (``np.digitize(sigma(t), discrete_sigma) - 1``)."""
         t = torch.as_tensor(t)
-        return _t_to_idx(t, self.cfg, self.discrete_sigma).cpu()
+        return sigma_index(t, self.cfg, self.discrete_sigma).cpu()
 
     def tabulated_sigma(self, t: Tensor) -> Tensor:
         """The sigma the official score actually uses (float64)."""
         t = torch.as_tensor(t)
-        return self.discrete_sigma.to(t.device)[_t_to_idx(t, self.cfg, self.discrete_sigma)]
+        return self.discrete_sigma.to(t.device)[sigma_index(t, self.cfg, self.discrete_sigma)]
 
     def rot_diffusion_coef(self, t: Tensor) -> Tensor:
         """SO(3) ``g(t) = sqrt(2 (e^max - e^min) sigma(t) / e^sigma(t))`` (float64)."""
@@ -388,7 +152,7 @@ class SE3Diffuser:
         return torch.sqrt(self.trans_b_t(t))
 
     def marginal_b_t(self, t: Tensor) -> Tensor:
-        return _marginal_b(torch.as_tensor(t).to(torch.float64), self.cfg)
+        return marginal_b(torch.as_tensor(t).to(torch.float64), self.cfg)
 
     def trans_conditional_var(self, t: Tensor) -> Tensor:
         return 1 - torch.exp(-self.marginal_b_t(t))
@@ -403,7 +167,7 @@ class SE3Diffuser:
         for chunk in need.split(16):
             sig = self.discrete_sigma[chunk][:, None].expand(-1, om.numel())
             o = om[None].expand_as(sig)
-            exp, d = _chunked(o, sig, c.num_terms, True)
+            exp, d = igso3_series(o, sig, c.num_terms, True)
             pdf = exp * (1 - torch.cos(om)) / math.pi
             cdf = torch.cumsum(pdf, -1) / c.num_omega * math.pi
             sn = d / (exp + 1e-4)
@@ -439,13 +203,13 @@ class SE3Diffuser:
         t = torch.as_tensor(t, device=vec.device)
         sigma = self.tabulated_sigma(t.reshape(-1))
         sigma = sigma.reshape(()) if t.ndim == 0 else sigma.reshape(sigma.shape + (1,) * (vec.dim() - 2))
-        return _igso3_score_from_rotvec(vec, sigma, self.cfg.num_terms)
+        return igso3_score_from_rotvec(vec, sigma, self.cfg.num_terms)
 
     def trans_score(self, x_t_nm: Tensor, x_0_nm: Tensor, t: Tensor) -> Tensor:
         """VP score ``-(x_t - e^{-B/2} x_0) / (1 - e^{-B})`` in scaled units, t (B,)."""
         tt = torch.as_tensor(t, device=x_t_nm.device)
         tt = tt.reshape(tt.shape + (1,) * (x_t_nm.dim() - tt.dim()))
-        b = _marginal_b(tt, self.cfg)
+        b = marginal_b(tt, self.cfg)
         return -(x_t_nm - torch.exp(-0.5 * b) * x_0_nm) / (1 - torch.exp(-b))
 
     def scores_from_prediction(self, rotmats_t: Tensor, trans_t: Tensor, pred_rotmats: Tensor, pred_trans: Tensor,
@@ -505,7 +269,7 @@ class SE3Diffuser:
         idx = self.t_to_idx(t)
         self._ensure_rows(idx)
         cdf = self._cdf[idx].to(dev)
-        angle = _np_interp(u, cdf, self.discrete_omega.to(dev))
+        angle = np_interp(u, cdf, self.discrete_omega.to(dev))
         return axis * angle[..., None]
 
     def forward_marginal(self, rotmats_0: Tensor, trans_0: Tensor, t: Tensor, res_mask: Tensor | None = None,
@@ -591,6 +355,11 @@ class SE3Diffuser:
                 center: bool | None = None, generator: torch.Generator | None = None,
                 noise: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """One official reverse step ``t -> t - dt`` (geodesic random walk on SO(3), Euler-Maruyama on R^3).
+
+        The package samples with :mod:`superdiff_protein.core.sampler`, not with this method: it is the port of
+        the official step, kept as the reference the tests hold both to (``tests/test_se3_diffuser.py``: equal to
+        the official fixtures, and to one step of the core sampler with the same noise; the rotation noise test in
+        ``tests/test_science_invariants.py``).
 
         Args:
             rotmats_t (B,N,3,3), trans_t (B,N,3) Angstrom; rot_score (B,N,3) body frame; trans_score (1/nm).
