@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from superdiff_protein.core.kappa import AndRule, AverageRule, KappaRule, OrRule, SingleRule
+from superdiff_protein.core.kappa import make_rule
 from superdiff_protein.core.sampler import SampleResult, SamplerConfig, superpose
 
 from .adapters import (DENSITY_MODES, ImageModelError, PromptGroup, UNetScoreModel, encode_prompts,
@@ -71,19 +71,6 @@ def lift_to_bias(lift, m: int) -> list[float] | None:
     if len(vals) != m:
         raise ImageModelError(f"lift has {len(vals)} values but there are {m} models")
     return vals
-
-
-def make_image_rule(rule: str, m: int, lift=None, temperature: float = 1.0, index: int = 0) -> KappaRule:
-    r = str(rule).lower()
-    if r == "and":
-        return AndRule(bias=lift_to_bias(lift, m))
-    if r == "or":
-        return OrRule(temperature=temperature, bias=lift_to_bias(lift, m))
-    if r in ("average", "joint"):
-        return AverageRule() if r == "average" else SingleRule(0)
-    if r == "single":
-        return SingleRule(index=index)
-    raise ImageModelError(f"unknown rule {rule!r}; choose one of {RULES}")
 
 
 def seeds_from(generator, batch_size: int, seeds: Sequence[int] | None) -> list[int]:
@@ -265,7 +252,10 @@ class SuperDiffPipeline:
                 raise ImageModelError("the joint-prompt baseline needs a text-to-image pipeline")
             prompts = [joint_joiner.join(prompts or [])]
         models = self.build_models(prompts, guidance_scale, negative_prompt, max_batch, density)
-        kappa_rule = make_image_rule(r, len(models), lift, temperature, index)
+        # image words on the core rules: lift -> bias (AND, OR); "joint" is one model (the joined prompt)
+        bias = lift_to_bias(lift, len(models)) if r in ("and", "or") else None
+        kappa_rule = make_rule("single" if r == "joint" else r, temperature=temperature, bias=bias,
+                               index=0 if r == "joint" else index)
         seeds = seeds_from(generator, int(batch_size), seeds)
         shape = self._state_shape(height, width)
         space = models[0].group.space if hasattr(models[0], "group") else models[0].space
