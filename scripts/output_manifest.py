@@ -3,6 +3,9 @@
     python scripts/output_manifest.py run OUT_ROOT MANIFEST.json     # runs the jobs, hashes their files
     python scripts/output_manifest.py diff BEFORE.json AFTER.json    # lists files that differ (exit 1 if any)
 
+The commands run as ``python -m $GEN_MODULE`` / ``python -m $EVAL_MODULE`` (defaults: the current entry
+points), so an older checkout on PYTHONPATH can be measured with its own module paths.
+
 Jobs (from the redesign issue): ``generate_backbones`` with no arguments, ``rule=and``, a sharded run
 (``shard=0/2`` then ``shard=1/2`` into one folder) and ``evaluate_backbones`` of the first run (ProteinMPNN,
 geometry, diversity; ESMFold is absent here). Files whose content is a wall-clock record (timings, the eval
@@ -17,11 +20,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+GEN = [sys.executable, "-m", os.environ.get("GEN_MODULE", "superdiff_protein.cli.generate")]
+EVAL = [sys.executable, "-m", os.environ.get("EVAL_MODULE", "superdiff_protein.cli.evaluate")]
 JOBS = {
-    "plain": ["generate_backbones"],
-    "and": ["generate_backbones", "rule=and"],
-    "shard0": ["generate_backbones", "shard=0/2", "samples_per_length=6"],
-    "shard1": ["generate_backbones", "shard=1/2", "samples_per_length=6"],
+    "plain": GEN,
+    "and": GEN + ["rule=and"],
+    "shard0": GEN + ["shard=0/2", "samples_per_length=6"],
+    "shard1": GEN + ["shard=1/2", "samples_per_length=6"],
 }
 VOLATILE = ("summary.json", ".log", "timings", "/cache/", ".lock", "eval_log")
 
@@ -36,7 +41,7 @@ def run(root: Path, manifest: Path) -> int:
     for name, cmd in JOBS.items():
         out = root / ("shard" if name.startswith("shard") else name)
         _run(cmd + [f"out_dir={out}", "progress=false"], root)
-    _run(["evaluate_backbones", f"samples_dir={root / 'plain'}", "esmfold=null", "progress=false",
+    _run(EVAL + [f"samples_dir={root / 'plain'}", "esmfold=null", "progress=false",
           f"out_dir={root / 'plain_eval'}"], root)
     files = {}
     for p in sorted(root.rglob("*")):
