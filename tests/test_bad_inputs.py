@@ -130,7 +130,7 @@ COMMANDS = {
                           ["model=tiny", "data.path={in}/ds.pt", "data.batch_size=2", "max_steps=1",
                            "trainer.tensorboard=false", "out_dir={out}"]),
     "generate_images": (_gen_images, ["-m", "superdiff_protein.cli.images"],
-                        ["model_path={in}/adir", "output_dir={out}", "num_inference_steps=2", "batch_size=1"]),
+                        ["model_path={in}/adir", "out_dir={out}", "num_inference_steps=2", "batch_size=1"]),
     "train_image_model": (_train_images, ["-c", "from superdiff_protein.cli.images import train_main; train_main()"],
                           ["archive={in}/afile", "output={out}", "max_steps=1", "batch_size=2"]),
 }
@@ -225,7 +225,14 @@ CASES = [
     (GI, ["foo=1"], ["unknown option 'foo'", "model_path"], {"sub": True}),
     (GI, ["model_path={in}/nope"], ["model_path", "does not exist"], {}),
     (GI, ["model_path={in}/adir"], ["model_index.json"], {}),
-    (GI, ["output_dir=/dev/null/x"], ["'/dev/null' is not a directory"], {}),
+    (GI, ["out_dir=/dev/null/x"], ["'/dev/null' is not a directory"], {}),
+    # old spellings (one release): the same errors after one "deprecated ... use NEW=" line; both spellings: exit 2
+    (GI, ["model_path={in}/adir", "output_dir=/dev/null/x"], ["'/dev/null' is not a directory"],
+     {"base": False, "deprecated": "out_dir"}),
+    (GI, ["lift=0.5"], ["model_index.json"], {"deprecated": "bias"}),
+    (GI, ["index=1"], ["model_index.json"], {"deprecated": "single_index"}),
+    (GI, ["output_dir={out}"], ["output_dir= and out_dir=", "give out_dir= only"], {}),
+    (GI, ["lift=0.5", "bias=0.5"], ["give bias= only"], {"sub": True}),
     (GI, ["batch_size=0"], ["batch_size must be an integer >= 1"], {}),
     (GI, ["dtype=int8"], ["dtype must be one of"], {}),
     (GI, ["device=cuda"], ["CUDA was requested but no CUDA device"], {"cuda_absent": True}),
@@ -291,6 +298,10 @@ def test_bad_input_one_line_exit_2_nothing_written(case, inputs, tmp_path, monke
                           _run_in_process(fn, argv, capfd))
 
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    if opts.get("deprecated"):         # an old spelling: one warning line naming the new key, then the error
+        assert lines and lines[0].startswith(f"{prog}: warning: ") and "deprecated" in lines[0], stderr
+        assert f"use {opts['deprecated']}=" in lines[0], lines[0]
+        lines = lines[1:]
     assert rc == 2, (rc, stdout, stderr)
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
     assert lines[0].startswith(f"{prog}: error: "), lines[0]

@@ -52,12 +52,12 @@ def test_sd_rules_end_to_end(sd_pipe, rule):
 
 def test_and_lift_and_correction_and_hutchinson(sd_pipe):
     steps = 5
-    out = sd_pipe(PROMPTS, rule="and", lift=2.0, num_inference_steps=steps, batch_size=1, seeds=[4], output_type="np")
+    out = sd_pipe(PROMPTS, rule="and", bias=2.0, num_inference_steps=steps, batch_size=1, seeds=[4], output_type="np")
     d = out.logq[:, 0, 1] - out.logq[:, 0, 0]
     # with bias l = [0, 2], log q_2 - log q_1 drifts linearly in time to +2 over the run
     frac = (out.t[0] - out.t) / (out.t[0] - out.t[-1])
     assert torch.allclose(d - d[0], 2.0 * frac.to(d.dtype), atol=1e-5)
-    corr = sd_pipe(PROMPTS, rule="and", num_inference_steps=3, seeds=[4], and_correction=True, output_type="np")
+    corr = sd_pipe(PROMPTS, rule="and", num_inference_steps=3, seeds=[4], and_correction=False, output_type="np")
     ode = sd_pipe(PROMPTS, rule="or", num_inference_steps=3, seeds=[4], sampling="ode", estimator="hutchinson",
                   output_type="np")
     assert torch.isfinite(corr.logq).all() and torch.isfinite(ode.logq).all()
@@ -101,8 +101,10 @@ def test_multiple_unets_and_bad_inputs(sd_dir, tmp_path):
         pipe(["a cat"], rule="xor", num_inference_steps=2)
     with pytest.raises(ImageModelError, match="prompt"):
         pipe(None, num_inference_steps=2)
-    with pytest.raises(ImageModelError, match="lift"):
-        pipe(["a", "b", "c"], lift=1.0, num_inference_steps=2)
+    with pytest.raises(ImageModelError, match="bias"):
+        pipe(["a", "b", "c"], bias=1.0, num_inference_steps=2)
+    with pytest.raises(ImageModelError, match="give bias= only"):
+        pipe(["a", "b"], bias=1.0, lift=1.0, num_inference_steps=2)
     with pytest.raises(ImageModelError, match="model_index"):
         SuperDiffPipeline.from_pretrained(str(tmp_path / "missing"), local_files_only=True)
     assert lift_to_bias(0.0, 2) is None and lift_to_bias([1, 2, 3], 3) == [1.0, 2.0, 3.0]
@@ -121,7 +123,7 @@ def test_pixel_ddpm_or_and_v_prediction(tmp_path):
 
 def test_generate_images_in_process_and_cli(sd_dir, tmp_path):
     cfg = GenerateConfig(model_path=str(sd_dir), prompts=PROMPTS, rule="and", num_inference_steps=4, batch_size=3,
-                         output_dir=str(tmp_path / "out"), device="cpu")
+                         out_dir=str(tmp_path / "out"), device="cpu")
     s = run_generate(cfg)
     od = tmp_path / "out"
     assert len(s["images"]) == 3 and all((od / f).is_file() for f in s["images"])
@@ -138,9 +140,47 @@ def test_generate_images_in_process_and_cli(sd_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ok = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.images", f"model_path={sd_dir}",
                          "prompts=[a cat, a dog]", "rule=or", "num_inference_steps=2", "batch_size=1",
-                         f"output_dir={tmp_path / 'cli'}", "device=cpu"], capture_output=True, text=True, env=env, cwd=ROOT)
+                         f"out_dir={tmp_path / 'cli'}", "device=cpu"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "cli" / "grid.png").is_file()
     bad = subprocess.run([sys.executable, "-m", "superdiff_protein.cli.images", f"model_path={tmp_path / 'nope'}",
-                          f"output_dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=env, cwd=ROOT)
+                          f"out_dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "generate_images: error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_old_spellings_deprecated_same_result(sd_pipe, sd_dir, tmp_path, capfd):
+    """lift= / index= / output_dir= (the image CLI's old words) still work for one release: same images as
+    bias= / single_index= / out_dir=, one warning line per old key naming the new one; both at once: exit 2."""
+    from superdiff_protein.cli.images import generate_main
+
+    new = sd_pipe(PROMPTS, rule="or", bias=1.5, num_inference_steps=2, seeds=[3], output_type="np")
+    with pytest.warns(DeprecationWarning, match="use bias="):
+        old = sd_pipe(PROMPTS, rule="or", lift=1.5, num_inference_steps=2, seeds=[3], output_type="np")
+    assert np.array_equal(new.images[0], old.images[0]) and torch.equal(new.kappa, old.kappa)
+    with pytest.warns(DeprecationWarning, match="use single_index="):
+        one = sd_pipe(PROMPTS, rule="single", index=1, num_inference_steps=2, seeds=[3], output_type="np")
+    assert torch.equal(one.kappa[..., 1], torch.ones_like(one.kappa[..., 1]))
+
+    def cli(*args):
+        capfd.readouterr()
+        try:
+            generate_main([f"model_path={sd_dir}", "prompts=[a cat, a dog]", "num_inference_steps=2", "batch_size=1",
+                           "device=cpu", *args])
+        except SystemExit as e:
+            return e.code, capfd.readouterr().err
+        return 0, capfd.readouterr().err
+
+    rc_new, err_new = cli("rule=and", "bias=1.0", f"out_dir={tmp_path / 'new'}")
+    rc_old, err_old = cli("rule=and", "lift=1.0", f"output_dir={tmp_path / 'old'}")
+    assert rc_new == 0 and rc_old == 0 and "warning" not in err_new
+    warn = [ln for ln in err_old.splitlines() if "deprecated" in ln]
+    assert len(warn) == 2 and any("use bias=" in w for w in warn) and any("use out_dir=" in w for w in warn)
+    assert all(w.startswith("generate_images: warning: ") for w in warn)
+    assert (tmp_path / "new" / "grid.png").read_bytes() == (tmp_path / "old" / "grid.png").read_bytes()
+    s_new, s_old = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("new", "old"))
+    assert s_new["final_kappa"] == s_old["final_kappa"] and s_old["config"]["bias"] == 1.0
+    rc_i, err_i = cli("rule=single", "index=1", f"out_dir={tmp_path / 'idx'}")
+    assert rc_i == 0 and "use single_index=" in err_i
+    assert json.loads((tmp_path / "idx" / "summary.json").read_text())["config"]["single_index"] == 1
+    rc_both, err_both = cli("lift=1.0", "bias=1.0", f"out_dir={tmp_path / 'both'}")
+    assert rc_both == 2 and "give bias= only" in err_both and not (tmp_path / "both").exists()

@@ -9,9 +9,10 @@ Models are the product ``UNets x prompts`` (unet-major). Every prompt of one UNe
 branch). Sampling is :func:`superdiff_protein.core.sampler.superpose` with a kappa rule of
 :mod:`superdiff_protein.core.kappa`; nothing image-specific happens inside the sampler.
 
-Rules: ``and`` (bias from ``lift``), ``or`` (bias from ``lift``, ``temperature``), ``average`` (the
+Rules: ``and`` (``bias``), ``or`` (``bias``, ``temperature``), ``average`` (the
 paper's average-of-scores baseline), ``joint`` (the joint-prompt baseline: the prompts joined by
-``joint_joiner`` into one prompt, a single model) and ``single`` (``index``).
+``joint_joiner`` into one prompt, a single model) and ``single`` (``single_index``). The keywords are
+``generate_backbones``' words; the old ``lift=`` / ``index=`` still work for one release (``DeprecationWarning``).
 
 Densities under classifier-free guidance: ``density="unguided"`` (default) samples along the guided
 drift and tracks each prompt's unguided conditional log-density; ``density="guided"`` tracks the guided
@@ -37,6 +38,21 @@ from .adapters import (DENSITY_MODES, ImageModelError, PromptGroup, UNetScoreMod
 __all__ = ["SuperDiffPipeline", "SuperDiffOutput", "RULES", "lift_to_bias"]
 
 RULES = ("and", "or", "average", "joint", "single")
+_UNSET = object()
+
+
+def _renamed_kwarg(old: str, old_val: Any, new: str, new_val: Any, default: Any) -> Any:
+    """``new_val``, or ``old_val`` (with a ``DeprecationWarning``) when the deprecated keyword ``old`` is given;
+    both at once is an error."""
+    if old_val is _UNSET:
+        return new_val
+    if new_val is not default and new_val != default:
+        raise ImageModelError(f"{old}= and {new}= name the same argument ({old} is deprecated); give {new}= only")
+    import warnings
+
+    warnings.warn(f"{old}= is deprecated and will be removed in the next release; use {new}= (same meaning)",
+                  DeprecationWarning, stacklevel=3)
+    return old_val
 
 
 @dataclass
@@ -57,19 +73,20 @@ class SuperDiffOutput:
 
 
 def lift_to_bias(lift, m: int) -> list[float] | None:
-    """``lift`` -> the core rules' bias ``l``: a scalar for two models means ``l = [0, lift]`` (AND drives
-    ``log q_2 - log q_1`` to ``lift``; OR adds it to model 2's logit); a list gives ``l`` directly."""
+    """The image bias shorthand -> the core rules' bias ``l``: a scalar for two models means ``l = [0, lift]``
+    (AND drives ``log q_2 - log q_1`` to ``lift``; OR adds it to model 2's logit); a list gives ``l`` directly.
+    (The pipeline's and CLI's keyword is ``bias``; the function keeps its name for callers.)"""
     if lift is None:
         return None
     if isinstance(lift, (int, float)):
         if float(lift) == 0.0:
             return None
         if m != 2:
-            raise ImageModelError(f"a scalar lift needs exactly two models (got {m}); pass one value per model")
+            raise ImageModelError(f"a scalar bias needs exactly two models (got {m}); pass one value per model")
         return [0.0, float(lift)]
     vals = [float(v) for v in lift]
     if len(vals) != m:
-        raise ImageModelError(f"lift has {len(vals)} values but there are {m} models")
+        raise ImageModelError(f"bias has {len(vals)} values but there are {m} models")
     return vals
 
 
@@ -221,21 +238,26 @@ class SuperDiffPipeline:
 
     # ----------------------------------------------------------------------------- sampling
     def __call__(self, prompts: str | Sequence[str] | None = None, rule: str = "and", num_inference_steps: int = 50,
-                 guidance_scale: float | Sequence[float] = 7.5, lift: float | Sequence[float] | None = 0.0,
+                 guidance_scale: float | Sequence[float] = 7.5, bias: float | Sequence[float] | None = 0.0,
                  batch_size: int | None = None, generator=None, height: int | None = None, width: int | None = None, *,
                  seeds: Sequence[int] | None = None, negative_prompt: str = "", temperature: float = 1.0,
-                 index: int = 0, sampling: str = "sde", estimator: str = "ito", num_probes: int = 1,
-                 and_correction: bool = False, noise_scale: float = 1.0, min_t: float | None = None,
+                 single_index: int = 0, sampling: str = "sde", estimator: str = "ito", num_probes: int = 1,
+                 and_correction: bool = True, noise_scale: float = 1.0, min_t: float | None = None,
                  time_grid: str = "uniform", state_dtype: torch.dtype = torch.float64,
                  final_denoise: bool = True, output_type: str = "pil", max_batch: int | None = None,
                  joint_joiner: str = " and ", callback: Callable[[int, int], None] | None = None,
-                 density: str = "unguided") -> SuperDiffOutput:
+                 density: str = "unguided", lift: Any = _UNSET, index: Any = _UNSET) -> SuperDiffOutput:
         """Sample ``batch_size`` images from the superposition (module docstring). ``and_correction``
-        (the core's exact Itô correction for AND, one VJP per model and step) is off by default here, as
-        in the paper; ``estimator="hutchinson"`` with ``sampling="ode"`` gives divergence-based densities.
+        (the core's exact Itô correction for AND, one VJP per model and step) is on by default, as for
+        proteins; ``and_correction=False`` is the paper's AND (the official image runs).
+        ``bias``: the AND/OR bias ``l`` (a scalar with two models means ``l = [0, bias]``); ``single_index``:
+        the model of ``rule="single"``; ``lift`` / ``index`` are their deprecated spellings (one release).
+        ``estimator="hutchinson"`` with ``sampling="ode"`` gives divergence-based densities.
         ``density``: with classifier-free guidance, ``"unguided"`` (default) tracks each prompt's own
         conditional log-density along the guided path; ``"guided"`` tracks the guided field, which is not
         the score of any density (``GuidedDensityWarning``)."""
+        bias = _renamed_kwarg("lift", lift, "bias", bias, 0.0)
+        single_index = _renamed_kwarg("index", index, "single_index", single_index, 0)
         if isinstance(prompts, str):
             prompts = [prompts]
         if density not in DENSITY_MODES:
@@ -252,10 +274,10 @@ class SuperDiffPipeline:
                 raise ImageModelError("the joint-prompt baseline needs a text-to-image pipeline")
             prompts = [joint_joiner.join(prompts or [])]
         models = self.build_models(prompts, guidance_scale, negative_prompt, max_batch, density)
-        # image words on the core rules: lift -> bias (AND, OR); "joint" is one model (the joined prompt)
-        bias = lift_to_bias(lift, len(models)) if r in ("and", "or") else None
+        # the bias shorthand on the core rules: scalar -> [0, bias] (AND, OR); "joint" is one model (the joined prompt)
+        bias = lift_to_bias(bias, len(models)) if r in ("and", "or") else None
         kappa_rule = make_rule("single" if r == "joint" else r, temperature=temperature, bias=bias,
-                               index=0 if r == "joint" else index)
+                               index=0 if r == "joint" else single_index)
         seeds = seeds_from(generator, int(batch_size), seeds)
         shape = self._state_shape(height, width)
         space = models[0].group.space if hasattr(models[0], "group") else models[0].space

@@ -30,7 +30,7 @@ from ..runs.checks import check_out_dir, resolve_device  # re-exported: the chec
 
 __all__ = ["UserError", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "one_line",
            "is_user_error", "error_line", "report", "guard", "check_out_dir", "resolve_device",
-           "hydra_error_line", "run_hydra", "config_keys"]
+           "hydra_error_line", "run_hydra", "config_keys", "rename_deprecated"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -216,6 +216,34 @@ def _rewrite_lists(overrides: Iterable[str], list_keys: Sequence[str]) -> list[s
     return out
 
 
+def rename_deprecated(prog: str, overrides: Sequence[str], renamed: Mapping[str, str]) -> list[str]:
+    """``overrides`` with each deprecated key of ``renamed`` (old -> new) spelled the new way (``+``, ``++``, ``~``
+    prefixes kept); prints one ``<prog>: warning: ...`` line on stderr per old key used. Raises
+    :class:`UserError` (exit code 2) when an option is given in both spellings."""
+    out, used, seen = [], {}, set()
+    for o in overrides:
+        key, sep, val = o.partition("=")
+        bare = key.lstrip("+~")
+        prefix = key[:len(key) - len(bare)]
+        seen.add(bare)
+        if bare in renamed:
+            used.setdefault(bare, renamed[bare])
+            o = f"{prefix}{renamed[bare]}{sep}{val}"
+        out.append(o)
+    for old, new in used.items():
+        if new in seen:
+            raise _BothSpellings(f"{old}= and {new}= name the same option ({old} is the deprecated spelling of "
+                                 f"{new}); give {new}= only")
+    for old, new in used.items():
+        print(f"{prog}: warning: {old}= is deprecated and will be removed in the next release; use {new}= "
+              "(same meaning)", file=sys.stderr, flush=True)
+    return out
+
+
+class _BothSpellings(ValueError, UserError):
+    pass
+
+
 def _parse_hydra_args(argv: list[str]):
     from hydra._internal.utils import get_args_parser
 
@@ -230,7 +258,7 @@ def _parse_hydra_args(argv: list[str]):
 
 def run_hydra(prog: str, config_name: str, body: Callable[[Any], Any], *, argv: Sequence[str] | None = None,
               list_keys: Sequence[str] = (), node: Any = None, interrupted: str = "interrupted",
-              valid: Mapping[str, Any] | None = None) -> int:
+              valid: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> int:
     """Run ``body(cfg)`` as a Hydra app (``@hydra.main``: ``--help``, ``--cfg``, ``-m`` and launchers keep
     working) under the exit-code contract; returns the exit code.
 
@@ -239,6 +267,8 @@ def run_hydra(prog: str, config_name: str, body: Callable[[Any], Any], *, argv: 
     ``key=a,b`` for a key of ``list_keys`` means the list ``[a,b]``. ``node`` is a structured config stored
     under ``config_name`` when ``configs/<config_name>.yaml`` is absent; ``interrupted`` is the Ctrl-C line.
     ``valid``: the options named in "unknown option" messages (default: the keys of the YAML, :func:`config_keys`).
+    ``renamed``: deprecated option names -> their new names (:func:`rename_deprecated`: one warning line each;
+    both spellings at once is bad input).
     """
     import hydra
 
@@ -249,6 +279,17 @@ def run_hydra(prog: str, config_name: str, body: Callable[[Any], Any], *, argv: 
     except _ArgError as e:
         print(f"{prog}: error: {one_line(e)} (options are key=value; see {prog} --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if renamed:
+        try:
+            new = rename_deprecated(prog, parsed.overrides, renamed)
+        except UserError as e:
+            return report(prog, e, valid)
+        k = 0
+        for i, a in enumerate(args):           # replace the overrides in place, keep the flags
+            if k < len(parsed.overrides) and a == parsed.overrides[k]:
+                args[i] = new[k]
+                k += 1
+        parsed.overrides = new
     if not parsed.multirun and list_keys:
         rewritten = _rewrite_lists(parsed.overrides, list_keys)
         if rewritten != parsed.overrides:

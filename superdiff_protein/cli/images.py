@@ -1,7 +1,7 @@
 """Hydra CLIs of the image path: ``generate_images`` and ``train_image_model`` (docs/images.md).
 
-    generate_images model_path=path/to/sd-v1-4 'prompts=[a cat, a dog]' rule=and batch_size=4 output_dir=out
-    generate_images 'model_path=[runs/cifar_a, runs/cifar_b]' rule=or num_inference_steps=1000 output_dir=out
+    generate_images model_path=path/to/sd-v1-4 'prompts=[a cat, a dog]' rule=and batch_size=4 out_dir=out
+    generate_images 'model_path=[runs/cifar_a, runs/cifar_b]' rule=or num_inference_steps=1000 out_dir=out
     train_image_model archive=cifar-10-python.tar.gz 'classes=[0,1,2,3,4]' output=runs/cifar_a
 """
 from __future__ import annotations
@@ -48,9 +48,9 @@ class GenerateConfig:
     rule: str = "and"                  # and | or | average | joint | single
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    lift: Any = 0.0                    # AND/OR bias: scalar (two models) or one value per model
+    bias: Any = 0.0                    # AND/OR bias l: scalar (two models: l = [0, bias]) or one value per model
     temperature: float = 1.0           # OR temperature
-    index: int = 0                     # single: which model
+    single_index: int = 0              # single: which model
     batch_size: int = 4
     seed: int = 0                      # image i gets seed + i unless seeds is given
     seeds: Any = None
@@ -60,14 +60,14 @@ class GenerateConfig:
     sampling: str = "sde"              # sde | ode
     estimator: str = "ito"             # ito | hutchinson
     num_probes: int = 1
-    and_correction: bool = False
+    and_correction: bool = True        # the corrected AND (as generate_backbones); false = the paper's AND
     density: str = "unguided"          # guided prompts: track the unguided conditional (default) | guided (warns)
     noise_scale: float = 1.0
     time_grid: str = "uniform"
     device: str = "auto"               # auto | cpu | cuda | cuda:1 ...
     dtype: str = "float32"             # weights: float32 | float16 | bfloat16
     max_batch: Any = None              # split the batched UNet call into chunks of this many rows
-    output_dir: str = "???"
+    out_dir: str = "???"
     grid_cols: int = 0                 # 0: ~sqrt(batch)
     local_files_only: bool = True      # hub ids only from the local cache (no network here)
 
@@ -123,14 +123,14 @@ def run_generate(cfg: GenerateConfig) -> dict:
     from models.image.adapters import ImageModelError
     from models.image.pipeline import SuperDiffPipeline, save_traces
 
-    for k in ("model_path", "output_dir"):
+    for k in ("model_path", "out_dir"):
         if getattr(cfg, k) in (None, "???", ""):
             raise ImageCLIError(f"{k} is required")
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if cfg.dtype not in dtypes:
         raise ImageCLIError(f"dtype must be one of {sorted(dtypes)}, got {cfg.dtype!r}")
     # everything that can be refused is checked before the model is loaded and anything is written
-    check_out_dir(cfg.output_dir, "output_dir", ImageCLIError)
+    check_out_dir(cfg.out_dir, "out_dir", ImageCLIError)
     device = str(resolve_device(cfg.device, "device", ImageCLIError))
     _count(cfg, "num_inference_steps")
     _count(cfg, "batch_size")
@@ -154,12 +154,13 @@ def run_generate(cfg: GenerateConfig) -> dict:
     prompts = None if cfg.prompts is None else ([cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts))
     seeds = list(cfg.seeds) if cfg.seeds is not None else [int(cfg.seed) + i for i in range(int(cfg.batch_size))]
     out = pipe(prompts, rule=cfg.rule, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-               lift=cfg.lift if not isinstance(cfg.lift, (list, tuple)) else list(cfg.lift), batch_size=len(seeds),
+               bias=cfg.bias if not isinstance(cfg.bias, (list, tuple)) else list(cfg.bias), batch_size=len(seeds),
                height=cfg.height, width=cfg.width, seeds=seeds, negative_prompt=cfg.negative_prompt,
-               temperature=cfg.temperature, index=cfg.index, sampling=cfg.sampling, estimator=cfg.estimator,
+               temperature=cfg.temperature, single_index=cfg.single_index, sampling=cfg.sampling,
+               estimator=cfg.estimator,
                num_probes=cfg.num_probes, and_correction=cfg.and_correction, noise_scale=cfg.noise_scale,
                time_grid=cfg.time_grid, max_batch=cfg.max_batch, density=cfg.density)
-    od = Path(cfg.output_dir).expanduser()
+    od = Path(cfg.out_dir).expanduser()
     od.mkdir(parents=True, exist_ok=True)
     files = []
     for i, (img, s) in enumerate(zip(out.images, out.seeds)):
@@ -212,17 +213,22 @@ def _guarded(name: str, fn) -> int:
     return guard(name, lambda: _as_user_errors(fn))
 
 
-def _hydra_main(name: str, node, body, list_keys=(), argv=None) -> None:
+# old spellings of generate_images' options, accepted (with one warning line each) for one release
+DEPRECATED_GENERATE_KEYS = {"lift": "bias", "output_dir": "out_dir", "index": "single_index"}
+
+
+def _hydra_main(name: str, node, body, list_keys=(), argv=None, renamed=None) -> None:
     sys.exit(run_hydra(name, name, lambda cfg: _as_user_errors(lambda: body(_to_dataclass(node, cfg, name))),
-                       argv=argv, node=node, list_keys=list_keys))
+                       argv=argv, node=node, list_keys=list_keys, renamed=renamed))
 
 
 def generate_main(argv=None) -> None:
     """Console entry point ``generate_images`` (``argv``: the overrides; default ``sys.argv[1:]``)."""
     def body(cfg: GenerateConfig) -> None:
         s = run_generate(cfg)
-        print(f"generate_images: wrote {len(s['images'])} images, grid.png, traces.json/png to {cfg.output_dir}")
-    _hydra_main("generate_images", GenerateConfig, body, list_keys=("model_path", "seeds", "lift"), argv=argv)
+        print(f"generate_images: wrote {len(s['images'])} images, grid.png, traces.json/png to {cfg.out_dir}")
+    _hydra_main("generate_images", GenerateConfig, body, list_keys=("model_path", "seeds", "bias"), argv=argv,
+                renamed=DEPRECATED_GENERATE_KEYS)
 
 
 def run_train(cfg) -> Path:
