@@ -1,8 +1,10 @@
 """The exit-code contract shared by every command line of the package (not for library use).
 
 Every entry point (``generate_backbones``, ``evaluate_backbones``, ``prepare_dataset``,
-``train_frame_model``, ``generate_images``, ``train_image_model``) runs its body through :func:`guard`
-(or :func:`run_hydra`, which adds Hydra's command line), so they all behave the same:
+``train_frame_model``, ``generate_images``, ``train_image_model``) runs its body through :func:`guard`,
+by way of one of two wrappers: :func:`run_hydra` (a Hydra app: Hydra's ``--help``, ``--cfg``, ``-m``) or
+:func:`run_command` (own ``--help`` text and subcommands; the config is composed with :func:`compose_config`,
+Hydra's compose API), so they all behave the same:
 
 * ``0``: done;
 * ``1``: the run itself failed (NaN during sampling; an unexpected error, shown with its traceback:
@@ -30,7 +32,8 @@ from ..runs.checks import check_out_dir, resolve_device  # re-exported: the chec
 
 __all__ = ["UserError", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "one_line",
            "is_user_error", "error_line", "report", "guard", "check_out_dir", "resolve_device",
-           "hydra_error_line", "run_hydra", "config_keys", "rename_deprecated"]
+           "hydra_error_line", "run_hydra", "config_keys", "rename_deprecated", "compose_config",
+           "reject_flags", "run_command"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -325,3 +328,71 @@ def run_hydra(prog: str, config_name: str, body: Callable[[Any], Any], *, argv: 
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved_env
     return rc["code"]
+
+
+
+# ------------------------------------------------------------------------------------------ compose API
+_HELP_FLAGS = ("-h", "--help")
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), *, config_dir: str | os.PathLike | None = None,
+                   error: Callable[[str], BaseException] = UserError, valid: Mapping[str, Any] | None = None,
+                   as_dict: bool = False) -> Any:
+    """``<config_dir>/<config_name>.yaml`` (default: ``configs/``) composed with the ``key=value`` overrides by
+    Hydra's compose API (group selection ``model=tiny``, ``+key=value`` for a new key).
+
+    A Hydra / OmegaConf error (unknown key or group, unparsable override) becomes ``error(<one line>)``
+    (:func:`hydra_error_line`; ``valid`` as there, default :func:`config_keys`). ``as_dict``: return a plain
+    dict, resolved and without the ``hydra`` node, instead of the ``DictConfig`` (resolution errors are
+    reported the same way). Reads the config files only: no side effects.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cdir = Path(config_dir) if config_dir is not None else _CONFIG_DIR
+    try:
+        with initialize_config_dir(config_dir=str(cdir.resolve()), version_base=None):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        if not as_dict:
+            return cfg
+        d = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise error(hydra_error_line(e, config_keys(config_name) if valid is None else valid)) from e
+    d.pop("hydra", None)
+    return d
+
+
+def reject_flags(prog: str, args: Iterable[str], *, error: Callable[[str], BaseException] = UserError,
+                 allowed: Sequence[str] = ()) -> None:
+    """Raise ``error`` naming the ``-flags`` of ``args`` other than ``allowed`` (options are ``key=value``)."""
+    bad = [a for a in args if a.startswith("-") and a not in allowed]
+    if bad:
+        raise error(f"unknown flag(s) {' '.join(bad)}; options are key=value (see {prog} --help)")
+
+
+def run_command(prog: str, body: Callable[[list[str]], Any], *, argv: Sequence[str] | None = None,
+                usage: str | Callable[[], str], subcommands: Mapping[str, Callable[[list[str]], Any]] | None = None,
+                flags: Sequence[str] = (), error: Callable[[str], BaseException] = UserError,
+                interrupted: str = "interrupted") -> int:
+    """Run a command line that composes its config itself (:func:`compose_config`) under the exit-code
+    contract (:func:`guard`); returns the exit code.
+
+    In order: ``-h`` / ``--help`` prints ``usage`` (a text, or a function returning it) and gives 0 -- as the
+    first argument when the command has ``subcommands``, anywhere otherwise; a first argument naming one of
+    ``subcommands`` runs it with the remaining arguments; any ``-flag`` other than ``flags`` is bad input
+    (``error``, :func:`reject_flags`); then ``body(args)``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def run() -> Any:
+        if (args and args[0] in _HELP_FLAGS) or (not subcommands and any(a in _HELP_FLAGS for a in args)):
+            print(usage() if callable(usage) else usage)
+            return EXIT_OK
+        if subcommands and args and args[0] in subcommands:
+            return subcommands[args[0]](args[1:])
+        reject_flags(prog, args, error=error, allowed=flags)
+        return body(args)
+
+    return guard(prog, run, interrupted=interrupted)

@@ -10,42 +10,33 @@ CONFIG_NAME = "evaluate_backbones"
 
 
 def load_config(overrides: list[str]):
-    """Compose ``configs/evaluate_backbones.yaml`` with Hydra ``key=value`` overrides."""
-    from hydra import compose, initialize_config_dir
+    """Compose ``configs/evaluate_backbones.yaml`` with Hydra ``key=value`` overrides; an unknown key or an
+    unparsable override raises ``eval.errors.BadInputError`` (one line)."""
+    from eval.errors import BadInputError
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name=CONFIG_NAME, overrides=overrides)
+    from .common import compose_config
+
+    return compose_config(CONFIG_NAME, overrides, config_dir=CONFIG_DIR, error=BadInputError)
+
+
+def _usage() -> str:
+    return "\n".join([__doc__, f"\nConfiguration ({CONFIG_DIR / (CONFIG_NAME + '.yaml')}):\n",
+                      (CONFIG_DIR / f"{CONFIG_NAME}.yaml").read_text(),
+                      "Exit codes: 0 done; 1 unexpected failure; 2 bad input (one line on stderr, nothing written); "
+                      "130 interrupted."])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns/exit code 0 on success, 2 on bad input (one line on stderr, nothing written),
     1 on an unexpected failure, 130 when interrupted (superdiff_protein.cli.common)."""
-    from .common import config_keys, guard, hydra_error_line
+    from eval.errors import BadInputError
 
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print(f"\nConfiguration ({CONFIG_DIR / (CONFIG_NAME + '.yaml')}):\n")
-        print((CONFIG_DIR / f"{CONFIG_NAME}.yaml").read_text())
-        print("Exit codes: 0 done; 1 unexpected failure; 2 bad input (one line on stderr, nothing written); "
-              "130 interrupted.")
-        return 0
+    from .common import run_command
 
-    def run() -> None:
-        from hydra.errors import HydraException
+    def run(args: list[str]) -> None:
         from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
 
-        from eval.errors import BadInputError
-
-        flags = [a for a in argv if a.startswith("-")]
-        if flags:
-            raise BadInputError(f"unknown flag(s) {' '.join(flags)}; options are key=value (see evaluate_backbones "
-                                "--help)")
-        try:
-            cfg = load_config(list(argv))
-        except (HydraException, OmegaConfBaseException) as exc:   # unknown key, unparsable override
-            raise BadInputError(hydra_error_line(exc, config_keys(CONFIG_NAME))) from exc
+        cfg = load_config(args)
         if OmegaConf.is_missing(cfg, "samples_dir"):
             raise BadInputError("samples_dir is required: evaluate_backbones samples_dir=/path/to/backbones")
         from eval.pipeline import evaluate, log
@@ -55,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"done: {summary['n_samples']} samples ({summary['n_failed']} with errors); see {out}/metrics.csv, "
             f"summary.json, table.md")
 
-    return guard("evaluate_backbones", run, interrupted="interrupted (rerun to resume)")
+    return run_command("evaluate_backbones", run, argv=argv, usage=_usage, error=BadInputError,
+                       interrupted="interrupted (rerun to resume)")
 
 
 def _entry() -> None:

@@ -1,7 +1,7 @@
 """``train_frame_model``: the command line of FrameDiff-architecture training (``docs/training.md``).
 
 Composes ``configs/train_frame_model.yaml`` (+ the ``model`` group ``configs/model/*.yaml``) and the
-``key=value`` overrides with Hydra's compose API, checks every value (no side effects), checks ``out_dir``, then
+``key=value`` overrides with Hydra's compose API (``superdiff_protein.cli.common.compose_config``), checks every value (no side effects), checks ``out_dir``, then
 calls the training code, which lives next to the network in ``models/framediff/``:
 
 * ``losses.py``: FrameDiff's loss (and our optional CA clash loss);
@@ -12,7 +12,8 @@ calls the training code, which lives next to the network in ``models/framediff/`
 * ``metrics.py``: ``metrics.csv`` and ``loss_curve.png``.
 
 Subcommands: ``export CKPT OUT [ema|raw]``, ``plot OUT_DIR``, ``bench [overrides]``, ``--cfg [overrides]``.
-Errors print one line and exit with code 2 before anything is written (``superdiff_protein.cli.common``).
+Errors print one line and exit with code 2 before anything is written (``superdiff_protein.cli.common``: the
+shared wrapper ``run_command``).
 """
 from __future__ import annotations
 
@@ -25,10 +26,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from models.framediff.checkpointing import export_from_lightning_checkpoint
 from models.framediff.fit import bench_forward, fit
@@ -41,7 +38,7 @@ from models.framediff.datamodule import FrameDataModule, StepIndexedBatchSampler
 from models.framediff.losses import ca_clash_loss, framediff_loss  # noqa: F401
 from models.framediff.training import FrameDiffusionModule  # noqa: F401
 
-from .common import check_out_dir, config_keys, guard, hydra_error_line
+from .common import check_out_dir, compose_config as _compose_config, run_command
 
 __all__ = ["TrainError", "compose_config", "finalize_config", "train", "main",
            # moved to models.framediff (re-exported here for one release)
@@ -56,14 +53,7 @@ _PROCESS_START = time.time()
 # ============================================================================ configuration
 def _compose(overrides: Sequence[str], cdir: Path) -> dict:
     """Hydra's composition of the primary config, its defaults list and ``overrides``, as a plain dict."""
-    try:
-        with initialize_config_dir(config_dir=str(cdir.resolve()), version_base=None):
-            c = compose(config_name=_CONFIG_NAME, overrides=list(overrides))
-        d = OmegaConf.to_container(c, resolve=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise TrainError(hydra_error_line(e, config_keys(_CONFIG_NAME))) from e
-    d.pop("hydra", None)
-    return d
+    return _compose_config(_CONFIG_NAME, overrides, config_dir=cdir, error=TrainError, as_dict=True)
 
 
 def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None) -> dict:
@@ -206,28 +196,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from .runtime import tune_malloc
 
     tune_malloc()  # CPU training allocates the same (B, N, N, C) edge tensors each step (docs/benchmarks.md)
-    args = list(sys.argv[1:] if argv is None else argv)
 
-    def run() -> None:
-        if args and args[0] in ("-h", "--help"):
-            print(_USAGE)
-            return
-        if args and args[0] == "export":
-            if len(args) not in (3, 4):
-                raise TrainError("export needs CKPT OUT [ema|raw]")
-            p = export_from_lightning_checkpoint(args[1], args[2], args[3] if len(args) == 4 else None)
-            print(f"wrote {p}")
-            return
-        if args and args[0] == "plot":
-            if len(args) != 2:
-                raise TrainError("plot needs OUT_DIR")
-            d = Path(args[1])
-            ok = plot_metrics(d / "metrics.csv", d / "loss_curve.png")
-            print(f"wrote {d / 'loss_curve.png'}" if ok else "nothing to plot (no metrics.csv or no matplotlib)")
-            return
-        bad = [a for a in args if a.startswith("-") and a != "--cfg"]
-        if bad:
-            raise TrainError(f"unknown flag(s) {' '.join(bad)}; options are key=value (see train_frame_model --help)")
+    def export(args: list[str]) -> None:
+        if len(args) not in (2, 3):
+            raise TrainError("export needs CKPT OUT [ema|raw]")
+        p = export_from_lightning_checkpoint(args[0], args[1], args[2] if len(args) == 3 else None)
+        print(f"wrote {p}")
+
+    def plot(args: list[str]) -> None:
+        if len(args) != 1:
+            raise TrainError("plot needs OUT_DIR")
+        d = Path(args[0])
+        ok = plot_metrics(d / "metrics.csv", d / "loss_curve.png")
+        print(f"wrote {d / 'loss_curve.png'}" if ok else "nothing to plot (no metrics.csv or no matplotlib)")
+
+    def run(args: list[str]) -> None:
         if args and args[0] == "bench":
             r = bench_forward(compose_config(args[1:]))
             print(f"params {r['params']:,} | model.pth ~{r['model_pth_mib']:.1f} MiB | last.ckpt ~{r['last_ckpt_mib']:.1f} MiB"
@@ -245,8 +228,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"train_frame_model: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f} s ({why}); "
               f"outputs in {s['out_dir']}")
 
-    code = guard("train_frame_model", run,
-                 interrupted="interrupted (resume with resume=true from the last saved checkpoint)")
+    code = run_command("train_frame_model", run, argv=argv, usage=_USAGE, subcommands={"export": export, "plot": plot},
+                       flags=("--cfg",), error=TrainError,
+                       interrupted="interrupted (resume with resume=true from the last saved checkpoint)")
     if code:
         sys.exit(code)
 
