@@ -96,20 +96,19 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
         return xs, ys
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss", "clash_loss"):
-        x, y = series(key)
-        if x:
-            axes[0].plot(x, y, label=key, lw=1)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("step")
-    axes[0].set_title("training loss (mean over log_every steps)")
-    for key in ("eval_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"):
-        x, y = series(key)
-        if x:
-            axes[1].plot(x, y, label=key, lw=1)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("step")
-    axes[1].set_title("fixed-noise evaluation loss")
+    panels = (
+        (("loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss", "clash_loss"),
+         "training loss (mean over log_every steps)"),
+        (("eval_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"), "fixed-noise evaluation loss"),
+    )
+    for ax, (keys, title) in zip(axes, panels):
+        for key in keys:
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, label=key, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
     for ax in axes:
         if ax.get_lines():
             ax.legend(fontsize=8)

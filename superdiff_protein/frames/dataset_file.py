@@ -19,6 +19,7 @@ import torch
 
 from ..errors import UserError
 from .checkpoints import CheckpointError, load_checkpoint_file
+from .naming import unique_names
 from .pdb_io import BACKBONE_ATOMS
 
 __all__ = [
@@ -98,15 +99,7 @@ def _pack(records: list[dict], cfg: dict, skipped: list, filtered: list, ignored
     for i in range(n):
         s = ss[offsets[i]:offsets[i + 1]]
         ss_frac[i] = np.bincount(s, minlength=3)[:3] / max(1, len(s))
-    names, seen = [], {}
-    for r in records:
-        nm = _chain_name(r["source"], r["chain_id"])
-        if nm in seen:
-            seen[nm] += 1
-            nm = f"{nm}#{seen[nm]}"
-        else:
-            seen[nm] = 1
-        names.append(nm)
+    names = unique_names(_chain_name(r["source"], r["chain_id"]) for r in records)
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

@@ -18,6 +18,7 @@ import torch
 from ..errors import UserError
 from ..core.spaces import ProductSpace
 from . import registry
+from .naming import unique_names
 from .generate_config import GenerateError, Options, load_config, validate
 
 __all__ = ["EXACT_MODULE", "NM_TO_ANGSTROM", "angstrom_per_unit", "exact_model_names", "load_model_spec",
@@ -119,17 +120,11 @@ def resolve_models(specs: Sequence[Any], opts: Options | None = None, **override
 
 def model_labels(models: Sequence[Any], specs: Sequence[Any]) -> list[str]:
     """One distinct, file-name-safe label per model (its ``name``, else the spec; repeats get ``#2``, ...)."""
-    out, seen = [], {}
+    labels = []
     for m, s in zip(models, specs):
         lab = str(getattr(m, "name", None) or (s if isinstance(s, str) else type(m).__name__))
-        lab = re.sub(r"[^A-Za-z0-9_.:+-]", "_", Path(lab).name if os.sep in lab else lab) or "model"
-        if lab in seen:
-            seen[lab] += 1
-            lab = f"{lab}#{seen[lab]}"
-        else:
-            seen[lab] = 1
-        out.append(lab)
-    return out
+        labels.append(re.sub(r"[^A-Za-z0-9_.:+-]", "_", Path(lab).name if os.sep in lab else lab) or "model")
+    return unique_names(labels)
 
 
 def space_for(models: Sequence[Any]) -> ProductSpace:
