@@ -1,6 +1,6 @@
 """Evaluation throughput: ESMFold (real esmfold_v1 architecture, random weights), ProteinMPNN, novelty.
 
-    python bench/bench_eval.py esmfold --lengths 100 200 300 --batches 1 4 8 --out esm.json      # GPU
+    python bench/bench_eval.py esmfold --lengths 100 200 300 --batches 1 4 8 --reps 5 --out esm.json   # GPU
     python bench/bench_eval.py mpnn --out mpnn.json                                              # CPU or GPU
     python bench/bench_eval.py novelty --reference ref.npz --queries 4 --out nov.json             # CPU
 
@@ -36,39 +36,60 @@ def meta() -> dict:
                 command=" ".join(sys.argv))
 
 
-def esmfold_real_size():
+def esmfold_real_size(device: str = "cuda", tiny: bool = False):
+    """esmfold_v1 at its published sizes; ``tiny``: a few-layer copy for a CPU smoke run of this script."""
     from transformers import EsmConfig, EsmForProteinFolding
-    cfg = EsmConfig(vocab_size=33, hidden_size=2560, num_hidden_layers=36, num_attention_heads=40,
-                    intermediate_size=10240, max_position_embeddings=1026, position_embedding_type="rotary",
-                    emb_layer_norm_before=False, token_dropout=True, mask_token_id=32, pad_token_id=1,
-                    is_folding_model=True, vocab_list=ESM_VOCAB, esmfold_config={"fp16_esm": True})
-    with torch.device("cuda"):
+    if tiny:
+        from transformers.models.esm.configuration_esm import EsmFoldConfig, TrunkConfig
+        fold = EsmFoldConfig(fp16_esm=False, trunk=TrunkConfig(num_blocks=1, sequence_state_dim=64, pairwise_state_dim=32,
+                                                              sequence_head_width=32, pairwise_head_width=32)).to_dict()
+        cfg = EsmConfig(vocab_size=33, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=1026, position_embedding_type="rotary",
+                        emb_layer_norm_before=False, token_dropout=True, mask_token_id=32, pad_token_id=1,
+                        is_folding_model=True, vocab_list=ESM_VOCAB, esmfold_config=fold)
+    else:
+        cfg = EsmConfig(vocab_size=33, hidden_size=2560, num_hidden_layers=36, num_attention_heads=40,
+                        intermediate_size=10240, max_position_embeddings=1026, position_embedding_type="rotary",
+                        emb_layer_norm_before=False, token_dropout=True, mask_token_id=32, pad_token_id=1,
+                        is_folding_model=True, vocab_list=ESM_VOCAB, esmfold_config={"fp16_esm": True})
+    with torch.device(device):
         model = EsmForProteinFolding(cfg)
     return model
 
 
+def _stat(xs: list[float], nd: int = 3) -> dict:
+    return dict(median=round(float(np.median(xs)), nd), min=round(min(xs), nd), max=round(max(xs), nd),
+                all=[round(x, nd) for x in xs])
+
+
 def bench_esmfold(a) -> list[dict]:
+    """Per cell: one warm-up batch, then ``reps`` batches, each timed on its own (median, min, max)."""
     from eval.fold import fold_sequences, prepare_esmfold
-    model = esmfold_real_size()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    model = esmfold_real_size(dev, tiny=a.tiny)
     n_params = sum(p.numel() for p in model.parameters())
     out = []
     rng = np.random.default_rng(0)
     for chunk in a.chunk_sizes:
-        model = prepare_esmfold(model, "cuda", chunk_size=chunk or None)
+        model = prepare_esmfold(model, dev, chunk_size=chunk or None)
         for n in a.lengths:
             for b in a.batches:
-                seqs = ["".join(rng.choice(list("ARNDCQEGHILKMFPSTWYV"), n)) for _ in range(b * a.reps)]
+                seqs = ["".join(rng.choice(list("ARNDCQEGHILKMFPSTWYV"), n)) for _ in range(b * (a.reps + 1))]
                 try:
                     fold_sequences(model, seqs[:b], batch_size=b)  # warm-up
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    t0 = time.perf_counter()
-                    fold_sequences(model, seqs, batch_size=b)
-                    torch.cuda.synchronize()
-                    dt = time.perf_counter() - t0
-                    rec = dict(length=n, batch=b, chunk_size=chunk, params=n_params, seqs=len(seqs),
-                               seqs_per_s=round(len(seqs) / dt, 3),
-                               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                    sync()
+                    if dev == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    times = []
+                    for r in range(1, a.reps + 1):
+                        t0 = time.perf_counter()
+                        fold_sequences(model, seqs[r * b:(r + 1) * b], batch_size=b)
+                        sync()
+                        times.append(time.perf_counter() - t0)
+                    rec = dict(length=n, batch=b, chunk_size=chunk, params=n_params, repeats=a.reps,
+                               seconds_per_batch=_stat(times), seqs_per_s=_stat([b / t for t in times]),
+                               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     rec = dict(length=n, batch=b, chunk_size=chunk, error="out of memory")
@@ -133,7 +154,8 @@ def main() -> int:
     e.add_argument("--lengths", nargs="+", type=int, default=[100, 200, 300])
     e.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
     e.add_argument("--chunk-sizes", nargs="+", type=int, default=[0, 64], help="0 = no chunking")
-    e.add_argument("--reps", type=int, default=2)
+    e.add_argument("--reps", type=int, default=5, help="timed batches per cell, each timed on its own")
+    e.add_argument("--tiny", action="store_true", help="a tiny ESMFold on CPU (smoke test of this script)")
     e.add_argument("--out", default="bench_esmfold.json")
     m = sub.add_parser("mpnn")
     m.add_argument("--pdb-dir", required=True)
@@ -146,8 +168,8 @@ def main() -> int:
     n.add_argument("--out", default="bench_novelty.json")
     a = p.parse_args()
     if a.what == "esmfold":
-        if not torch.cuda.is_available():
-            print("bench_eval esmfold: needs a CUDA device", file=sys.stderr)
+        if not torch.cuda.is_available() and not a.tiny:
+            print("bench_eval esmfold: needs a CUDA device (or --tiny for a CPU smoke run)", file=sys.stderr)
             return 2
         bench_esmfold(a)
     elif a.what == "mpnn":

@@ -12,21 +12,27 @@ Configurations (``--runs``):
               one Rademacher probe: one VJP per prompt and step through the batched graph
   ito_corr    reverse SDE + Itô with the core's exact AND noise correction (one VJP per prompt and step)
 
-Prints a markdown table (seconds per image, sampling / decode split, peak GPU memory) and writes JSON.
+Each (run, batch) cell is warmed up with a 3-step call, then timed ``--repeats`` times (default 5), each repeat
+one full call of ``--steps`` steps. The JSON keeps every repeat: sampling seconds (to the last step, text
+encoding included), decode seconds, ms per step, and seconds per image extrapolated to 1000 steps
+(ms/step x 1000 + decode, over the batch). It is rewritten after every cell, so a cut run keeps what it did.
+Prints a markdown table (median over repeats) and writes JSON.
 Needs diffusers on the GPU machine (not installed there): carry the wheels of diffusers and of its
 dependencies missing there -- importlib_metadata, zipp, lazy-importer (docs/images.md) -- e.g.
 ``pip install --no-deps wheels/*.whl``.
 
-    python bench/bench_sd_and.py --batch-sizes 1 8 --steps 1000 --runs ito hutchinson --out bench_sd_and.json
+    python bench/bench_sd_and.py --batch-sizes 1 8 --steps 20 --repeats 5 --runs ito hutchinson ito_corr --out sd.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -73,6 +79,7 @@ RUNS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per (run, batch) cell")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", nargs="+", default=["ito", "hutchinson"], choices=sorted(RUNS))
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
@@ -111,37 +118,59 @@ def main() -> None:
                 sync()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                t_sample = {}
-                t0 = time.perf_counter()
+                reps = []
+                for _ in range(args.repeats):
+                    t_sample = {}
+                    t0 = time.perf_counter()
 
-                def cb(step, total):
-                    if step == total:
-                        sync()
-                        t_sample["s"] = time.perf_counter() - t0
+                    def cb(step, total):
+                        if step == total:
+                            sync()
+                            t_sample["s"] = time.perf_counter() - t0
 
-                out = pipe(["a cat", "a dog"], num_inference_steps=args.steps, callback=cb, **kw)
-                sync()
-                total = time.perf_counter() - t0
+                    out = pipe(["a cat", "a dog"], num_inference_steps=args.steps, callback=cb, **kw)
+                    sync()
+                    total = time.perf_counter() - t0
+                    samp = t_sample.get("s", float("nan"))
+                    ms_step = 1000 * samp / args.steps
+                    reps.append({"seconds_total": total, "sampling_seconds": samp, "decode_and_final_seconds": total - samp,
+                                 "ms_per_step": ms_step,
+                                 "seconds_per_image_1000_steps": (ms_step + (total - samp)) / bs,
+                                 "finite": bool(torch.isfinite(out.logq).all())})
                 peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-                samp = t_sample.get("s", float("nan"))
-                row = {"run": run, "batch": bs, "steps": args.steps, "dtype": args.dtype,
-                       "seconds_total": total, "seconds_per_image": total / bs, "sampling_seconds": samp,
-                       "decode_and_final_seconds": total - samp, "peak_gib": peak,
-                       "unet_rows_per_call": 3 * bs, "final_kappa_mean": out.kappa[-1].mean(0).tolist(),
-                       "logq_final_mean": out.logq[-1].mean(0).tolist(), "finite": bool(torch.isfinite(out.logq).all())}
+                med = lambda k: statistics.median(r[k] for r in reps)
+                row = {"run": run, "batch": bs, "steps": args.steps, "dtype": args.dtype, "repeats": args.repeats,
+                       "seconds_total": med("seconds_total"), "seconds_per_image": med("seconds_total") / bs,
+                       "sampling_seconds": med("sampling_seconds"), "decode_and_final_seconds": med("decode_and_final_seconds"),
+                       "ms_per_step": {k: f([r["ms_per_step"] for r in reps]) for k, f in STATS.items()},
+                       "seconds_per_image_1000_steps": {k: f([r["seconds_per_image_1000_steps"] for r in reps])
+                                                        for k, f in STATS.items()},
+                       "peak_gib": peak, "unet_rows_per_call": 3 * bs, "repeat_records": reps,
+                       "final_kappa_mean": out.kappa[-1].mean(0).tolist(), "logq_final_mean": out.logq[-1].mean(0).tolist(),
+                       "finite": all(r["finite"] for r in reps)}
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "repeat_records"}), flush=True)
+                _write(args, rows, torch.cuda.get_device_name() if cuda else "cpu (tiny smoke run)")
         dev = torch.cuda.get_device_name() if cuda else "cpu (tiny smoke run)"
     print(f"\nAND of two prompts, SD v1.x sizes (random weights), {args.height}x{args.height}, {args.steps} steps, "
           f"{args.dtype} weights, {dev}\n")
-    print("| run | batch | s / image | sampling s | decode s | peak GiB |")
+    print("| run | batch | ms / step | s / image at 1000 steps | decode s | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['batch']} | {r['seconds_per_image']:.1f} | {r['sampling_seconds']:.1f} | "
-              f"{r['decode_and_final_seconds']:.1f} | {r['peak_gib']:.1f} |")
+        print(f"| {r['run']} | {r['batch']} | {r['ms_per_step']['median']:.1f} | "
+              f"{r['seconds_per_image_1000_steps']['median']:.1f} | {r['decode_and_final_seconds']:.2f} | {r['peak_gib']:.1f} |")
+    _write(args, rows, dev)
+
+
+STATS = {"median": statistics.median, "min": min, "max": max}
+
+
+def _write(args, rows: list[dict], dev: str) -> None:
+    meta = {"device": dev, "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python3"] + sys.argv)}
     tmp = f"{args.out}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
-        json.dump({"device": dev, "rows": rows, "args": vars(args)}, fh, indent=2)
+        json.dump({"device": dev, "meta": meta, "rows": rows, "args": vars(args)}, fh, indent=2)
     os.replace(tmp, args.out)
 
 

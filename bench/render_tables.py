@@ -1,7 +1,11 @@
 """Markdown tables for docs/benchmarks.md from the raw JSON of the GPU benchmarks (no number typed by hand).
 
     python bench/render_tables.py bench/results/superposition_h200_fp32.json bench/results/superposition_h200_bf16.json \
-        bench/results/scaling_h200_fp32.json bench/results/frame_forward_h200.json
+        bench/results/scaling_h200_fp32.json bench/results/frame_forward_h200.json \
+        bench/results/multigpu_2xh200_repeats.json bench/results/esmfold_h200.json bench/results/sd_and_h200.json
+
+The kind of each file is read from its keys: ``bench_multigpu.sh`` (summary), ``bench_eval.py esmfold`` (esmfold),
+``bench_sd_and.py`` (rows), ``bench_frame_forward.py`` (records), ``bench_superposition.py`` (the rest).
 
 Each cell is ``median (min–max)`` over the file's repeats. The official loop's rate for ratios is read from
 ``bench/results/official/official_h200_*.json`` (a copy of ``../shared/bench/official``).
@@ -106,11 +110,85 @@ def frame_forward(d: dict) -> None:
               f"{v[2]['max_abs_dev_vs_fp32_angstrom']:.2g} |")
 
 
+def _mm(xs: list[float]) -> dict:
+    return dict(median=statistics.median(xs), min=min(xs), max=max(xs))
+
+
+def multigpu(d: dict) -> None:
+    """bench_multigpu.sh: one GPU against torchrun on two, every repeat with fresh processes."""
+    m, sm, recs = d["meta"], d["summary"], d["records"]
+    rep = d["repeats"]
+    print(f"\n{len(m.get('gpus', [])) or m.get('gpu_count', '?')} × {m['device']}, {m['date'][:10]}, {d['samples']} samples × "
+          f"{d['steps']} steps, length {d['length']}, batch {d['batch_size']}, {d['precision']}; median (min–max) of {rep} "
+          f"repeats\n")
+    print("| | one GPU | two GPUs | speed-up |")
+    print("| --- | --- | --- | --- |")
+    one = sorted({r["pdbs_one_gpu"] for r in recs})
+    two = sorted({r["pdbs_two_gpus"] for r in recs})
+    print(f"| PDBs written (every repeat) | {', '.join(map(str, one))} | {', '.join(map(str, two))} | |")
+    same = min(r["identical_pdbs"] for r in recs)
+    rep1 = min(r["identical_to_repeat_1"] for r in recs)
+    print(f"| byte-identical to the one-GPU run (worst repeat) | — | **{same} / {one[0]}** | |")
+    print(f"| one-GPU PDBs byte-identical to repeat 1 (worst repeat) | {rep1} / {one[0]} | — | |")
+    print(f"| sampling time, s (the generator's own timer; two GPUs: slowest rank) | {cell(sm['sampler_s_one_gpu'])} | "
+          f"{cell(sm['sampler_s_two_gpus_slowest_rank'])} | {cell(sm['sampler_speedup'], 2)}× |")
+    print(f"| wall time, s, including process and CUDA start | {cell(sm['wall_s_one_gpu'])} | {cell(sm['wall_s_two_gpus'])} | "
+          f"{cell(sm['wall_speedup'], 2)}× |")
+
+
+def esmfold(d: dict) -> None:
+    """bench_eval.py esmfold: seqs/s per (length, batch). Launch-bound*: the call costs < 1.5 × the batch-1 call."""
+    m, recs = d["meta"], [r for r in d["esmfold"] if "error" not in r]
+    rep = recs[0].get("repeats", "?") if recs else "?"
+    print(f"\n{m['device']}, {m['date'][:10]}, ESMFold (esmfold_v1 sizes, random weights), no trunk chunking; "
+          f"median (min–max) of {rep} timed batches\n")
+    print("| length | batch | s / batch | seqs/s | peak GiB | launch-bound* |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    one = {r["length"]: r["seconds_per_batch"]["median"] for r in recs if r["batch"] == 1}
+    for r in d["esmfold"]:
+        if "error" in r:
+            print(f"| {r['length']} | {r['batch']} | {r['error']} | | | |")
+            continue
+        t = r["seconds_per_batch"]["median"]
+        lb = "?" if r["length"] not in one else ("**yes**" if t < 1.5 * one[r["length"]] else "no")
+        print(f"| {r['length']} | {r['batch']} | {cell(r['seconds_per_batch'], 2)} | {cell(r['seqs_per_s'], 2)} | "
+              f"{r['peak_gib']:.1f} | {lb} |")
+
+
+def sd_and(d: dict) -> None:
+    """bench_sd_and.py: ms per step and s/image extrapolated to 1000 steps. Launch-bound*: the step costs
+    < 1.5 × the same run's batch-1 step."""
+    m, rows = d.get("meta", {}), d["rows"]
+    rep = rows[0].get("repeats", 1) if rows else "?"
+    a = d.get("args", {})
+    print(f"\n{d['device']}, {m.get('date', '')[:10]}, AND of two prompts, SD v1.x sizes (random weights), "
+          f"{a.get('height', 512)}×{a.get('height', 512)}, {a.get('dtype', 'float16')}, CFG 7.5; {rows[0]['steps'] if rows else '?'} "
+          f"steps per call; median (min–max) of {rep} calls\n")
+    print("| run | batch | ms / step | s / image at 1000 steps (extrapolated) | peak GiB | launch-bound* |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    names = {"ito": "SDE + Itô", "hutchinson": "ODE + Hutchinson (1 probe)", "ito_corr": "SDE + Itô + AND correction"}
+    one = {r["run"]: r["ms_per_step"]["median"] for r in rows if r["batch"] == 1}
+    for r in rows:
+        t = r["ms_per_step"]["median"]
+        lb = "?" if r["run"] not in one else ("**yes**" if t < 1.5 * one[r["run"]] else "no")
+        print(f"| {names.get(r['run'], r['run'])} | {r['batch']} | {cell(r['ms_per_step'])} | "
+              f"{cell(r['seconds_per_image_1000_steps'])} | {r['peak_gib']:.2f} | {lb} |")
+
+
 def main(paths: list[str]) -> int:
     for p in paths:
         d = json.loads(Path(p).read_text())
         print(f"\n<!-- from {p} -->")
-        (frame_forward if "records" in d else superposition)(d)
+        if "summary" in d:
+            multigpu(d)
+        elif "esmfold" in d:
+            esmfold(d)
+        elif "rows" in d:
+            sd_and(d)
+        elif "records" in d:
+            frame_forward(d)
+        else:
+            superposition(d)
     return 0
 
 
