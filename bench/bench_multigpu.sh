@@ -6,7 +6,8 @@
 # (its "... in X s" line; one per rank under torchrun), and how many PDBs are byte-identical to the one-GPU run.
 # The generator needs hydra-core/omegaconf/antlr4, which the GPU image lacks: wheels in $WHEELS (default .whl,
 # carried) are installed first unless hydra already imports. biotite is not needed: generation only writes PDBs.
-# Env: LENGTH (100), DEVICE (cuda; cpu with gloo for a smoke run), WHEELS, SKIP_INSTALL=1.
+# Env: LENGTH (100), DEVICE (cuda; cpu with gloo for a smoke run), WHEELS, SKIP_INSTALL=1,
+#      MAX_SECONDS (start no repeat that would likely end past it; the JSON then says how many ran).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAMPLES=${1:-128}
@@ -15,7 +16,7 @@ REPEATS=${3:-5}
 OUTDIR=${OUT:-/tmp/multigpu_out}
 WHEELS=${WHEELS:-.whl}
 WORK=${WORK:-/tmp/multigpu_work}
-mkdir -p "$OUTDIR" /tmp/site "$WORK"
+rm -rf "$WORK"; mkdir -p "$OUTDIR" /tmp/site "$WORK"
 if [ -z "${SKIP_INSTALL:-}" ] && ! python3 -c "import hydra, omegaconf" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl
 fi
@@ -25,7 +26,12 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | t
 python3 bench/make_random_checkpoints.py "$WORK/ck" --count 2
 ARGS="models=[$WORK/ck/random_framediff_0.pth,$WORK/ck/random_framediff_1.pth] rule=or lengths=[${LENGTH:-100}] \
 samples_per_length=$SAMPLES batch_size=16 num_steps=$STEPS seed=0 device=${DEVICE:-cuda} precision=float32 plots=false progress=false"
+start=$SECONDS; last=0
 for r in $(seq 1 "$REPEATS"); do
+  if [ -n "${MAX_SECONDS:-}" ] && [ $((SECONDS - start + last * 12 / 10)) -gt "$MAX_SECONDS" ]; then
+    echo "stopping before repeat $r: MAX_SECONDS=$MAX_SECONDS"; break
+  fi
+  rs=$SECONDS
   rm -rf "$WORK/one_$r" "$WORK/two_$r"
   t0=$(date +%s.%N)
   CUDA_VISIBLE_DEVICES=0 python3 -m superdiff_protein.cli.generate $ARGS out_dir="$WORK/one_$r" > "$WORK/one_$r.log" 2>&1
@@ -33,6 +39,7 @@ for r in $(seq 1 "$REPEATS"); do
   torchrun --standalone --nproc_per_node=2 -m superdiff_protein.cli.generate $ARGS out_dir="$WORK/two_$r" > "$WORK/two_$r.log" 2>&1
   t2=$(date +%s.%N)
   echo "$r $t0 $t1 $t2" >> "$WORK/times.txt"
+  last=$((SECONDS - rs))
   echo "repeat $r: one GPU $(python3 -c "print(round($t1-$t0,1))") s, two GPUs $(python3 -c "print(round($t2-$t1,1))") s"
 done
 python3 - "$WORK" "$OUTDIR/multigpu.json" "$SAMPLES" "$STEPS" "${LENGTH:-100}" "$*" <<'PY'
