@@ -170,6 +170,8 @@ CASES = [
      {}),
     (G, ["layout=nested"], ["layout: must be one of", "flat", "framediff"], {}),
     (G, ["time_grid=log"], ["time_grid: must be one of", "framediff"], {}),
+    (G, ["compile=maybe"], ["compile: must be one of", "auto", "true", "false"], {}),
+    (G, ["compile_mode=max-autotune"], ["compile_mode: must be one of", "reduce-overhead"], {}),
     (G, ["device=cuda"], ["CUDA was requested but no CUDA device"], {"cuda_absent": True}),
     (G, ["out_dir={in}/afile"], ["out_dir", "is not a directory"], {}),
     (G, ["out_dir=/dev/null/x"], ["'/dev/null' is not a directory"], {}),

@@ -29,6 +29,7 @@ from ..core.sampler import SamplerConfig
 from ..errors import UserError
 from ..runs.checks import resolve_device as _resolve_device
 from ..runs.rundir import LAYOUTS, SETTING_COLUMNS
+from .compiling import COMPILE_CHOICES, COMPILE_MODES
 from .plan import parse_shard, torchrun_world
 
 __all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "ExactOptions", "CONFIG_DIR", "CONFIG_NAME",
@@ -232,6 +233,8 @@ class GenerateConfig:
     traj_stride: int = field(default=1, metadata=_opt(_integer(1, 100_000)))
     plots: bool = field(default=True, metadata=_opt(_boolean))
     progress: bool = field(default=True, metadata=_opt(_boolean))
+    compile: str = field(default="auto", metadata=_opt(_choice(*COMPILE_CHOICES), added=True))
+    compile_mode: str = field(default="default", metadata=_opt(_choice(*COMPILE_MODES), added=True))
     layout: str = field(default="flat", metadata=_opt(_choice(*LAYOUTS), sample=True, added=True))
     exact: ExactOptions = field(default_factory=ExactOptions, metadata=_opt(_exact, sample=True))
     shard: Any = field(default=None, metadata=_opt(_keep))              # "i/n"; resolved in validate

@@ -38,6 +38,7 @@ from ..runs.checks import check_out_dir
 from ..runs.plots import plot_length_traces
 from .generate_config import (FIELDS, GenerateConfig, GenerateError, GenerationFailed, Options, canon_precision,
                               canonical, load_config, sampler_config, strip_hydra, validate)
+from .compiling import compile_models, resolve_compile
 from .geometry import backbone_atoms_from_frames
 from .model_loading import angstrom_per_unit, auto_precision, load_model_spec, model_labels, space_for, supports_padding
 from .pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
@@ -348,6 +349,7 @@ def _load_models(opts: Options) -> tuple[list, list[str], Any, Any]:
 
 def _run(config: Mapping[str, Any], opts: Options, t_start: float) -> GenerateSummary:
     models, labels, space, rule = _load_models(opts)
+    compile_models(models, opts.compile, opts.device, opts.compile_mode, labels, _log)
     scfg = sampler_config(opts)
     # resolved config (what config.yaml records): device and precision as resolved, not "auto"
     resolved = {k: config[k] for k in FIELDS}
@@ -359,6 +361,7 @@ def _run(config: Mapping[str, Any], opts: Options, t_start: float) -> GenerateSu
     auto = auto_precision(models)
     resolved["precision"] = canon_precision(opts.precision, auto)
     resolved["out_dir"] = str(opts.out_dir)
+    resolved["compile"] = str(resolve_compile(opts.compile, opts.device)).lower()
 
     out_dir = opts.out_dir
     rundir.check_resume(out_dir, resolved, lambda c: canonical(c, auto))

@@ -164,14 +164,22 @@ def _num_terms_needed(sigma_min: float, num_terms: int) -> int:
     return int(min(num_terms, math.ceil(math.sqrt(2 * 760.0) / sigma_min) + 2))
 
 
-def _series(omega: Tensor, sigma: Tensor, num_terms: int, deriv: bool) -> tuple[Tensor, Tensor | None]:
+def _smallest_sigma(sigma: Tensor, sigma_floor: float | None) -> float:
+    """The smallest sigma that sets the number of series terms: the batch's own (a device-to-host read), or a
+    lower bound known on the host (``sigma_floor``), which adds only terms of weight exactly 0."""
+    if sigma_floor is not None:
+        return float(sigma_floor)
+    return float(sigma.min()) if sigma.numel() else 1.0
+
+
+def _series(omega: Tensor, sigma: Tensor, num_terms: int, deriv: bool,
+            sigma_floor: float | None = None) -> tuple[Tensor, Tensor | None]:
     """(expansion, d expansion / d omega or None). omega (...,), sigma broadcast to omega.
 
     Official dtype flow: ``ls`` int64, weights in float64 (from the float64 sigma), trig factors in
     omega's dtype (float32 for network predictions), products promoted to float64.
     """
-    smin = float(sigma.min()) if sigma.numel() else 1.0
-    L = _num_terms_needed(smin, num_terms)
+    L = _num_terms_needed(_smallest_sigma(sigma, sigma_floor), num_terms)
     ls = torch.arange(L, device=omega.device)
     om = omega[..., None]
     w = (2 * ls + 1) * torch.exp(-ls * (ls + 1) * sigma[..., None] ** 2 / 2)
@@ -187,15 +195,21 @@ def _series(omega: Tensor, sigma: Tensor, num_terms: int, deriv: bool) -> tuple[
 
 
 def igso3_series(omega: Tensor, sigma: Tensor, num_terms: int, deriv: bool,
-                 max_elems: int = 1 << 23) -> tuple[Tensor, Tensor | None]:
-    """(series, d series / d omega or None), in chunks of at most ``max_elems`` terms (memory)."""
+                 max_elems: int = 1 << 23, sigma_floor: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """(series, d series / d omega or None), in chunks of at most ``max_elems`` terms (memory).
+
+    The number of terms follows from the smallest sigma: ``sigma.min()`` (a device sync on a GPU), or
+    ``sigma_floor``, a lower bound of every sigma known on the host (the extra terms have weight exactly 0, so the
+    value changes by the summation order's rounding only)."""
     sigma = torch.broadcast_to(sigma, omega.shape)
-    L = _num_terms_needed(float(sigma.min()) if sigma.numel() else 1.0, num_terms)
+    floor = _smallest_sigma(sigma, sigma_floor)
+    L = _num_terms_needed(floor, num_terms)
     per = max(1, max_elems // L)
     if omega.numel() <= per:
-        return _series(omega, sigma, num_terms, deriv)
+        return _series(omega, sigma, num_terms, deriv, floor)
     flat_o, flat_s = omega.reshape(-1), sigma.reshape(-1)
-    parts = [_series(flat_o[i:i + per], flat_s[i:i + per], num_terms, deriv) for i in range(0, flat_o.numel(), per)]
+    parts = [_series(flat_o[i:i + per], flat_s[i:i + per], num_terms, deriv, floor)
+             for i in range(0, flat_o.numel(), per)]
     exp = torch.cat([p[0] for p in parts]).reshape(omega.shape)
     d = torch.cat([p[1] for p in parts]).reshape(omega.shape) if deriv else None
     return exp, d
@@ -218,10 +232,12 @@ def official_omega_score(omega: Tensor, sigma: Tensor, expansion: Tensor, num_te
     return igso3_series(omega, sigma, num_terms, True)[1] / (expansion + 1e-4)
 
 
-def igso3_score_from_rotvec(vec: Tensor, sigma: Tensor, num_terms: int, eps: float = 1e-6) -> Tensor:
-    """Official ``SO3Diffuser.torch_score`` body with a given (tabulated) sigma broadcastable to |vec|."""
+def igso3_score_from_rotvec(vec: Tensor, sigma: Tensor, num_terms: int, eps: float = 1e-6,
+                            sigma_floor: float | None = None) -> Tensor:
+    """Official ``SO3Diffuser.torch_score`` body with a given (tabulated) sigma broadcastable to |vec|
+    (``sigma_floor``: see :func:`igso3_series`)."""
     omega = torch.linalg.norm(vec, dim=-1) + eps
-    exp, d = igso3_series(omega, sigma, num_terms, True)
+    exp, d = igso3_series(omega, sigma, num_terms, True, sigma_floor=sigma_floor)
     s = d / (exp + 1e-4)
     return s[..., None] * vec / (omega[..., None] + eps)
 
@@ -241,7 +257,10 @@ def official_rot_score(quats_t: Tensor, quats_pred: Tensor, t: Tensor, cfg: SE3D
     q0t = quat_multiply(_quat_invert(quats_pred), quats_t)
     vec = quat_to_rotvec(q0t)
     sigma = tabulated_sigma(t, cfg)[:, None]  # (B, 1) float64
-    score = igso3_score_from_rotvec(vec, sigma, cfg.num_terms, eps)
+    # on a GPU the term count comes from the grid's smallest sigma (host-known): no device sync per model call.
+    # On a CPU reading sigma.min() costs nothing, and the CPU results stay bit for bit those of the official order
+    floor = float(sigma_of_t(torch.zeros((), dtype=torch.float64), cfg)) if vec.is_cuda else None
+    score = igso3_score_from_rotvec(vec, sigma, cfg.num_terms, eps, sigma_floor=floor)
     if res_mask is not None:
         score = score * res_mask[..., None].to(score.dtype)
     return score
