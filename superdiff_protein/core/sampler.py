@@ -51,10 +51,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .fkc import is_fkc
 from .kappa import KappaRule
 from .protocol import ModelOutput, check_compatible
 from .jacobian import (bilinear_forms, eval_models, noise_cancelling_directions, oblique_and_corrections,
                        quadratic_forms)
+from .smc import SMCConfig, SMCTracker, select_batch
 from .spaces import ProductSpace, State
 
 __all__ = [
@@ -150,6 +152,15 @@ class SampleResult:
     components: list[str]
     extras: list[dict[str, Tensor]] = field(default_factory=list)  # last model extras, per model
     trajectory: list[State] | None = None
+    # FKC rules (core/fkc.py) with SMC (core/smc.py): per sample the log-weight still carried at the end
+    # (0 right after a resampling), its root ancestor (batch index at t = 1) and its group; per step
+    # and group the ESS / K before resampling and whether the group resampled; per group log Z.
+    log_weight: Tensor | None = None      # (B,)
+    ancestor: Tensor | None = None        # (B,) long
+    group: Tensor | None = None           # (B,) long
+    ess_trace: Tensor | None = None       # (S, G)
+    resampled: Tensor | None = None       # (S, G) bool
+    log_z: Tensor | None = None           # (G,) estimate of log(Z_end / Z_start)
 
     @property
     def logq_total(self) -> Tensor:
@@ -252,6 +263,19 @@ class SamplerState:
     # AND with init_logq="model": each sample's start gap log q_i - log q_1 (B, C, M), removed over the run
     and_gap0: Tensor | None = None
     outputs: list[ModelOutput] = field(default_factory=list)  # the last step's model outputs (extras)
+    logw: Tensor | None = None        # (B,) FKC log-weights (None for rules without weights)
+
+    def select(self, idx: Tensor) -> "SamplerState":
+        """The state of particles ``idx`` (SMC resampling): positions, log-densities, log-weights and the
+        models' carried state are re-indexed (every tensor in them whose first axis is the batch); each
+        slot keeps its own random stream."""
+        B = self.logq.shape[0]
+        idx = idx.to(self.logq.device)
+        states = [select_batch(st, idx, B) for st in self.model_states]
+        outs = [select_batch(o, idx, B) for o in self.outputs]
+        return SamplerState({k: v[idx] for k, v in self.x.items()}, self.logq[idx], states, self.generators,
+                            self.step, None if self.and_gap0 is None else self.and_gap0[idx], outs,
+                            None if self.logw is None else self.logw[idx])
 
     def clone(self) -> "SamplerState":
         """An independent copy: tensors cloned, generators copied at their current position."""
@@ -261,7 +285,8 @@ class SamplerState:
             return c
         return SamplerState({k: v.clone() for k, v in self.x.items()}, self.logq.clone(), list(self.model_states),
                             [gen_copy(g) for g in self.generators], self.step,
-                            None if self.and_gap0 is None else self.and_gap0.clone(), list(self.outputs))
+                            None if self.and_gap0 is None else self.and_gap0.clone(), list(self.outputs),
+                            None if self.logw is None else self.logw.clone())
 
 
 @dataclass
@@ -271,6 +296,7 @@ class StepOutput:
     state: SamplerState
     kappa: Tensor      # (B, C, M) the weights of this step (equal over C for kappa_scope="joint")
     dlogq: Tensor      # (B, C, M) this step's tracked log-density increments A kappa + b
+    dlogw: Tensor | None = None   # (B,) FKC rules: this step's log-weight increment (summed over components)
 
 
 class Sampler:
@@ -304,6 +330,15 @@ class Sampler:
         self.ts = time_grid(config.num_steps, config.min_t, config.time_grid, self.dtype).to(self.device)
         self.dtaus = step_sizes(self.ts, config.time_grid)
         self.total = float(sum(self.dtaus)) if config.time_grid == "framediff" else float(self.ts[0] - self.ts[-1])
+        # FKC rules (core/fkc.py): drift c g^2 sum b_i s_i with c = (1 + eta^2)/2, i.e. kappa = b c / c_s
+        self.fkc = is_fkc(rule)
+        self.kappa_scale = (1.0 + eta * eta) / (2.0 * self.cs) if self.fkc else 1.0
+        if self.fkc:
+            probe = torch.zeros(1, len(models), dtype=torch.float64)
+            rule.target_weights(probe)                # refuses a model count the rule cannot take
+            self.b_total = float(rule.total(len(models)))
+            if not self.b_total > 0:
+                raise ValueError(f"the {rule.name} target needs sum of exponents B > 0, got {self.b_total}")
 
     @property
     def num_steps(self) -> int:
@@ -316,6 +351,8 @@ class Sampler:
         gens = make_generators(seeds, self.device)
         x = x_init if x_init is not None else self.space.sample_prior(B, shapes, gens, mask, self.dtype, self.device)
         x = {k: v.to(device=self.device, dtype=self.dtype) for k, v in x.items()}
+        if self.fkc and x_init is None:      # FKC: Gaussian priors of the product N(0, I/B); rotations stay Haar
+            x = {k: v / math.sqrt(self.b_total) if self._gaussian(k) else v for k, v in x.items()}
         if self.config.init_logq == "model":      # each model's own log q_i at t = 1 (docs/superposition.md)
             logq = _model_start_logq(self.models, x, self.ts[0].expand(B), mask, comps)
         else:                                     # the shared prior value
@@ -325,7 +362,26 @@ class Sampler:
         # (like the bias), so that the end gap is l_i - l_1 in absolute terms, not relative to the start
         gap0 = logq - logq[..., :1] if (self.config.init_logq == "model" and M > 1 and self.cancels_noise) else None
         states = [m.init_state(B, mask) for m in self.models]
-        return SamplerState(x, logq, states, gens, 0, gap0)
+        logw = self._start_log_weights(x, logq) if self.fkc else None
+        return SamplerState(x, logq, states, gens, 0, gap0, logw=logw)
+
+    def _gaussian(self, k: str) -> bool:
+        return bool(getattr(self.space.components[k], "gaussian_prior", False))
+
+    def _start_log_weights(self, x: State, logq: Tensor) -> Tensor:
+        """FKC start weights: 0 (the prior product approximates pi_1), or with ``init_logq="model"`` the exact
+        ``log pi~_1(x) - log p_start(x)`` from the models' own t = 1 log-densities."""
+        B = logq.shape[0]
+        if self.config.init_logq != "model":
+            return torch.zeros(B, dtype=self.dtype, device=self.device)
+        lw = self.rule.target_log_density(logq.sum(1))
+        prior = self.space.prior_log_prob({k: v * math.sqrt(self.b_total) if self._gaussian(k) else v
+                                           for k, v in x.items()}, self.mask)
+        for k in self.comps:
+            lw = lw - prior[k]
+            if self._gaussian(k):     # the density of x = z / sqrt(B): a Jacobian factor B^(d/2)
+                lw = lw - 0.5 * self.space.components[k].dim(x[k], self.mask) * math.log(self.b_total)
+        return lw
 
     def step(self, state: SamplerState, noise: Mapping[str, Tensor] | None = None) -> StepOutput:
         """Step ``state.step`` of the grid, from ``t = ts[state.step]`` to ``ts[state.step + 1]``.
@@ -344,10 +400,15 @@ class Sampler:
         probes = self._probes(x, gens) if self.use_lap else None
         outs, graphs, lap_q = eval_models(self.models, x, tb, self.mask, state.model_states, self.space,
                                           self.use_lap or self.and_corr, probes, keep_graphs=self.and_corr)
-        A_c, b_c, fixed_c, D_c, g2_c = self._linear_model(x, tb, dtau, outs, graphs, lap_q, noise,
-                                                          len(probes) if probes else 0)
+        A_c, b_c, fixed_c, D_c, g2_c, w_c = self._linear_model(x, tb, dtau, outs, graphs, lap_q, noise,
+                                                               len(probes) if probes else 0)
         del graphs
         kappa = self._kappa(state, A_c, b_c, dtau)
+        dlogw = None
+        if self.fkc:      # weights from this step's Gram matrix and div f (before kappa's eta scaling)
+            dlogw = sum(self.rule.log_weight_increment(w_c[k][0], w_c[k][1], g2_c[k], dtau, kappa[:, ci])
+                        for ci, k in enumerate(self.comps))
+            kappa = kappa * self.kappa_scale
         x_new, logq, dlogq = {}, state.logq.clone(), torch.empty_like(state.logq)
         for ci, k in enumerate(self.comps):
             kk, g2 = kappa[:, ci], g2_c[k]
@@ -357,8 +418,9 @@ class Sampler:
             a_k = (A_c[k] @ kk[..., None]).squeeze(-1)
             logq[:, ci] = state.logq[:, ci] + a_k + b_c[k]
             dlogq[:, ci] = a_k + b_c[k]
-        new = SamplerState(x_new, logq, [o.state for o in outs], gens, i + 1, state.and_gap0, outs)
-        return StepOutput(new, kappa, dlogq)
+        logw = None if state.logw is None else state.logw + dlogw
+        new = SamplerState(x_new, logq, [o.state for o in outs], gens, i + 1, state.and_gap0, outs, logw)
+        return StepOutput(new, kappa, dlogq, dlogw)
 
     def _noise(self, x: State, gens, injected) -> State:
         sp, mask = self.space.components, self.mask
@@ -377,7 +439,7 @@ class Sampler:
         """This step's increments as ``dlogq = A kappa + b`` per component, the kappa-free part of the move
         (``fixed``: drift and noise), the drift scores D (B, M, ...) and g^2."""
         comps, mask, dtype, eta, M, B = self.comps, self.mask, self.dtype, self.eta, len(outs), tb.shape[0]
-        A_c, b_c, fixed_c, S_c, D_c, g2_c = {}, {}, {}, {}, {}, {}
+        A_c, b_c, fixed_c, S_c, D_c, g2_c, w_c = {}, {}, {}, {}, {}, {}, {}
         # S: scores of the tracked densities; D: drift scores (differ only for models with density_scores)
         split = any(o.density_scores is not None for o in outs)
         for k in comps:
@@ -420,7 +482,11 @@ class Sampler:
             b = s_fixed + (divf[:, None] + s_f - 0.5 * g2[:, None] * sq) * dtau
             A_c[k] = self.cs * (g2 * dtau)[:, None, None] * gram
             b_c[k], fixed_c[k] = b + extra[k], fixed
-        return A_c, b_c, fixed_c, D_c, g2_c
+            if self.fkc:      # Gram matrix of the density scores and div f, for the FKC weights
+                gs = gram if not split else torch.stack(
+                    [torch.stack([sp.inner(s[:, i], s[:, j], mask) for j in range(M)], -1) for i in range(M)], -2)
+                w_c[k] = (gs, divf)
+        return A_c, b_c, fixed_c, D_c, g2_c, w_c
 
     def _kappa(self, state: SamplerState, A_c, b_c, dtau: float) -> Tensor:
         """(B, C, M) kappa from the rule, per sample (joint) or per sample and component."""
@@ -457,6 +523,7 @@ def superpose(
     callback: Callable[[int, int], None] | None = None,
     check_models: bool = True,
     noise_fn: Callable[[int, Tensor, State], Mapping[str, Tensor] | None] | None = None,
+    smc: SMCConfig | None = None,
 ) -> SampleResult:
     """Sample ``len(seeds)`` states from the superposition of ``models`` under ``rule``.
 
@@ -466,8 +533,14 @@ def superpose(
     ``noise_fn(step, t, x)`` (optional) returns this step's standard-normal noise per component (the
     tangent noise ``z`` of ``dx = ... + eta g sqrt(dtau) z``, before projection/masking), or ``None`` to
     draw it from the per-sample streams; used to replay official trajectories with recorded noise.
+    ``smc`` (FKC rules only): groups of particles, ESS-triggered resampling (core/smc.py); an FKC rule
+    without it carries weights only.
     """
     sampler = Sampler(space, models, rule, config, mask, check_models, warn_stacklevel=3)
+    if smc is not None and not sampler.fkc:
+        raise ValueError(f"smc resampling needs a rule with importance weights (product, anneal, geometric), "
+                         f"not {rule.name!r}")
+    tracker = SMCTracker(smc or SMCConfig(resample="none"), seeds, mask) if sampler.fkc else None
     state = sampler.init_state(seeds, shapes, x_init)
     B, S = len(seeds), sampler.num_steps
     kappa_tr, logq_tr = [], [state.logq.clone()]
@@ -489,15 +562,22 @@ def superpose(
                 raise SamplingError(
                     f"non-finite values at step {s0 + 1}/{S} (t={float(sampler.ts[s0]):.4f}) for sample(s) "
                     f"{idx} (seeds {[int(seeds[i]) for i in idx]}); the batch was stopped")
+        if tracker is not None:
+            state = tracker.after_step(state, float(sampler.ts[step + 1]))
         kappa_tr.append(out.kappa.clone())
         logq_tr.append(state.logq.clone())
         if traj is not None:
             traj.append({k: v.clone() for k, v in state.x.items()})
         if callback is not None:
             callback(step + 1, S)
-    return SampleResult(
+    res = SampleResult(
         x=state.x, logq=state.logq, kappa_trace=torch.stack(kappa_tr), logq_trace=torch.stack(logq_tr),
         t=sampler.ts, components=sampler.comps, extras=[o.extras for o in state.outputs], trajectory=traj)
+    if tracker is not None:
+        res.log_weight, res.ancestor, res.group = state.logw, tracker.ancestor, tracker.group_of()
+        res.ess_trace, res.resampled = torch.stack(tracker.ess_trace), torch.stack(tracker.resampled)
+        res.log_z = tracker.final_log_z(state.logw)
+    return res
 
 
 # the Jacobian helpers under the names the tests import from this module

@@ -230,6 +230,8 @@ class EuclideanVPSpace(ComponentSpace):
     dimensions.
     """
 
+    gaussian_prior = True     # the prior is N(0, I): FKC products start from N(0, I/B) (core/fkc.py)
+
     def __init__(self, schedule: VPSchedule, event_ndim: int = 1, site_ndim: int = 0,
                  center: bool = False, name: str = "x"):
         if center and site_ndim != 1:
