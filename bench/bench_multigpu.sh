@@ -43,7 +43,7 @@ for r in $(seq 1 "$REPEATS"); do
   echo "repeat $r: one GPU $(python3 -c "print(round($t1-$t0,1))") s, two GPUs $(python3 -c "print(round($t2-$t1,1))") s"
 done
 python3 - "$WORK" "$OUTDIR/multigpu.json" "$SAMPLES" "$STEPS" "${LENGTH:-100}" "$*" <<'PY'
-import json, re, statistics, sys
+import hashlib, json, re, statistics, sys
 from datetime import datetime, timezone
 from pathlib import Path
 import torch
@@ -65,6 +65,7 @@ for line in (work / "times.txt").read_text().split("\n"):
     reps.append(dict(repeat=int(r), pdbs_one_gpu=len(a), pdbs_two_gpus=len(b),
                      identical_pdbs=sum(1 for k in a if b.get(k) == a[k]),
                      identical_to_repeat_1=sum(1 for k in a if ref.get(k) == a[k]),
+                     sha256_one_gpu_pdbs=hashlib.sha256(b"".join(str(k).encode() + a[k] for k in sorted(a))).hexdigest(),
                      csv_rows=[rows(one), rows(two)], wall_s_one_gpu=round(t1 - t0, 2), wall_s_two_gpus=round(t2 - t1, 2),
                      sampler_s_one_gpu=[s for _, s in t_one], sampler_s_two_gpus_per_rank=[s for _, s in t_two],
                      samples_per_rank=[n for n, _ in t_two]))

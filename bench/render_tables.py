@@ -2,10 +2,11 @@
 
     python bench/render_tables.py bench/results/superposition_h200_fp32.json bench/results/superposition_h200_bf16.json \
         bench/results/scaling_h200_fp32.json bench/results/frame_forward_h200.json \
-        bench/results/multigpu_2xh200_repeats.json bench/results/esmfold_h200.json bench/results/sd_and_h200.json
+        bench/results/multigpu_h200x2_2026-11-30_[abc].json bench/results/esmfold_h200.json \
+        bench/results/sd_and_h200.json
 
-The kind of each file is read from its keys: ``bench_multigpu.sh`` (summary), ``bench_eval.py esmfold`` (esmfold),
-``bench_sd_and.py`` (rows), ``bench_frame_forward.py`` (records), ``bench_superposition.py`` (the rest).
+The kind of each file is read from its keys: ``bench_multigpu.sh`` (summary; several such files are pooled into
+one table), ``bench_eval.py esmfold`` (esmfold), ``bench_sd_and.py`` (rows), ``bench_frame_forward.py`` (records), ``bench_superposition.py`` (the rest).
 
 Each cell is ``median (min–max)`` over the file's repeats. The official loop's rate for ratios is read from
 ``bench/results/official/official_h200_*.json`` (a copy of ``../shared/bench/official``).
@@ -114,22 +115,35 @@ def _mm(xs: list[float]) -> dict:
     return dict(median=statistics.median(xs), min=min(xs), max=max(xs))
 
 
-def multigpu(d: dict) -> None:
-    """bench_multigpu.sh: one GPU against torchrun on two, every repeat with fresh processes."""
-    m, sm, recs = d["meta"], d["summary"], d["records"]
-    rep = d["repeats"]
-    print(f"\n{len(m.get('gpus', [])) or m.get('gpu_count', '?')} × {m['device']}, {m['date'][:10]}, {d['samples']} samples × "
-          f"{d['steps']} steps, length {d['length']}, batch {d['batch_size']}, {d['precision']}; median (min–max) of {rep} "
-          f"repeats\n")
+def multigpu(ds: list[dict]) -> None:
+    """bench_multigpu.sh: one GPU against torchrun on two, every repeat with fresh processes. Several files (calls
+    of the script with the same arguments) are pooled: every statistic is over all their repeats."""
+    d, m = ds[0], ds[0]["meta"]
+    key = lambda x: (x["samples"], x["steps"], x["length"], x["batch_size"], x["precision"], x["meta"]["device"])
+    assert all(key(x) == key(d) for x in ds), "multi-GPU files with different settings cannot be pooled"
+    recs = [r for x in ds for r in x["records"]]
+    one_s = [r["sampler_s_one_gpu"][0] for r in recs]
+    two_s = [max(r["sampler_s_two_gpus_per_rank"]) for r in recs]
+    sm = dict(sampler_s_one_gpu=_mm(one_s), sampler_s_two_gpus_slowest_rank=_mm(two_s),
+              sampler_speedup=_mm([a / b for a, b in zip(one_s, two_s)]),
+              wall_s_one_gpu=_mm([r["wall_s_one_gpu"] for r in recs]), wall_s_two_gpus=_mm([r["wall_s_two_gpus"] for r in recs]),
+              wall_speedup=_mm([r["wall_s_one_gpu"] / r["wall_s_two_gpus"] for r in recs]))
+    dates = sorted({x["meta"]["date"][:10] for x in ds})
+    print(f"\n{len(m.get('gpus', [])) or m.get('gpu_count', '?')} × {m['device']}, {', '.join(dates)}, {d['samples']} samples × "
+          f"{d['steps']} steps, length {d['length']}, batch {d['batch_size']}, {d['precision']}; median (min–max) of "
+          f"{len(recs)} repeats ({' + '.join(str(len(x['records'])) for x in ds)} in {len(ds)} call(s) of the script)\n")
     print("| | one GPU | two GPUs | speed-up |")
     print("| --- | --- | --- | --- |")
     one = sorted({r["pdbs_one_gpu"] for r in recs})
     two = sorted({r["pdbs_two_gpus"] for r in recs})
     print(f"| PDBs written (every repeat) | {', '.join(map(str, one))} | {', '.join(map(str, two))} | |")
     same = min(r["identical_pdbs"] for r in recs)
+    print(f"| byte-identical to the same repeat's one-GPU run (worst repeat) | — | **{same} / {one[0]}** | |")
     rep1 = min(r["identical_to_repeat_1"] for r in recs)
-    print(f"| byte-identical to the one-GPU run (worst repeat) | — | **{same} / {one[0]}** | |")
-    print(f"| one-GPU PDBs byte-identical to repeat 1 (worst repeat) | {rep1} / {one[0]} | — | |")
+    hashes = {r["sha256_one_gpu_pdbs"] for r in recs if "sha256_one_gpu_pdbs" in r}
+    across = f"; one PDB-set hash across the {sum('sha256_one_gpu_pdbs' in r for r in recs)} hashed repeats" \
+        if len(hashes) == 1 else (f"; {len(hashes)} different PDB-set hashes" if hashes else "")
+    print(f"| one-GPU PDBs byte-identical to the call's first repeat (worst repeat{across}) | {rep1} / {one[0]} | — | |")
     print(f"| sampling time, s (the generator's own timer; two GPUs: slowest rank) | {cell(sm['sampler_s_one_gpu'])} | "
           f"{cell(sm['sampler_s_two_gpus_slowest_rank'])} | {cell(sm['sampler_speedup'], 2)}× |")
     print(f"| wall time, s, including process and CUDA start | {cell(sm['wall_s_one_gpu'])} | {cell(sm['wall_s_two_gpus'])} | "
@@ -175,13 +189,52 @@ def sd_and(d: dict) -> None:
               f"{cell(r['seconds_per_image_1000_steps'])} | {r['peak_gib']:.2f} | {lb} |")
 
 
+def compile_table(d: dict) -> None:
+    """bench_compile.py: eager vs compiled vs compiled + CUDA graphs, per precision and batch."""
+    meta, rep = d["meta"], d["repeats"]
+    off = official_rates()
+    print(f"\n{meta['device']}, {meta['date'][:10]}, torch {meta['torch']}, OR(FrameDiff, Proteus) at paper size, "
+          f"length {d['length']}, per-step time x 500 steps; median (min–max) of {rep} repeats of "
+          f"{d['timed_steps']} timed steps\n")
+    print("| precision | mode | batch | ms/step | backbones/h | s per backbone (batch 1) | % of forward limit | "
+          "% of compute limit | compile s (FrameDiff, Proteus; cold) | max dev vs eager, Å (FrameDiff, Proteus) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for w in sorted(d["workers"], key=lambda w: (w.get("precision", ""), w.get("mode") != "eager",
+                                                 w.get("mode", ""))):
+        comp = {}
+        for c in w.get("compile_s", []):
+            comp.setdefault(c["batch"], []).append(f"{c['seconds']:.0f}")
+        for r in w.get("rows", []):
+            head = f"| {w['precision']} | {w['mode']} | {r['batch']} |"
+            if "error" in r:
+                print(f"{head} failed: {str(r['error'])[:120]} | | | | | | |")
+                continue
+            dev = r.get("deviation", {})
+            devs = ", ".join(f"{dev[k]['compiled_vs_eager_trans_A']:.2g}" for k in ("framediff", "proteus")
+                             if "compiled_vs_eager_trans_A" in dev.get(k, {})) or "–"
+            s1 = f"{r['seconds_per_backbone_batch1']:.1f}" if r.get("seconds_per_backbone_batch1") else ""
+            print(f"{head} {cell(r['ms_per_step'])} | {cell(r['backbones_per_hour'], 0)} | {s1} | "
+                  f"{r['pct_of_forward_limit']:.0f} % | {r['pct_of_compute_limit']:.1f} % | "
+                  f"{', '.join(comp.get(r['batch'], [])) or '–'} | {devs} |")
+    if off:
+        rows = [r for w in d["workers"] for r in w.get("rows", []) if "error" not in r]
+        if rows:
+            best = max(r["backbones_per_hour"]["median"] for r in rows)
+            print(f"\nOfficial loop on H200 (other runs): {min(off):.0f}–{max(off):.0f} backbones/h; indicative ratio "
+                  f"of the best row: {best / max(off):.0f}–{best / min(off):.0f}×")
+
+
 def main(paths: list[str]) -> int:
-    for p in paths:
-        d = json.loads(Path(p).read_text())
+    data = {p: json.loads(Path(p).read_text()) for p in paths}
+    pooled = [p for p, d in data.items() if "summary" in d]          # multi-GPU calls: one table for all of them
+    for p, d in data.items():
+        if p in pooled:
+            if p == pooled[0]:
+                print(f"\n<!-- from {', '.join(pooled)} -->")
+                multigpu([data[q] for q in pooled])
+            continue
         print(f"\n<!-- from {p} -->")
-        if "summary" in d:
-            multigpu(d)
-        elif "esmfold" in d:
+        if "esmfold" in d:
             esmfold(d)
         elif "rows" in d:
             sd_and(d)
