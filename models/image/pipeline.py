@@ -10,9 +10,15 @@ branch). Sampling is :func:`superdiff_protein.core.sampler.superpose` with a kap
 :mod:`superdiff_protein.core.kappa`; nothing image-specific happens inside the sampler.
 
 Rules: ``and`` (``bias``), ``or`` (``bias``, ``temperature``), ``average`` (the
-paper's average-of-scores baseline), ``joint`` (the joint-prompt baseline: the prompts joined by
+paper's average-of-scores baseline; ``weights``), ``joint`` (the joint-prompt baseline: the prompts joined by
 ``joint_joiner`` into one prompt, a single model) and ``single`` (``single_index``). The keywords are
 ``generate_backbones``' words; the old ``lift=`` / ``index=`` still work for one release (``DeprecationWarning``).
+
+Feynman–Kac rules (:mod:`superdiff_protein.core.fkc`; importance weights, optional SMC resampling in groups of
+images, ``smc=``): ``product`` (``prod_i q_i^{w_i}``, ``weights``), ``anneal`` (``q^beta``; ``anneal_of``) and
+``geometric`` (``q_1^{1-gamma} q_2^gamma``; with one prompt the models are ``[unconditional, prompt]``: classifier-
+free guidance with ``gamma = w`` as an exact target). They combine the prompts' own conditional scores, so they
+run without CFG (``guidance_scale`` defaults to 1 for them). ``docs/images.md``, "Feynman–Kac rules".
 
 Densities under classifier-free guidance: ``density="unguided"`` (default) samples along the guided
 drift and tracks each prompt's unguided conditional log-density; ``density="guided"`` tracks the guided
@@ -22,22 +28,31 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from superdiff_protein.core.fkc import FKC_RULES, AnnealRule, GeometricRule, ImproperTargetWarning, ProductRule
 from superdiff_protein.core.kappa import make_rule
 from superdiff_protein.core.sampler import SampleResult, SamplerConfig, superpose
+from superdiff_protein.core.smc import SMCConfig
 
 from .adapters import (DENSITY_MODES, ImageModelError, PromptGroup, UNetScoreModel, encode_prompts,
                        latent_representation, pixel_representation, schedule_from_scheduler)
 
-__all__ = ["SuperDiffPipeline", "SuperDiffOutput", "RULES", "lift_to_bias"]
+__all__ = ["SuperDiffPipeline", "SuperDiffOutput", "RULES", "ANNEAL_OF", "DEFAULT_GUIDANCE", "lift_to_bias",
+           "check_fkc_options", "fkc_rule"]
 
-RULES = ("and", "or", "average", "joint", "single")
+RULES = ("and", "or", "average", "joint", "single") + FKC_RULES
+#: what ``rule="anneal"`` raises to the power beta: ``auto`` (one model: it; several: the OR mixture),
+#: ``single`` (model ``single_index``), ``product`` (``prod q_i^{w_i}``), ``or`` (the OR mixture, weights e^bias)
+ANNEAL_OF = ("auto", "single", "product", "or")
+#: classifier-free guidance of the SuperDiff rules when ``guidance_scale`` is not given (the FKC rules: 1)
+DEFAULT_GUIDANCE = 7.5
 _UNSET = object()
 
 
@@ -70,6 +85,35 @@ class SuperDiffOutput:
     latents: Tensor | None = None    # final state x at t = min_t
     result: SampleResult | None = field(default=None, repr=False)
     density: str = "unguided"        # what the log-densities of guided prompts track (DENSITY_MODES)
+    # Feynman–Kac rules only (else None): per image its log importance weight at the end (0 right after a
+    # resampling), its t = 1 ancestor (batch index) and its group; per step and group ESS / K and whether the
+    # group resampled; per group the estimate of log(Z_end / Z_start)
+    log_weight: Tensor | None = None     # (B,)
+    ancestor: Tensor | None = None       # (B,) long
+    group: Tensor | None = None          # (B,) long
+    ess: Tensor | None = None            # (S, G)
+    resampled: Tensor | None = None      # (S, G) bool
+    log_z: Tensor | None = None          # (G,)
+
+    @property
+    def importance_weights(self) -> Tensor | None:
+        """(B,) self-normalised weights within each group (sum 1 per group); None without FKC weights."""
+        if self.log_weight is None:
+            return None
+        lw, g = self.log_weight.double(), self.group
+        out = torch.empty_like(lw)
+        for k in torch.unique(g).tolist():
+            sel = g == k
+            out[sel] = torch.softmax(lw[sel], 0)
+        return out
+
+    def fkc_record(self) -> dict[str, Any]:
+        """The weights as JSON-ready lists (empty for the SuperDiff rules): traces.json / summary.json."""
+        if self.log_weight is None:
+            return {}
+        return {"log_weight": self.log_weight.tolist(), "importance_weight": self.importance_weights.tolist(),
+                "ancestor": self.ancestor.tolist(), "group": self.group.tolist(), "log_z": self.log_z.tolist(),
+                "ess": self.ess.tolist(), "resampled": self.resampled.tolist()}
 
 
 def lift_to_bias(lift, m: int) -> list[float] | None:
@@ -88,6 +132,78 @@ def lift_to_bias(lift, m: int) -> list[float] | None:
     if len(vals) != m:
         raise ImageModelError(f"bias has {len(vals)} values but there are {m} models")
     return vals
+
+
+def check_fkc_options(rule: str, batch_size: int, *, beta: float = 2.0, gamma: float = 0.5, weights=None,
+                      anneal_of: str = "auto", smc: SMCConfig | Mapping[str, Any] | None = None,
+                      guidance_scale: float | Sequence[float] | None = None) -> SMCConfig | None:
+    """Check the Feynman–Kac options (before any model is loaded) and return the run's SMC configuration (None
+    for the SuperDiff rules). The checks are the core's own: the rule constructors (``beta`` > 0, ``gamma``
+    finite, ``weights`` finite with a positive sum) and :meth:`SMCConfig.validate`; here only what needs the
+    number of images (``smc.group_size`` must divide it: each group holds whole images) and the guidance (the FKC
+    rules combine the prompts' own conditional scores: ``guidance_scale`` unset or 1)."""
+    r = str(rule).lower()
+    if anneal_of not in ANNEAL_OF:
+        raise ImageModelError(f"anneal_of must be one of {', '.join(ANNEAL_OF)}, got {anneal_of!r}")
+    try:
+        AnnealRule(beta=beta)
+        with warnings.catch_warnings():          # the run's own rule warns (once) about gamma outside [0, 1]
+            warnings.simplefilter("ignore", ImproperTargetWarning)
+            GeometricRule(gamma=gamma)
+        if weights is not None and r in ("product", "anneal"):
+            ProductRule(weights=weights)
+        if smc is not None and not isinstance(smc, SMCConfig):
+            unknown = set(smc) - set(SMCConfig.__dataclass_fields__)
+            if unknown:
+                raise ImageModelError(f"smc: unknown option(s) {sorted(unknown)} (valid: "
+                                      f"{', '.join(SMCConfig.__dataclass_fields__)})")
+        cfg = smc if isinstance(smc, SMCConfig) or smc is None else SMCConfig(**dict(smc))
+        if cfg is not None:
+            cfg.validate()
+    except (ValueError, TypeError) as e:
+        raise ImageModelError(str(e)) from None
+    if r not in FKC_RULES:
+        if cfg is not None and cfg != SMCConfig():
+            raise ImageModelError(f"smc options apply to the Feynman-Kac rules ({', '.join(FKC_RULES)}) only, "
+                                  f"not rule={r}")
+        return None
+    gs = [] if guidance_scale is None else guidance_scale if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
+    if any(float(w) != 1.0 for w in gs):
+        raise ImageModelError(f"rule={r} combines the prompts' own conditional densities, without classifier-free "
+                              "guidance: leave guidance_scale unset (or 1). Guidance as an exact target is "
+                              "rule=geometric with one prompt and gamma=w (docs/images.md)")
+    cfg = cfg or SMCConfig()
+    if int(batch_size) % int(cfg.group_size):
+        raise ImageModelError(f"smc.group_size={cfg.group_size} does not divide the number of images ({batch_size}): "
+                              "every group holds group_size images (make batch_size a multiple of it)")
+    return cfg
+
+
+def fkc_rule(rule: str, num_models: int, *, beta: float = 2.0, gamma: float = 0.5, weights=None,
+             anneal_of: str = "auto", single_index: int = 0, bias=None):
+    """The Feynman–Kac rule (core/fkc.py) of ``rule`` = product | anneal | geometric for ``num_models`` models.
+    ``anneal_of``: :data:`ANNEAL_OF`; ``bias`` (the image shorthand, :func:`lift_to_bias`) weighs the OR mixture
+    of ``anneal_of="or"``."""
+    r, m = str(rule).lower(), int(num_models)
+    if weights is not None and len(list(weights)) != m:
+        raise ImageModelError(f"weights has {len(list(weights))} values but there are {m} models")
+    if r == "product":
+        return ProductRule(weights=weights)
+    if r == "geometric":
+        if m != 2:
+            raise ImageModelError(f"geometric needs exactly 2 models (q_1^(1-gamma) q_2^gamma), got {m}: give two "
+                                  "prompts, or one prompt (then the models are [unconditional, prompt])")
+        return GeometricRule(gamma=gamma)
+    if r != "anneal":
+        raise ImageModelError(f"{rule!r} is not a Feynman-Kac rule ({', '.join(FKC_RULES)})")
+    of = ("single" if m == 1 else "or") if anneal_of == "auto" else anneal_of
+    if of == "single":
+        if not 0 <= int(single_index) < m:
+            raise ImageModelError(f"single_index {single_index} out of range for {m} model(s)")
+        return AnnealRule(beta=beta, index=int(single_index))
+    if of == "product":
+        return AnnealRule(beta=beta, weights=weights or [1.0] * m)
+    return AnnealRule(beta=beta, of="or", bias=lift_to_bias(bias, m))
 
 
 def seeds_from(generator, batch_size: int, seeds: Sequence[int] | None) -> list[int]:
@@ -238,7 +354,7 @@ class SuperDiffPipeline:
 
     # ----------------------------------------------------------------------------- sampling
     def __call__(self, prompts: str | Sequence[str] | None = None, rule: str = "and", num_inference_steps: int = 50,
-                 guidance_scale: float | Sequence[float] = 7.5, bias: float | Sequence[float] | None = 0.0,
+                 guidance_scale: float | Sequence[float] | None = None, bias: float | Sequence[float] | None = 0.0,
                  batch_size: int | None = None, generator=None, height: int | None = None, width: int | None = None, *,
                  seeds: Sequence[int] | None = None, negative_prompt: str = "", temperature: float = 1.0,
                  single_index: int = 0, sampling: str = "sde", estimator: str = "ito", num_probes: int = 1,
@@ -246,7 +362,9 @@ class SuperDiffPipeline:
                  time_grid: str = "uniform", state_dtype: torch.dtype = torch.float64,
                  final_denoise: bool = True, output_type: str = "pil", max_batch: int | None = None,
                  joint_joiner: str = " and ", callback: Callable[[int, int], None] | None = None,
-                 density: str = "unguided", lift: Any = _UNSET, index: Any = _UNSET) -> SuperDiffOutput:
+                 density: str = "unguided", weights: Sequence[float] | None = None, beta: float = 2.0,
+                 gamma: float = 0.5, anneal_of: str = "auto", smc: SMCConfig | Mapping[str, Any] | None = None,
+                 lift: Any = _UNSET, index: Any = _UNSET) -> SuperDiffOutput:
         """Sample ``batch_size`` images from the superposition (module docstring). ``and_correction``
         (the core's exact Itô correction for AND, one VJP per model and step) is on by default, as for
         proteins; ``and_correction=False`` is the paper's AND (the official image runs).
@@ -255,7 +373,14 @@ class SuperDiffPipeline:
         ``estimator="hutchinson"`` with ``sampling="ode"`` gives divergence-based densities.
         ``density``: with classifier-free guidance, ``"unguided"`` (default) tracks each prompt's own
         conditional log-density along the guided path; ``"guided"`` tracks the guided field, which is not
-        the score of any density (``GuidedDensityWarning``)."""
+        the score of any density (``GuidedDensityWarning``). ``guidance_scale``: default 7.5 for the SuperDiff
+        rules, 1 (no guidance) for the Feynman–Kac rules, which refuse any other value.
+
+        Feynman–Kac rules (``rule="product" | "anneal" | "geometric"``): ``weights`` (product / anneal of a
+        product: the exponents; average: the fixed kappa), ``beta``, ``gamma``, ``anneal_of`` (:data:`ANNEAL_OF`)
+        and ``smc`` (an :class:`SMCConfig` or a dict of its fields: ``group_size`` images per group, ``resample``,
+        ``ess_threshold``, ``t_max``, ``t_min``; default: groups of 1, weights only). The output then carries
+        ``log_weight``, ``ancestor``, ``group``, ``ess``, ``resampled`` and ``log_z``."""
         bias = _renamed_kwarg("lift", lift, "bias", bias, 0.0)
         single_index = _renamed_kwarg("index", index, "single_index", single_index, 0)
         if isinstance(prompts, str):
@@ -269,15 +394,33 @@ class SuperDiffPipeline:
             batch_size = len(seeds) if seeds is not None else 1
         if int(batch_size) < 1:
             raise ImageModelError(f"batch_size must be >= 1, got {batch_size}")
+        fkc = r in FKC_RULES
+        smc_cfg = check_fkc_options(r, int(batch_size), beta=beta, gamma=gamma, weights=weights, anneal_of=anneal_of,
+                                    smc=smc, guidance_scale=guidance_scale)
+        if guidance_scale is None:
+            guidance_scale = 1.0 if fkc else DEFAULT_GUIDANCE
+        # CFG as a geometric average: one prompt of one SD UNet -> models [unconditional, prompt]
+        uncond_first = fkc and r == "geometric" and self.conditional and len(self.unets) == 1 and \
+            len(prompts or []) == 1
+        if uncond_first:
+            prompts = [negative_prompt or "", prompts[0]]
         if r == "joint":
             if not self.conditional:
                 raise ImageModelError("the joint-prompt baseline needs a text-to-image pipeline")
             prompts = [joint_joiner.join(prompts or [])]
         models = self.build_models(prompts, guidance_scale, negative_prompt, max_batch, density)
-        # the bias shorthand on the core rules: scalar -> [0, bias] (AND, OR); "joint" is one model (the joined prompt)
-        bias = lift_to_bias(bias, len(models)) if r in ("and", "or") else None
-        kappa_rule = make_rule("single" if r == "joint" else r, temperature=temperature, bias=bias,
-                               index=0 if r == "joint" else single_index)
+        if uncond_first:
+            models[0].name = f"(negative) {negative_prompt}" if negative_prompt else "(unconditional)"
+        if fkc:
+            kappa_rule = fkc_rule(r, len(models), beta=beta, gamma=gamma, weights=weights, anneal_of=anneal_of,
+                                  single_index=single_index, bias=bias)
+        else:
+            if weights is not None and len(list(weights)) != len(models):
+                raise ImageModelError(f"weights has {len(list(weights))} values but there are {len(models)} models")
+            # the bias shorthand on the core rules: scalar -> [0, bias] (AND, OR); "joint" is one model (the joined prompt)
+            bias = lift_to_bias(bias, len(models)) if r in ("and", "or") else None
+            kappa_rule = make_rule("single" if r == "joint" else r, temperature=temperature, bias=bias,
+                                   index=0 if r == "joint" else single_index, weights=weights)
         seeds = seeds_from(generator, int(batch_size), seeds)
         shape = self._state_shape(height, width)
         space = models[0].group.space if hasattr(models[0], "group") else models[0].space
@@ -286,10 +429,13 @@ class SuperDiffPipeline:
                             noise_scale=noise_scale, sampling=sampling, estimator=estimator, num_probes=num_probes,
                             dtype=state_dtype, device=self.device, time_grid=time_grid, and_correction=and_correction)
         try:
-            res = superpose(space, models, kappa_rule, cfg, seeds, {"x": shape}, callback=callback)
+            res = superpose(space, models, kappa_rule, cfg, seeds, {"x": shape}, callback=callback, smc=smc_cfg)
             x = res.x["x"]
             if final_denoise:
-                x = self._tweedie(models, x, res, cfg)
+                kappa = res.kappa_trace[-1, :, 0]
+                if fkc:     # the sampler scaled the target's exponents b by c / c_s = (1 + eta^2) / (2 c_s)
+                    kappa = kappa * (2.0 * cfg.score_coeff / (1.0 + cfg.eta ** 2))
+                x = self._tweedie(models, x, res, kappa)
         finally:
             for m in models:
                 if hasattr(m, "group"):
@@ -303,9 +449,14 @@ class SuperDiffPipeline:
             imgs = list(u8)
         else:
             raise ImageModelError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        return SuperDiffOutput(images=imgs, kappa=res.kappa_trace[:, :, 0].cpu(), logq=res.logq_trace[:, :, 0].cpu(),
-                               t=res.t.cpu(), model_names=[m.name for m in models], rule=kappa_rule.describe(),
-                               seeds=seeds, latents=res.x["x"], result=res, density=density)
+        out = SuperDiffOutput(images=imgs, kappa=res.kappa_trace[:, :, 0].cpu(), logq=res.logq_trace[:, :, 0].cpu(),
+                              t=res.t.cpu(), model_names=[m.name for m in models], rule=kappa_rule.describe(),
+                              seeds=seeds, latents=res.x["x"], result=res, density=density)
+        if res.log_weight is not None:
+            out.log_weight, out.ancestor, out.group = res.log_weight.cpu(), res.ancestor.cpu(), res.group.cpu()
+            out.ess, out.resampled, out.log_z = res.ess_trace.cpu(), res.resampled.cpu(), res.log_z.cpu()
+            out.rule = {**out.rule, "smc": {k: getattr(smc_cfg, k) for k in smc_cfg.__dataclass_fields__}}
+        return out
 
     def _state_shape(self, height, width) -> tuple[int, int, int]:
         u = self.unets[0].config
@@ -318,10 +469,11 @@ class SuperDiffPipeline:
         return (int(u.in_channels), h // f, w // f)
 
     @torch.no_grad()
-    def _tweedie(self, models, x: Tensor, res: SampleResult, cfg: SamplerConfig) -> Tensor:
-        """E[x_0 | x_t] at the last time with the last step's kappa: (x + sigma^2 sum kappa_i s_i) / alpha."""
+    def _tweedie(self, models, x: Tensor, res: SampleResult, kappa: Tensor) -> Tensor:
+        """E[x_0 | x_t] at the last time with the last step's weights ``kappa`` (B, M) (FKC rules: the target's
+        exponents b, whose score is sum b_i s_i): (x + sigma^2 sum kappa_i s_i) / alpha."""
         t = res.t[-1].expand(x.shape[0]).to(x.device)
-        kappa = res.kappa_trace[-1, :, 0].to(x.dtype)                       # (B, M)
+        kappa = kappa.to(device=x.device, dtype=x.dtype)                    # (B, M)
         mix = torch.zeros_like(x)
         for i, m in enumerate(models):
             mix = mix + kappa[:, i].reshape(-1, 1, 1, 1) * m({"x": x}, t, None, None).scores["x"].to(x.dtype)
@@ -349,7 +501,8 @@ class SuperDiffPipeline:
 def save_traces(out: SuperDiffOutput, path: str) -> None:
     """Kappa / log-density traces as JSON (atomic write)."""
     data = {"t": out.t.tolist(), "kappa": out.kappa.tolist(), "logq": out.logq.tolist(),
-            "model_names": out.model_names, "rule": out.rule, "seeds": out.seeds, "density": out.density}
+            "model_names": out.model_names, "rule": out.rule, "seeds": out.seeds, "density": out.density,
+            **out.fkc_record()}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
         json.dump(data, fh)

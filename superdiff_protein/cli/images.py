@@ -2,6 +2,8 @@
 
     generate_images model_path=path/to/sd-v1-4 'prompts=[a cat, a dog]' rule=and batch_size=4 out_dir=out
     generate_images 'model_path=[runs/cifar_a, runs/cifar_b]' rule=or num_inference_steps=1000 out_dir=out
+    generate_images model_path=path/to/sd-v1-4 'prompts=[a cat, a dog]' rule=product smc.group_size=4 batch_size=8 out_dir=out
+    generate_images model_path=path/to/sd-v1-4 'prompts=[a cat]' rule=geometric gamma=7.5 out_dir=out   # CFG, exact target
     train_image_model archive=cifar-10-python.tar.gz 'classes=[0,1,2,3,4]' output=runs/cifar_a
 """
 from __future__ import annotations
@@ -31,8 +33,10 @@ def _count(cfg: Any, key: str, lo: int = 1, none_ok: bool = False) -> None:
         raise ImageCLIError(f"{key} must be an integer >= {lo}{' or null' if none_ok else ''}, got {v!r}")
 
 
-def _finite(cfg: Any, key: str, lo: float | None = None, lo_open: bool = False) -> None:
+def _finite(cfg: Any, key: str, lo: float | None = None, lo_open: bool = False, none_ok: bool = False) -> None:
     v = getattr(cfg, key)
+    if v is None and none_ok:
+        return
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if ok and lo is not None:
         ok = v > lo if lo_open else v >= lo
@@ -45,9 +49,9 @@ def _finite(cfg: Any, key: str, lo: float | None = None, lo_open: bool = False) 
 class GenerateConfig:
     model_path: Any = "???"            # local diffusers model dir / hub id, or a list (superposition of models)
     prompts: Any = None                # list of prompts (SD); null for unconditional pixel models
-    rule: str = "and"                  # and | or | average | joint | single
+    rule: str = "and"                  # and | or | average | joint | single | product | anneal | geometric
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    guidance_scale: Any = None         # null: 7.5 (SuperDiff rules), 1 (product | anneal | geometric)
     bias: Any = 0.0                    # AND/OR bias l: scalar (two models: l = [0, bias]) or one value per model
     temperature: float = 1.0           # OR temperature
     single_index: int = 0              # single: which model
@@ -70,6 +74,11 @@ class GenerateConfig:
     out_dir: str = "???"
     grid_cols: int = 0                 # 0: ~sqrt(batch)
     local_files_only: bool = True      # hub ids only from the local cache (no network here)
+    weights: Any = None                # average: fixed kappa; product / anneal_of=product: exponents (null: all 1)
+    beta: float = 2.0                  # anneal: q^beta
+    anneal_of: str = "auto"            # anneal: auto | single | product | or (models.image.pipeline.ANNEAL_OF)
+    gamma: float = 0.5                 # geometric: q_1^(1-gamma) q_2^gamma
+    smc: Any = field(default_factory=dict)  # FKC particle groups: fields of core/smc.py SMCConfig (its defaults, checks)
 
 
 def _atomic_save_png(img, path: Path) -> None:
@@ -121,7 +130,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     import torch
 
     from models.image.adapters import ImageModelError
-    from models.image.pipeline import SuperDiffPipeline, save_traces
+    from models.image.pipeline import SuperDiffPipeline, check_fkc_options, save_traces
 
     for k in ("model_path", "out_dir"):
         if getattr(cfg, k) in (None, "???", ""):
@@ -138,10 +147,18 @@ def run_generate(cfg: GenerateConfig) -> dict:
     _count(cfg, "grid_cols", lo=0)
     _count(cfg, "max_batch", none_ok=True)
     for k in ("guidance_scale", "temperature", "noise_scale"):
-        _finite(cfg, k, lo=0.0, lo_open=(k == "temperature"))
+        _finite(cfg, k, lo=0.0, lo_open=(k == "temperature"), none_ok=(k == "guidance_scale"))
     if cfg.seeds is not None and (isinstance(cfg.seeds, (str, bool)) or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in cfg.seeds)):
         raise ImageCLIError(f"seeds must be a list of integers >= 0, got {cfg.seeds!r}")
+    seeds = list(cfg.seeds) if cfg.seeds is not None else [int(cfg.seed) + i for i in range(int(cfg.batch_size))]
+    weights = None if cfg.weights is None else (list(cfg.weights) if isinstance(cfg.weights, (list, tuple))
+                                                else [cfg.weights])
+    try:                 # the Feynman-Kac options: the pipeline's (the core's) checks, before anything is loaded
+        check_fkc_options(cfg.rule, len(seeds), beta=cfg.beta, gamma=cfg.gamma, weights=weights,
+                          anneal_of=cfg.anneal_of, smc=cfg.smc or None, guidance_scale=cfg.guidance_scale)
+    except ImageModelError as e:
+        raise ImageCLIError(str(e)) from None
     models = [cfg.model_path] if isinstance(cfg.model_path, str) else list(cfg.model_path)
     if not models:
         raise ImageCLIError("model_path: the list is empty; give a model directory or hub id")
@@ -152,14 +169,14 @@ def run_generate(cfg: GenerateConfig) -> dict:
     kw = {"local_files_only": True} if cfg.local_files_only else {}
     pipe = SuperDiffPipeline.from_pretrained(models, torch_dtype=dtypes[cfg.dtype], device=device, **kw)
     prompts = None if cfg.prompts is None else ([cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts))
-    seeds = list(cfg.seeds) if cfg.seeds is not None else [int(cfg.seed) + i for i in range(int(cfg.batch_size))]
     out = pipe(prompts, rule=cfg.rule, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                bias=cfg.bias if not isinstance(cfg.bias, (list, tuple)) else list(cfg.bias), batch_size=len(seeds),
                height=cfg.height, width=cfg.width, seeds=seeds, negative_prompt=cfg.negative_prompt,
                temperature=cfg.temperature, single_index=cfg.single_index, sampling=cfg.sampling,
                estimator=cfg.estimator,
                num_probes=cfg.num_probes, and_correction=cfg.and_correction, noise_scale=cfg.noise_scale,
-               time_grid=cfg.time_grid, max_batch=cfg.max_batch, density=cfg.density)
+               time_grid=cfg.time_grid, max_batch=cfg.max_batch, density=cfg.density, weights=weights, beta=cfg.beta,
+               gamma=cfg.gamma, anneal_of=cfg.anneal_of, smc=cfg.smc or None)
     od = Path(cfg.out_dir).expanduser()
     od.mkdir(parents=True, exist_ok=True)
     files = []
@@ -172,6 +189,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
     _plot_traces(out, od / "traces.png")
     summary = {"config": asdict(cfg), "images": files, "model_names": out.model_names, "rule": out.rule,
                "final_logq": out.logq[-1].tolist(), "final_kappa": out.kappa[-1].tolist(), "pipeline": pipe.describe()}
+    if out.log_weight is not None:      # FKC rules: per image (in file order) its weight, ancestor and group
+        rec = out.fkc_record()
+        summary["fkc"] = {k: rec[k] for k in ("log_weight", "importance_weight", "ancestor", "group", "log_z")}
     tmp = od / f".summary.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, od / "summary.json")
@@ -227,7 +247,7 @@ def generate_main(argv=None) -> None:
     def body(cfg: GenerateConfig) -> None:
         s = run_generate(cfg)
         print(f"generate_images: wrote {len(s['images'])} images, grid.png, traces.json/png to {cfg.out_dir}")
-    _hydra_main("generate_images", GenerateConfig, body, list_keys=("model_path", "seeds", "bias"), argv=argv,
+    _hydra_main("generate_images", GenerateConfig, body, list_keys=("model_path", "seeds", "bias", "weights"), argv=argv,
                 renamed=DEPRECATED_GENERATE_KEYS)
 
 
