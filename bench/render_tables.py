@@ -148,6 +148,10 @@ def multigpu(ds: list[dict]) -> None:
           f"{cell(sm['sampler_s_two_gpus_slowest_rank'])} | {cell(sm['sampler_speedup'], 2)}× |")
     print(f"| wall time, s, including process and CUDA start | {cell(sm['wall_s_one_gpu'])} | {cell(sm['wall_s_two_gpus'])} | "
           f"{cell(sm['wall_speedup'], 2)}× |")
+    fixed1 = _mm([r["wall_s_one_gpu"] - r["sampler_s_one_gpu"][0] for r in recs])
+    fixed2 = _mm([r["wall_s_two_gpus"] - max(r["sampler_s_two_gpus_per_rank"]) for r in recs])
+    print(f"\nWall time outside the generator's timer (process start and imports; for two GPUs also torchrun; the timer itself covers model loading and sampling), per repeat: "
+          f"one GPU {cell(fixed1)} s, two GPUs {cell(fixed2)} s.")
 
 
 def esmfold(d: dict) -> None:
@@ -167,6 +171,12 @@ def esmfold(d: dict) -> None:
         lb = "?" if r["length"] not in one else ("**yes**" if t < 1.5 * one[r["length"]] else "no")
         print(f"| {r['length']} | {r['batch']} | {cell(r['seconds_per_batch'], 2)} | {cell(r['seqs_per_s'], 2)} | "
               f"{r['peak_gib']:.1f} | {lb} |")
+    per_len: dict = {}
+    for r in recs:
+        per_len.setdefault(r["length"], {})[r["batch"]] = r["seqs_per_s"]["median"]
+    gains = [f"{n}: {v[max(v)] / v[1]:.1f}× at batch {max(v)}" for n, v in sorted(per_len.items()) if 1 in v and len(v) > 1]
+    if gains:
+        print(f"\nSequences per second against batch 1 (median ratios), by length: {'; '.join(gains)}.")
 
 
 def sd_and(d: dict) -> None:
@@ -187,6 +197,17 @@ def sd_and(d: dict) -> None:
         lb = "?" if r["run"] not in one else ("**yes**" if t < 1.5 * one[r["run"]] else "no")
         print(f"| {names.get(r['run'], r['run'])} | {r['batch']} | {cell(r['ms_per_step'])} | "
               f"{cell(r['seconds_per_image_1000_steps'])} | {r['peak_gib']:.2f} | {lb} |")
+    by = {(r["run"], r["batch"]): r for r in rows}
+    lines = []
+    for b in sorted({r["batch"] for r in rows}):
+        i, h, c = by.get(("ito", b)), by.get(("hutchinson", b)), by.get(("ito_corr", b))
+        if i and h:
+            lines.append(f"batch {b}: Hutchinson / Itô = {h['ms_per_step']['median'] / i['ms_per_step']['median']:.2f}× "
+                         f"per step, Itô peak memory {100 * (1 - i['peak_gib'] / h['peak_gib']):.0f} % lower")
+        if i and c:
+            lines.append(f"batch {b}: Itô + AND correction / Itô = {c['ms_per_step']['median'] / i['ms_per_step']['median']:.2f}× per step")
+    if lines:
+        print("\nMedian ratios: " + "; ".join(lines) + ".")
 
 
 def compile_table(d: dict) -> None:

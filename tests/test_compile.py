@@ -253,3 +253,22 @@ def test_series_term_count_from_the_host_floor_changes_rounding_only():
     hosted = igso3_score_from_rotvec(vec, sigma, cfg.num_terms, sigma_floor=floor)
     close(hosted, synced, 2 * igso3_score_vec_bounds(vec, sigma.expand(3, 7), torch.float64),
           what="IGSO(3) score, host term count")
+
+
+def test_same_shape_with_other_strides_does_not_compile_again():
+    """The sampler hands the same shapes with other strides (an expanded scalar time, sliced states); the wrapper
+    makes inputs contiguous so that dynamo's stride guards hold and each shape compiles once."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = _tiny_framediff()
+    comp = CompiledPredictor(net, backend="aot_eager")
+    R, T, t, m = _inputs(3, 8)
+    with torch.no_grad():
+        cond = net(R, T, t, m, None).self_cond_state
+        comp(R, T, t, m, cond)
+        graphs = counters["stats"]["unique_graphs"]    # on CPU the network's graph breaks give several
+        comp(R.transpose(-1, -2).contiguous().transpose(-1, -2), T, t[:1].expand(3), m, cond)
+        comp(R, T[:, :, None].expand(3, 8, 2, 3)[:, :, 0], t, m, cond)
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])

@@ -196,6 +196,10 @@ class CompiledPredictor(nn.Module):
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
         fn = self._compiled_fn()
+        # contiguous inputs: dynamo's guards include the strides, and the same shape arrives with other strides
+        # (an expanded scalar t, a sliced state); without this each variant would compile again
+        args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+        kwargs = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
             return _clone_outputs(fn(*args, **kwargs))

@@ -1,0 +1,351 @@
+"""Eager vs torch.compile vs torch.compile + CUDA graphs for OR(FrameDiff, Proteus) at paper size (issue 16).
+
+For each configuration ``precision x mode x batch`` (precision ``tf32`` = fp32 weights with TF32 matrix products,
+``bf16`` = bf16 autocast in the networks, ``fp32``; mode ``eager``, ``default`` = ``torch.compile``,
+``reduce-overhead`` = ``torch.compile`` with CUDA graphs) it measures, at length 100:
+
+* ms/step of the real sampler (``superpose`` with ``FrameScoreModel`` s), from the difference of a
+  ``steps + 2``-step run and a 2-step run (as ``bench_superposition.py``), ``--repeats`` times; backbones/h at
+  500 steps;
+* the forward limit: the two models' calls alone (scores included) at that batch;
+* compile time: per network, the first compiled call (cold: an empty Inductor cache);
+* max deviation vs eager: compiled vs eager predicted translations (Angstrom) and rotations on the same inputs,
+  next to the eager run's own distance to a float64 copy of the networks (the rounding scale, docs/testing.md).
+
+One worker process per (precision, mode) compiles its shapes while the others compile theirs; then the workers
+time one after another (a file lock), after all have compiled (a barrier), so no timing shares the GPU or the CPU
+with compiling:
+
+    python bench/bench_compile.py all --proteus-keys .gpu_data/proteus_paper_keys.json --out compile_h200.json \\
+        --plan tf32:eager:1,16,64,128 tf32:default:16,64,128 tf32:reduce-overhead:1 bf16:eager:1,16,64,128 ...
+
+``--small`` uses the official small fixture checkpoints instead of paper-size networks (a CPU smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_superposition import Autocast, make_model, set_precision, stats  # noqa: E402
+from models.frame_models import FrameScoreModel  # noqa: E402
+from superdiff_protein.core.kappa import OrRule  # noqa: E402
+from superdiff_protein.core.sampler import SamplerConfig, superpose  # noqa: E402
+from superdiff_protein.frames.compiling import CompiledPredictor, compile_cache_dir, compile_models  # noqa: E402
+
+LENGTH = 100
+GFLOP_PER_SAMPLE_STEP = 54.2      # issue 16: FrameDiff 19.5 + Proteus 34.7 GFLOP per sample and OR step at L = 100
+PEAK_TFLOPS = {"bf16": 790.0, "tf32": 395.0, "fp32": 67.0}   # measured bf16 matmul here (KINDS.md); TF32 = half; fp32 datasheet
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(a, dev: torch.device, mode: str) -> list:
+    if a.small:
+        fix = Path(a.small)
+        models = [FrameScoreModel.from_checkpoint(fix / "framediff_small_public.pth", name="framediff"),
+                  FrameScoreModel.from_checkpoint(fix / "proteus_small_public.pth", name="proteus")]
+        for m in models:
+            m.predictor = m.predictor.to(dev)
+    else:
+        models = [make_model("framediff", 1, dev, a.precision, a.proteus_keys),
+                  make_model("proteus", 3, dev, a.precision, a.proteus_keys)]
+    if mode != "eager":
+        compile_models(models, "true", dev, mode, [m.name for m in models])
+    return models
+
+
+def run(models, batch: int, steps: int, dev: torch.device) -> float:
+    space = models[0].diffuser.space
+    cfg = SamplerConfig(num_steps=steps, min_t=0.01, device=dev, dtype=torch.float32)
+    sync(dev)
+    t0 = time.perf_counter()
+    res = superpose(space, models, OrRule(), cfg, list(range(batch)), {"rot": (LENGTH,), "trans": (LENGTH, 3)})
+    sync(dev)
+    dt = time.perf_counter() - t0
+    if not all(bool(torch.isfinite(v).all()) for v in res.x.values()):
+        raise RuntimeError("non-finite sampler state")
+    return dt
+
+
+def inputs(models, batch: int, dev: torch.device):
+    space = models[0].diffuser.space
+    g = [torch.Generator(device=dev).manual_seed(i) for i in range(batch)]
+    x = space.sample_prior(batch, {"rot": (LENGTH,), "trans": (LENGTH, 3)}, g, None, torch.float32, dev)
+    return x, torch.full((batch,), 0.5, device=dev)
+
+
+def forward_limit(models, batch: int, dev: torch.device, reps: int) -> float:
+    """Seconds per step of the two models' calls alone (scores included), steady state."""
+    x, t = inputs(models, batch, dev)
+    with torch.no_grad():
+        states = [m(x, t, None, m.init_state(batch, None)).state for m in models]
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for m, s in zip(models, states):
+                m(x, t, None, s)
+        sync(dev)
+    return (time.perf_counter() - t0) / reps
+
+
+def _unwrap(pred):
+    pred = pred.inner if isinstance(pred, CompiledPredictor) else pred
+    return pred.inner if isinstance(pred, Autocast) else pred
+
+
+def deviation(models, batch: int, dev: torch.device) -> dict:
+    """Compiled vs eager (same precision) and eager vs a float64 copy, on the steady-state call's inputs."""
+    x, t = inputs(models, batch, dev)
+    out = {}
+    with torch.no_grad():
+        for m in models:
+            R = x["rot"].float()
+            T = (x["trans"] / m.diffuser.coordinate_scaling).float()
+            mask = torch.ones(batch, LENGTH, device=dev)
+            pred = m.predictor
+            eager = pred.inner if isinstance(pred, CompiledPredictor) else pred
+            cond = eager(R, T, t, mask, None).self_cond_state
+            e = eager(R, T, t, mask, cond)
+            rec = {}
+            if isinstance(pred, CompiledPredictor):
+                c = pred(R, T, t, mask, cond)
+                rec["compiled_vs_eager_trans_A"] = float((c.trans.double() - e.trans.double()).abs().max())
+                rec["compiled_vs_eager_rotmats"] = float((c.rotmats.double() - e.rotmats.double()).abs().max())
+            if batch <= 16:                                    # the float64 copy: memory and time stay small
+                net64 = copy.deepcopy(_unwrap(pred)).double()
+                e64 = net64(R.double(), T.double(), t, mask.double(), cond.double())
+                rec["eager_vs_float64_trans_A"] = float((e.trans.double() - e64.trans).abs().max())
+                rec["eager_vs_float64_rotmats"] = float((e.rotmats.double() - e64.rotmats).abs().max())
+                del net64
+            out[m.name.rstrip("0123456789")] = rec
+    return out
+
+
+def _syncs(models, batch: int, steps: int, dev: torch.device) -> dict:
+    """Synchronising CUDA operations of one sampler run, by the innermost project source line that caused them."""
+    import traceback
+    import warnings
+
+    found: dict = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        proj = [f for f in traceback.extract_stack()[:-1]
+                if ("superdiff_protein" in f.filename or "/models/" in f.filename) and "compiling.py" not in f.filename]
+        where = f"{Path(proj[-1].filename).name}:{proj[-1].lineno}: {proj[-1].line}" if proj else f"{filename}:{lineno}"
+        found[where] = found.get(where, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode(1)
+        try:
+            run(models, batch, steps, dev)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return found
+
+
+def probe_syncs(models, batch: int, dev: torch.device) -> dict:
+    """Host syncs per sampler step: the difference of a 6-step and a 2-step run, divided by 4, per source line."""
+    short, long_ = _syncs(models, batch, 2, dev), _syncs(models, batch, 6, dev)
+    per_step = {k: (long_.get(k, 0) - short.get(k, 0)) / 4 for k in set(short) | set(long_)}
+    return {"per_step": {k: v for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]) if v},
+            "run_2_steps": short}
+
+
+def worker(a) -> int:
+    dev = torch.device(a.device)
+    set_precision(a.precision)
+    rec = {"precision": a.precision, "mode": a.mode, "length": LENGTH, "repeats": a.repeats, "timed_steps": a.steps,
+           "cache_dir": str(compile_cache_dir()), "rows": []}
+    out = Path(a.out)
+
+    def save():
+        out.write_text(json.dumps(rec, indent=1))
+
+    models, compiled = None, {}
+    try:
+        models = build(a, dev, a.mode)
+        t0 = time.perf_counter()
+        for b in a.batches:                          # compile (or warm up) every shape of this worker
+            try:
+                run(models, b, 2, dev)
+                compiled[b] = {"ok": True}
+            except Exception as e:  # noqa: BLE001 - recorded, the other shapes go on
+                compiled[b] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        rec["warmup_s"] = round(time.perf_counter() - t0, 1)
+        sess = next((m.predictor.session for m in models if isinstance(m.predictor, CompiledPredictor)), None)
+        rec["compile_s"] = [dict(network=n, batch=s[0], seconds=round(dt, 1)) for n, s, dt in
+                            (sess.warmups if sess else [])]
+        rec["compile_failed"] = [m.name for m in models if getattr(m.predictor, "failed", False)]
+        if a.probe_syncs and dev.type == "cuda" and compiled.get(a.batches[0], {}).get("ok"):
+            try:
+                rec["host_syncs"] = dict(batch=a.batches[0], **probe_syncs(models, a.batches[0], dev))
+            except Exception as e:  # noqa: BLE001
+                rec["host_syncs"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {e}"[:1000]
+        rec["traceback"] = traceback.format_exc()[-3000:]
+    save()
+    # barrier: every worker has compiled; then one worker at a time times its shapes
+    if a.barrier:
+        Path(a.barrier, f"ready.{os.getpid()}").touch()
+        t_wait = time.perf_counter()
+        while len(list(Path(a.barrier).glob("ready.*"))) < a.expect and time.perf_counter() - t_wait < a.barrier_timeout:
+            time.sleep(0.5)
+        rec["barrier_complete"] = len(list(Path(a.barrier).glob("ready.*"))) >= a.expect   # false: timed beside compiling
+    if a.repeats < 1:
+        rec["meta"] = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__)
+        save()
+        return 0
+    lock = open(Path(a.barrier or tempfile.gettempdir()) / "gpu.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        rec["timed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for b in a.batches:
+            if models is None or not compiled.get(b, {}).get("ok"):
+                rec["rows"].append(dict(batch=b, error=compiled.get(b, {}).get("error", rec.get("error"))))
+                continue
+            try:
+                run(models, b, 2, dev)               # allocator, cuBLAS handles
+                per_step = []
+                for _ in range(a.repeats):
+                    short = run(models, b, 2, dev)
+                    long_ = run(models, b, a.steps + 2, dev)
+                    per_step.append((long_ - short) / a.steps)
+                fwd = [forward_limit(models, b, dev, 3) for _ in range(a.repeats)]
+                med = statistics.median(per_step)
+                limit_s = b * GFLOP_PER_SAMPLE_STEP / (PEAK_TFLOPS[a.precision] * 1e3)
+                row = dict(batch=b, ms_per_step=stats(per_step, 1000),
+                           backbones_per_hour=stats([3600 * b / (x * 500) for x in per_step], 1, 0),
+                           forward_ms=stats(fwd, 1000),
+                           forward_limit_backbones_per_hour=stats([3600 * b / (x * 500) for x in fwd], 1, 0),
+                           pct_of_forward_limit=round(100 * statistics.median(fwd) / med, 1),
+                           pct_of_compute_limit=round(100 * limit_s / med, 2),
+                           seconds_per_backbone_batch1=round(med * 500, 2) if b == 1 else None,
+                           deviation=deviation(models, b, dev))
+            except Exception as e:  # noqa: BLE001
+                row = dict(batch=b, error=f"{type(e).__name__}: {e}"[:500])
+            rec["rows"].append(row)
+            print(json.dumps({"precision": a.precision, "mode": a.mode, **row}), flush=True)
+            save()
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    rec["meta"] = dict(device=torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or "cpu",
+                       torch=torch.__version__, python=platform.python_version(),
+                       date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    save()
+    return 0
+
+
+def run_all(a) -> int:
+    """Start one worker per plan entry (``precision:mode:b1,b2,...``), then merge their JSON into ``--out``."""
+    barrier = Path(tempfile.mkdtemp(prefix="bench_compile_"))
+    work = Path(a.work_dir) if a.work_dir else barrier
+    work.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, entry in enumerate(a.plan):
+        prec, mode, batches = entry.split(":")
+        cmd = [sys.executable, __file__, "worker", "--precision", prec, "--mode", mode, "--batches",
+               *batches.split(","), "--repeats", str(a.repeats), "--steps", str(a.steps), "--device", a.device,
+               "--proteus-keys", str(a.proteus_keys), "--barrier", str(barrier), "--expect", str(len(a.plan)),
+               "--barrier-timeout", str(a.barrier_timeout),
+               "--out", str(work / f"w{i}.json")] + (["--small", a.small] if a.small else [])
+        if mode == "eager" and not any(e.split(":")[1] == "eager" for e in a.plan[:i]):
+            cmd.append("--probe-syncs")                # the first eager worker counts the host syncs of a step
+        procs.append(subprocess.Popen(cmd))
+    while any(p.poll() is None for p in procs):         # partial results survive a time-out
+        time.sleep(10)
+        merge(a, work, [p.poll() for p in procs], quiet=True)
+    rc = [p.wait() for p in procs]
+    if a.rewarm:                                       # the same shapes again in a fresh process: the cache's effect
+        prec, mode, batches = a.rewarm.split(":")
+        cmd = [sys.executable, __file__, "worker", "--precision", prec, "--mode", mode, "--batches", *batches.split(","),
+               "--repeats", "0", "--device", a.device, "--proteus-keys", str(a.proteus_keys),
+               "--out", str(work / "rewarm.json")] + (["--small", a.small] if a.small else [])
+        rc.append(subprocess.run(cmd).returncode)
+    return merge(a, work, rc)
+
+
+def merge(a, work: Path, rc: list | None = None, quiet: bool = False) -> int:
+    """Merge the workers' JSON files ``w{i}.json`` of ``work`` (in plan order) into ``--out``."""
+    rc = rc if rc is not None else []
+    merged = {"plan": a.plan, "repeats": a.repeats, "timed_steps": a.steps, "length": LENGTH, "workers": [],
+              "command": " ".join(sys.argv), "exit_codes": rc,
+              "meta": dict(torch=torch.__version__, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                           gflop_per_sample_step=GFLOP_PER_SAMPLE_STEP, peak_tflops=PEAK_TFLOPS,
+                           compile_threads=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"))}
+    for i in range(len(a.plan)):
+        f = work / f"w{i}.json"
+        try:
+            merged["workers"].append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            merged["workers"].append({"plan": a.plan[i], "error": "no output"})
+    if (work / "rewarm.json").is_file():
+        try:
+            merged["rewarm"] = json.loads((work / "rewarm.json").read_text())
+        except ValueError:
+            pass
+    Path(a.out).write_text(json.dumps(merged, indent=1))
+    if not quiet:
+        print(f"bench_compile: wrote {a.out}", flush=True)
+    return 0 if all(r == 0 for r in rc) else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["all", "worker", "merge"])
+    p.add_argument("--plan", nargs="+", default=["tf32:eager:1,16,64,128", "tf32:default:16,64,128",
+                                                  "tf32:reduce-overhead:1", "bf16:eager:1,16,64,128",
+                                                  "bf16:default:16,64,128", "bf16:reduce-overhead:1"])
+    p.add_argument("--precision", default="tf32", choices=["fp32", "tf32", "bf16"])
+    p.add_argument("--mode", default="default", choices=["eager", "default", "reduce-overhead"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 128])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (difference of two runs)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--proteus-keys", type=Path, default=Path("../shared/fixtures/official/proteus_paper_keys.json"))
+    p.add_argument("--small", default=None, help="folder of the official small fixture checkpoints (CPU smoke test)")
+    p.add_argument("--probe-syncs", action="store_true")
+    p.add_argument("--rewarm", default=None, help="precision:mode:batches compiled again at the end (warm cache)")
+    p.add_argument("--barrier", default=None)
+    p.add_argument("--expect", type=int, default=1)
+    p.add_argument("--barrier-timeout", type=float, default=420.0)
+    p.add_argument("--work-dir", default=None, help="where the workers write w{i}.json (kept: merge them later)")
+    p.add_argument("--out", default="bench_compile.json")
+    a = p.parse_args()
+    if a.what != "merge" and a.device == "cuda" and not torch.cuda.is_available():
+        print("bench_compile: needs a CUDA device (or --device cpu --small FIXTURE_DIR)", file=sys.stderr)
+        return 2
+    if a.what == "merge":
+        return merge(a, Path(a.work_dir))
+    return run_all(a) if a.what == "all" else worker(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
