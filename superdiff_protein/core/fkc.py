@@ -34,10 +34,14 @@ from torch import Tensor
 
 from .kappa import KappaRule, OrRule, _as_bias
 
-__all__ = ["FKCRule", "ProductRule", "AnnealRule", "GeometricRule", "ImproperTargetWarning", "is_fkc",
+__all__ = ["FKCRule", "ProductRule", "AnnealRule", "GeometricRule", "ImproperTargetWarning", "UnsafeNoiseWarning", "is_fkc",
            "FKC_RULES"]
 
 FKC_RULES = ("product", "anneal", "geometric")
+
+
+class UnsafeNoiseWarning(UserWarning):
+    """FKC with resampling at noise scale eta < 1: valid in theory, collapses in practice (docs/fkc.md)."""
 
 
 class ImproperTargetWarning(UserWarning):

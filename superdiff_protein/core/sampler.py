@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .fkc import is_fkc
+from .fkc import UnsafeNoiseWarning, is_fkc
 from .kappa import KappaRule
 from .protocol import ModelOutput, check_compatible
 from .jacobian import (bilinear_forms, eval_models, noise_cancelling_directions, oblique_and_corrections,
@@ -541,6 +541,11 @@ def superpose(
         raise ValueError(f"smc resampling needs a rule with importance weights (product, anneal, geometric), "
                          f"not {rule.name!r}")
     tracker = SMCTracker(smc or SMCConfig(resample="none"), seeds, mask) if sampler.fkc else None
+    if tracker is not None and tracker.K > 1 and tracker.config.resample != "none" and sampler.eta < 1.0:
+        warnings.warn(f"FKC with resampling at effective noise scale {sampler.eta:g} < 1: the particles diffuse "
+                      "less than the weights assume and resampling collapses them onto few ancestors (the "
+                      "tempered-noise choice eta = 1/sqrt(beta) settles at a wrong variance for beta > 2); use "
+                      "noise_scale=1 (docs/fkc.md)", UnsafeNoiseWarning, stacklevel=2)
     state = sampler.init_state(seeds, shapes, x_init)
     B, S = len(seeds), sampler.num_steps
     kappa_tr, logq_tr = [], [state.logq.clone()]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..core.kappa import BIAS_CONVENTIONS
+from ..core.smc import RESAMPLING_SCHEMES, SMCConfig
 from ..core.sampler import SamplerConfig
 from ..errors import UserError
 from ..runs.checks import resolve_device as _resolve_device
@@ -32,7 +33,8 @@ from ..runs.rundir import LAYOUTS, SETTING_COLUMNS
 from .compiling import COMPILE_CHOICES, COMPILE_MODES
 from .plan import parse_shard, torchrun_world
 
-__all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "ExactOptions", "CONFIG_DIR", "CONFIG_NAME",
+__all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "ExactOptions", "SMCOptions", "CONFIG_DIR",
+           "CONFIG_NAME", "RULES", "smc_config",
            "SCHEMA_NAME", "MAX_LENGTH", "MAX_SAMPLES", "TIME_GRIDS", "FIELDS", "SAMPLE_KEYS", "load_config",
            "parse_lengths", "validate", "canonical", "canon_precision", "sampler_config", "resolve_device",
            "register_schema", "strip_hydra", "option_tree"]
@@ -43,6 +45,8 @@ SCHEMA_NAME = "generate_backbones_schema"
 MAX_LENGTH = 2000            # longer chains are refused as absurd
 MAX_SAMPLES = 1_000_000
 TIME_GRIDS = ("uniform", "quadratic", "framediff")
+RULES = ("or", "and", "average", "single", "product", "anneal", "geometric")
+ANNEAL_OF = ("auto", "single", "product", "or")
 
 
 class GenerateError(RuntimeError, UserError):
@@ -166,6 +170,27 @@ def _exact(v: Any, key: str) -> dict:
 _exact.kind = "exact"  # type: ignore[attr-defined]
 
 
+def _smc(v: Any, key: str) -> dict:
+    d = asdict(v) if is_dataclass(v) and not isinstance(v, type) else dict(v or {})
+    names = [f.name for f in fields(SMCOptions)]
+    bad = set(d) - set(names)
+    if bad:
+        raise GenerateError(f"smc: unknown option(s) {sorted(bad)} (valid: {', '.join(names)})")
+    dflt = SMCOptions()
+    out = {"group_size": _integer(1, 100_000)(d.get("group_size", dflt.group_size), "smc.group_size"),
+           "resample": _choice(*RESAMPLING_SCHEMES)(d.get("resample", dflt.resample), "smc.resample"),
+           "ess_threshold": _number(lambda f: 0.0 <= f <= 1.0, "must lie in [0, 1]")(
+               d.get("ess_threshold", dflt.ess_threshold), "smc.ess_threshold"),
+           "t_max": _number(lambda f: 0.0 <= f <= 1.0, "must lie in [0, 1]")(d.get("t_max", dflt.t_max), "smc.t_max"),
+           "t_min": _number(lambda f: 0.0 <= f <= 1.0, "must lie in [0, 1]")(d.get("t_min", dflt.t_min), "smc.t_min")}
+    if out["t_min"] > out["t_max"]:
+        raise GenerateError(f"smc: t_min ({out['t_min']:g}) must not exceed t_max ({out['t_max']:g})")
+    return out
+
+
+_smc.kind = "smc"  # type: ignore[attr-defined]
+
+
 def _out_dir(v: Any, key: str) -> Path:
     if v is None or str(v).strip() == "":
         raise GenerateError("out_dir: an output directory is required")
@@ -197,12 +222,23 @@ class ExactOptions:
 
 
 @dataclass
+class SMCOptions:
+    """Particle groups of the FKC rules (``rule=product|anneal|geometric``; core/smc.py)."""
+
+    group_size: int = 1               # K particles per group (same length); 1 = weights only
+    resample: str = "systematic"      # systematic | multinomial | none (weights only)
+    ess_threshold: float = 0.5        # resample a group when ESS < threshold * K (1.0: every step)
+    t_max: float = 1.0                # resample only while t_min <= t <= t_max
+    t_min: float = 0.0
+
+
+@dataclass
 class GenerateConfig:
     """All options of :func:`~superdiff_protein.frames.generation.generate` and ``generate_backbones``; the
     defaults are those of ``configs/generate_backbones.yaml``, which documents each option."""
 
     models: Any = field(default_factory=lambda: ["default-helix", "default-strand"], metadata=_opt(_models, sample=True))
-    rule: str = field(default="or", metadata=_opt(_choice("or", "and", "average", "single"), sample=True))
+    rule: str = field(default="or", metadata=_opt(_choice(*RULES), sample=True))
     temperature: float = field(default=1.0, metadata=_opt(_number(lambda f: f > 0, "T must be > 0"), sample=True))
     bias: Any = field(default=None, metadata=_opt(_num_list, sample=True))
     kappa_scope: str = field(default="joint", metadata=_opt(_choice("joint", "per_component"), sample=True))
@@ -237,6 +273,11 @@ class GenerateConfig:
     compile_mode: str = field(default="default", metadata=_opt(_choice(*COMPILE_MODES), added=True))
     layout: str = field(default="flat", metadata=_opt(_choice(*LAYOUTS), sample=True, added=True))
     exact: ExactOptions = field(default_factory=ExactOptions, metadata=_opt(_exact, sample=True))
+    beta: float = field(default=2.0, metadata=_opt(_number(lambda f: f > 0, "beta must be > 0"), sample=True,
+                                                   added=True))
+    anneal_of: str = field(default="auto", metadata=_opt(_choice(*ANNEAL_OF), sample=True, added=True))
+    gamma: float = field(default=0.5, metadata=_opt(_number(), sample=True, added=True))
+    smc: SMCOptions = field(default_factory=SMCOptions, metadata=_opt(_smc, sample=True, added=True))
     shard: Any = field(default=None, metadata=_opt(_keep))              # "i/n"; resolved in validate
 
 
@@ -294,8 +335,8 @@ def load_config(overrides: Mapping[str, Any] | None = None, preset: str | None =
             raise GenerateError(f"unknown preset {preset!r}; available: {avail}")
         base.update(strip_hydra(OmegaConf.to_container(OmegaConf.load(pf), resolve=False)))
     for k, v in (overrides or {}).items():
-        if k == "exact" and isinstance(v, Mapping):
-            base["exact"] = {**(base.get("exact") or {}), **dict(v)}
+        if k in ("exact", "smc") and isinstance(v, Mapping):
+            base[k] = {**(base.get(k) or {}), **dict(v)}
         else:
             base[k] = v
     return base
@@ -409,8 +450,23 @@ def validate(c: Mapping[str, Any]) -> Options:
         raise GenerateError("bias_convention=official is defined for rule=or only (the official code's AND bias is "
                             "another scheme, not implemented); drop it, or use bias_convention=algorithm1, with which "
                             "AND drives log q_i - log q_1 to l_i - l_1")
+    K = vals["smc"]["group_size"]
+    if K > 1 and vals["rule"] not in ("product", "anneal", "geometric"):
+        raise GenerateError(f"smc.group_size={K} needs a rule with importance weights (product, anneal, geometric), "
+                            f"not rule={vals['rule']}; drop smc.group_size or change the rule")
+    if K > 1 and vals["samples_per_length"] % K:
+        raise GenerateError(f"smc.group_size={K} does not divide samples_per_length={vals['samples_per_length']}: "
+                            f"use a multiple of {K} (e.g. samples_per_length={-(-vals['samples_per_length'] // K) * K})")
+    if K > 1 and vals["batch_size"] % K:
+        raise GenerateError(f"batch_size={vals['batch_size']} must be a multiple of smc.group_size={K} (batches hold "
+                            f"whole groups), e.g. batch_size={max(K, vals['batch_size'] // K * K)}")
     vals.update(_placement(vals["shard"], resolve_device(vals["device"])))
     return Options(**vals)
+
+
+def smc_config(opts: Options) -> SMCConfig:
+    """The core's :class:`~superdiff_protein.core.smc.SMCConfig` from ``opts.smc``."""
+    return SMCConfig(**dict(opts.smc))
 
 
 def sampler_config(opts: Options) -> SamplerConfig:
@@ -443,6 +499,9 @@ def _canon_value(f, v: Any, auto_precision: str | None) -> Any:
         return [float(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
     if kind == "str_list" and isinstance(v, (list, tuple)):
         return [str(x) for x in v]
+    if kind == "smc" and isinstance(v, Mapping):
+        return {kk: (float(vv) if kk in ("ess_threshold", "t_max", "t_min") else
+                     (int(vv) if kk == "group_size" else str(vv))) for kk, vv in v.items()}
     if kind == "exact" and isinstance(v, Mapping):
         return {kk: (float(vv) if kk == "trans_std" else int(vv)) for kk, vv in v.items()}
     return v
@@ -455,6 +514,9 @@ def canonical(cfg: Mapping[str, Any], auto_precision: str | None = None) -> dict
     out = {}
     for f in fields(GenerateConfig):
         if f.metadata["sample"]:
-            default = f.default if f.metadata["added"] and f.default is not MISSING else None
+            default = None
+            if f.metadata["added"]:
+                default = f.default if f.default is not MISSING else (
+                    asdict(f.default_factory()) if f.default_factory is not MISSING else None)
             out[f.name] = _canon_value(f, cfg.get(f.name, default), auto_precision)
     return out

@@ -37,8 +37,9 @@ from ..runs.atomic import atomic_open
 from ..runs.checks import check_out_dir
 from ..runs.plots import plot_length_traces
 from .generate_config import (FIELDS, GenerateConfig, GenerateError, GenerationFailed, Options, canon_precision,
-                              canonical, load_config, sampler_config, strip_hydra, validate)
+                              canonical, load_config, sampler_config, smc_config, strip_hydra, validate)
 from .compiling import compile_models, resolve_compile
+from . import fkc_run
 from .geometry import backbone_atoms_from_frames
 from .model_loading import angstrom_per_unit, auto_precision, load_model_spec, model_labels, space_for, supports_padding
 from .pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
@@ -227,7 +228,7 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
     rundir.write_traces(out_dir / files["traces"], t=res.t.cpu().numpy(), kappa=res.kappa_trace[:, b].cpu().numpy(),
                         logq=res.logq_trace[:, b].cpu().numpy(), models=np.array(labels),
                         components=np.array(comps), kappa_scope=np.array(opts.kappa_scope),
-                        seed=np.array(seed, dtype=np.uint64))
+                        seed=np.array(seed, dtype=np.uint64), **fkc_run.trace_arrays(res, b))
     with atomic_open(out_dir / files["pdb"], "w") as fh:
         fh.write(text)
     kap = res.kappa_trace[-1, b].cpu()
@@ -339,9 +340,16 @@ def _load_models(opts: Options) -> tuple[list, list[str], Any, Any]:
         mx = getattr(m, "max_length", None)
         if mx is not None and max(opts.lengths) > int(mx):
             raise GenerateError(f"lengths: model {lab!r} supports lengths up to {mx}; asked for {max(opts.lengths)}")
+    fkc_run.check_models(opts, M)
     try:
-        rule = make_rule(opts.rule, temperature=opts.temperature, bias=opts.bias, weights=opts.weights,
-                         index=opts.single_index, bias_convention=opts.bias_convention)
+        if fkc_run.is_fkc_run(opts):
+            with warnings.catch_warnings(record=True) as wl:
+                warnings.simplefilter("always")
+                rule = fkc_run.fkc_rule(opts, M)
+            _surface_warnings(wl, [])
+        else:
+            rule = make_rule(opts.rule, temperature=opts.temperature, bias=opts.bias, weights=opts.weights,
+                             index=opts.single_index, bias_convention=opts.bias_convention)
     except ValueError as e:
         raise GenerateError(f"rule: {e}") from None
     return models, labels, space, rule
@@ -356,6 +364,7 @@ def _run(config: Mapping[str, Any], opts: Options, t_start: float) -> GenerateSu
     resolved["models"] = [m if isinstance(m, str) else f"<object {lab}>" for m, lab in zip(opts.models, labels)]
     resolved["lengths"] = list(opts.lengths)
     resolved["exact"] = dict(opts.exact)
+    resolved["smc"] = dict(opts.smc)
     # under torchrun each rank runs on its own cuda:LOCAL_RANK, so the shared file records the device type
     resolved["device"] = opts.device.type if opts.distributed else _device_name(opts.device)
     auto = auto_precision(models)
@@ -381,11 +390,16 @@ def _generate_into(out_dir: Path, opts: Options, models: list, labels: list[str]
     rundir.write_run_config(out_dir, resolved)
 
     rows = rundir.complete_rows(out_dir, old_rows)              # rows whose PDB vanished are redone
+    if fkc_run.is_fkc_run(opts):     # particles of a group interact: a group resumes as a whole
+        keep = fkc_run.complete_groups(rows, opts.smc["group_size"])
+        rows = {k: r for k, r in rows.items() if k in keep}
     done = set(rows)
     skipped = sum(1 for L in opts.lengths for i in range(opts.samples_per_length) if (L, i) in done)
     comps = space.names
     scale = angstrom_per_unit(space)
     cols = rundir.samples_columns(labels, comps, opts.kappa_scope, opts.bias_convention)
+    if fkc_run.is_fkc_run(opts):
+        cols = cols[:cols.index("wall_time_s")] + list(fkc_run.FKC_COLUMNS) + cols[cols.index("wall_time_s"):]
 
     pad = opts.pad_lengths and all(supports_padding(m) for m in models)
     if opts.pad_lengths and not pad:
@@ -448,7 +462,8 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
                 pbar.update(generated + B * s / n - pbar.n)
         try:
             res = superpose(space, models, rule, scfg, seeds, {"rot": (N,), "trans": (N, 3)}, mask=mask,
-                            save_trajectory=opts.save_traj, callback=cb, check_models=False)
+                            save_trajectory=opts.save_traj, callback=cb, check_models=False,
+                            smc=smc_config(opts) if fkc_run.is_fkc_run(opts) else None)
         except SamplingError as e:
             names = ", ".join(f"length {L} sample {i}" for L, i in batch)
             raise GenerationFailed(f"sampling failed in the batch of [{names}]: {e}; nothing of this "
@@ -466,8 +481,13 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
         if not all(bool(torch.isfinite(v).all()) for v in finals[b][:2]):
             raise GenerationFailed(f"length {L} sample {i}: the final structure is not finite; nothing "
                                    "of this batch was written")
-    return [((L, i), _write_sample(out_dir, res, b, L, i, seeds[b], opts, labels, comps, dt, scale, finals[b]))
-            for b, (L, i) in enumerate(batch)]
+    out = []
+    for b, (L, i) in enumerate(batch):
+        row = _write_sample(out_dir, res, b, L, i, seeds[b], opts, labels, comps, dt, scale, finals[b])
+        if res.log_weight is not None:
+            row.update(fkc_run.fkc_cells(res, b, batch, opts.smc["group_size"]))
+        out.append(((L, i), row))
+    return out
 
 
 def _plot_lengths(out_dir: Path, lengths: Sequence[int], touched: set[int], rows: Mapping) -> None:
@@ -478,3 +498,6 @@ def _plot_lengths(out_dir: Path, lengths: Sequence[int], touched: set[int], rows
                       if LL == L and r.get(rundir.TRACES_COLUMN) and (out_dir / r[rundir.TRACES_COLUMN]).is_file()]
             if traces:
                 plot_length_traces(out_dir / f"length_{L}", traces)
+                lrows = [r for (LL, _), r in sorted(rows.items()) if LL == L and r.get("log_weight") not in (None, "")]
+                if lrows:
+                    fkc_run.plot_weights(out_dir, L, [out_dir / r[rundir.TRACES_COLUMN] for r in lrows], lrows)
