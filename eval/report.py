@@ -273,6 +273,35 @@ def make_plots(rows: list[dict], div: dict, plot_dir: Path) -> list[str]:
     return written
 
 
+def weighted_means(rows: list[dict]) -> dict | None:
+    """Importance-weighted means of the table metrics for runs of the FKC rules (samples.csv columns
+    ``log_weight`` and ``group``, docs/fkc.md): self-normalised weights within each group, groups averaged with
+    equal weight. None when the rows carry no weights. The unweighted means stay in the summary beside them."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        lw, g = r.get("log_weight"), r.get("group")
+        if lw is None or g in (None, ""):
+            continue
+        groups.setdefault(f"{r.get('method')}|{g}", []).append(r)
+    if not groups:
+        return None
+    out: dict[str, Any] = {"n_groups": len(groups), "scheme": "self-normalised within group, groups equally"}
+    for name, col, kind in TABLE_METRICS:
+        if kind != "mean":
+            continue
+        per_group = []
+        for members in groups.values():
+            vals = [(float(m["log_weight"]), m.get(col)) for m in members]
+            vals = [(lw, float(v)) for lw, v in vals if v is not None and math.isfinite(lw)]
+            if not vals:
+                continue
+            lw = np.array([a for a, _ in vals])
+            w = np.exp(lw - lw.max())
+            per_group.append(float((w * np.array([b for _, b in vals])).sum() / w.sum()))
+        out[f"{name}_mean"] = float(np.mean(per_group)) if per_group else None
+    return out
+
+
 def write_reports(rows: list[dict], out_dir: Path, cfg, div: dict, group_div: dict, status: dict,
                   elapsed: float, n_files: int) -> dict:
     """Write metrics.csv, summary.json, table.csv, table.md and plots/ (all atomically); return the summary."""
@@ -316,6 +345,9 @@ def write_reports(rows: list[dict], out_dir: Path, cfg, div: dict, group_div: di
         "elapsed_s": round(elapsed, 2),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    weighted = weighted_means(good)
+    if weighted is not None:
+        summary["weighted"] = weighted
     table = build_table(rows, group_div)
     summary["groups"] = [{k: v for k, v in t.items()} for t in table]
     atomic_write_text(out_dir / "table.csv", _csv_text(table))
