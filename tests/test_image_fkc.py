@@ -79,6 +79,18 @@ def test_product_of_two_prompts_weights_and_groups(pipe):
     json.dumps(rec)
 
 
+def test_weights_option_product_exponents_and_average_kappa(pipe):
+    """``weights``: the product's exponents b (kappa = b at noise scale 1, prior scaled by 1/sqrt(sum b)) and, as
+    in generate_backbones, the fixed kappa of rule=average."""
+    kw = dict(num_inference_steps=2, seeds=[0], output_type="np")
+    p = pipe(PROMPTS, rule="product", weights=[0.5, 2.0], **kw)
+    assert p.rule["weights"] == [0.5, 2.0] and torch.equal(p.kappa[..., 1], torch.full_like(p.kappa[..., 1], 2.0))
+    a = pipe(PROMPTS, rule="average", weights=[0.25, 0.75], **kw)
+    assert torch.equal(a.kappa[..., 0], torch.full_like(a.kappa[..., 0], 0.25)) and a.log_weight is None
+    with pytest.raises(ImageModelError, match="weights has 3 values"):
+        pipe(PROMPTS, rule="product", weights=[1, 1, 1], **kw)
+
+
 def test_anneal_one_prompt_runs_with_weights(pipe):
     out = pipe(["a cat"], rule="anneal", beta=2.0, num_inference_steps=3, seeds=[0, 1], output_type="np")
     assert out.rule == {"rule": "anneal", "beta": 2.0, "index": 0, "smc": out.rule["smc"]}

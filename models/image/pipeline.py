@@ -415,12 +415,13 @@ class SuperDiffPipeline:
             kappa_rule = fkc_rule(r, len(models), beta=beta, gamma=gamma, weights=weights, anneal_of=anneal_of,
                                   single_index=single_index, bias=bias)
         else:
-            if weights is not None and len(list(weights)) != len(models):
+            if r == "average" and weights is not None and len(list(weights)) != len(models):
                 raise ImageModelError(f"weights has {len(list(weights))} values but there are {len(models)} models")
             # the bias shorthand on the core rules: scalar -> [0, bias] (AND, OR); "joint" is one model (the joined prompt)
             bias = lift_to_bias(bias, len(models)) if r in ("and", "or") else None
             kappa_rule = make_rule("single" if r == "joint" else r, temperature=temperature, bias=bias,
-                                   index=0 if r == "joint" else single_index, weights=weights)
+                                   index=0 if r == "joint" else single_index,
+                                   weights=weights if r == "average" else None)
         seeds = seeds_from(generator, int(batch_size), seeds)
         shape = self._state_shape(height, width)
         space = models[0].group.space if hasattr(models[0], "group") else models[0].space
