@@ -580,7 +580,7 @@ def superpose(
         t=sampler.ts, components=sampler.comps, extras=[o.extras for o in state.outputs], trajectory=traj)
     if tracker is not None:
         res.log_weight, res.ancestor, res.group = state.logw, tracker.ancestor, tracker.group_of()
-        res.ess_trace, res.resampled = torch.stack(tracker.ess_trace), torch.stack(tracker.resampled)
+        res.ess_trace, res.resampled = tracker.traces()
         res.log_z = tracker.final_log_z(state.logw)
     return res
 

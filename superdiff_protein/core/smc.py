@@ -116,14 +116,18 @@ class SMCTracker:
 
     def after_step(self, state, t_next: float) -> Any:
         """Record the ESS after a step; resample the groups whose ESS fell below the threshold inside the
-        window. Returns the (possibly re-indexed) state."""
+        window. Returns the (possibly re-indexed) state. Only a step that may resample reads the weights on
+        the host (one sync); otherwise the ESS stays on the device until the end."""
         cfg, K, G = self.config, self.K, self.G
-        lw = state.logw.detach().to("cpu", torch.float64).reshape(G, K)
-        e = ess(lw) / K
-        self.ess_trace.append(e)
-        do = torch.zeros(G, dtype=torch.bool)
-        if cfg.resample != "none" and K > 1 and cfg.t_min <= t_next <= cfg.t_max:
-            do = e < cfg.ess_threshold - 1e-12 if cfg.ess_threshold < 1.0 else torch.ones(G, dtype=torch.bool)
+        lw_dev = state.logw.detach().reshape(G, K)
+        e_dev = ess(lw_dev) / K
+        self.ess_trace.append(e_dev)
+        if cfg.resample == "none" or K == 1 or not (cfg.t_min <= t_next <= cfg.t_max):
+            self.resampled.append(torch.zeros(G, dtype=torch.bool))
+            return state
+        lw = lw_dev.to("cpu", torch.float64)
+        e = e_dev.to("cpu", torch.float64)
+        do = e < cfg.ess_threshold - 1e-12 if cfg.ess_threshold < 1.0 else torch.ones(G, dtype=torch.bool)
         self.resampled.append(do)
         if not bool(do.any()):
             return state
@@ -138,6 +142,11 @@ class SMCTracker:
         state = state.select(idx.to(state.logw.device))
         state.logw = new_lw
         return state
+
+    def traces(self) -> tuple[Tensor, Tensor]:
+        """(S, G) ESS / K before resampling (float64, CPU) and (S, G) whether each group resampled."""
+        return (torch.stack(self.ess_trace).to("cpu", torch.float64) if self.ess_trace else torch.zeros(0, self.G),
+                torch.stack(self.resampled) if self.resampled else torch.zeros(0, self.G, dtype=torch.bool))
 
     def final_log_z(self, logw: Tensor) -> Tensor:
         """(G,) the estimate of log(Z_end / Z_start) per group, including the weights still carried."""
