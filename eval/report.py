@@ -1,5 +1,6 @@
 """Outputs of ``evaluate_backbones``: metrics.csv (one flat row per sample, :func:`build_rows`), summary.json,
-the grouped table (the columns of the paper's Table 3, mean +- standard error, by method and length) as CSV and
+the grouped table (mean +- standard error, by method and length; its columns follow the official evaluation
+script as mapped in docs/evaluation.md -- the paper's table itself was not verified here) as CSV and
 markdown, and PNG plots."""
 from __future__ import annotations
 

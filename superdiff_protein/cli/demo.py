@@ -1,4 +1,4 @@
-"""``superdiff_demo``: OR and AND of two exact 2-D models, pictured like Figure 2 of the paper.
+"""``superdiff_demo``: OR and AND of two exact 2-D models, pictured like Figure 2 of the paper (the official notebooks/superposition_edu.ipynb, docs/evaluation.md).
 
 Two Gaussian mixtures in R^2 under FrameDiff's VP-SDE share one mode. The demo samples each model
 alone, their average of scores, OR (l = 0) and AND, colours the samples by their final kappa of
