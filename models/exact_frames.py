@@ -163,6 +163,24 @@ class ExactFrameMixture:
         """Exact joint ``log q_t(R, x)`` per sample (B,)."""
         return torch.logsumexp(self._terms(x, t)[0], -1)
 
+    def log_density(self, x, t, mask=None) -> dict[str, Tensor]:
+        """The protocol's optional hook (``init_logq=model``; FKC start weights): ``log q_t`` per component
+        w.r.t. the space's reference measures. ``rot``: the rotations' marginal (normalised Haar); ``trans``:
+        the translations given the rotations, so the two add up to the joint. On a centred translation space
+        the density lives on the zero-centre subspace (``3 (N - 1)`` dimensions, as the space's prior): the
+        full-space Gaussian of each mode differs from it by the centre's own 3-d Gaussian, ``(2 pi var)^(-3/2)``
+        at a centred point (the modes are centred, so the factor is the same for every mode)."""
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError(f"model {self.name!r} does not support padded residues")
+        lc, v, omega, sig, diff, var, a = self._terms(x, t)
+        joint = torch.logsumexp(lc, -1)
+        if getattr(self.space.components["trans"], "center", False):
+            joint = joint + 1.5 * torch.log(2 * math.pi * var.reshape(-1))
+        rs = self.space.components["rot"].schedule
+        lc_rot = igso3_log_density(omega, rs.sigma(t.to(omega.dtype))[:, None, None]).sum(-1)
+        rot = torch.logsumexp(lc_rot, -1) - math.log(lc.shape[-1])
+        return {"rot": rot, "trans": joint - rot}
+
 
 def exact_space() -> ProductSpace:
     """The frame space of the neural frame models when available (so exact and neural models can be

@@ -148,6 +148,7 @@ CASES = [
     (G, ["exact.foo=1"], ["unknown option 'exact.foo'", "trans_std"], {}),
     # ---- FKC rules (issue 15): beta <= 0, group size, rule/model mismatches
     (G, ["rule=anneal", "beta=0"], ["beta must be > 0"], {}),
+    (G, ["init_logq=model", "models=[default-helix]"], ["init_logq=model needs", "use init_logq=prior"], {}),
     (G, ["rule=anneal", "beta=-1"], ["beta must be > 0"], {}),
     (G, ["rule=product", "smc.group_size=3", "samples_per_length=10"],
      ["does not divide samples_per_length=10", "samples_per_length=12"], {}),

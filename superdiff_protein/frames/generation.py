@@ -341,6 +341,11 @@ def _load_models(opts: Options) -> tuple[list, list[str], Any, Any]:
         if mx is not None and max(opts.lengths) > int(mx):
             raise GenerateError(f"lengths: model {lab!r} supports lengths up to {mx}; asked for {max(opts.lengths)}")
     fkc_run.check_models(opts, M)
+    if opts.init_logq == "model":
+        lacking = [lab for m, lab in zip(models, labels) if not callable(getattr(m, "log_density", None))]
+        if lacking:
+            raise GenerateError(f"init_logq=model needs each model's own log-density at t = 1, which only exact "
+                                f"models provide; {', '.join(lacking)} lack(s) it: use init_logq=prior")
     try:
         if fkc_run.is_fkc_run(opts):
             with warnings.catch_warnings(record=True) as wl:
