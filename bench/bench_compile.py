@@ -317,6 +317,28 @@ def merge(a, work: Path, rc: list | None = None, quiet: bool = False) -> int:
     return 0 if all(r == 0 for r in rc) else 1
 
 
+def fold_log(a) -> int:
+    """``merge --from FILE --log LOG``: rows a worker printed to the log after the merged file's last periodic merge
+    (a command cut by its time limit) are added to their worker, marked ``from_log``; nothing else changes."""
+    d = json.loads(Path(a.from_json).read_text())
+    added = 0
+    for line in Path(a.log).read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        row = json.loads(line)
+        prec, mode = row.pop("precision"), row.pop("mode")
+        for entry, w in zip(d["plan"], d["workers"]):           # workers are in plan order
+            p_, m_, batches = entry.split(":")
+            if (p_, m_) == (prec, mode) and str(row["batch"]) in batches.split(",") and \
+                    row["batch"] not in {r["batch"] for r in w.get("rows", [])}:
+                w.setdefault("rows", []).append({**row, "from_log": True})
+                added += 1
+    d["folded_from_log"] = added
+    Path(a.out).write_text(json.dumps(d, indent=1))
+    print(f"bench_compile: {added} row(s) added from {a.log} -> {a.out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["all", "worker", "merge"])
@@ -337,13 +359,15 @@ def main() -> int:
     p.add_argument("--expect", type=int, default=1)
     p.add_argument("--barrier-timeout", type=float, default=420.0)
     p.add_argument("--work-dir", default=None, help="where the workers write w{i}.json (kept: merge them later)")
+    p.add_argument("--from", dest="from_json", default=None, help="merge: a merged file to complete from --log")
+    p.add_argument("--log", default=None, help="merge: the run's log (its printed rows)")
     p.add_argument("--out", default="bench_compile.json")
     a = p.parse_args()
     if a.what != "merge" and a.device == "cuda" and not torch.cuda.is_available():
         print("bench_compile: needs a CUDA device (or --device cpu --small FIXTURE_DIR)", file=sys.stderr)
         return 2
     if a.what == "merge":
-        return merge(a, Path(a.work_dir))
+        return merge(a, Path(a.work_dir)) if a.work_dir else fold_log(a)
     return run_all(a) if a.what == "all" else worker(a)
 
 

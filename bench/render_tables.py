@@ -225,6 +225,13 @@ def compile_table(d: dict) -> None:
         comp = {}
         for c in w.get("compile_s", []):
             comp.setdefault(c["batch"], []).append(f"{c['seconds']:.0f}")
+        timed = {r["batch"] for r in w.get("rows", [])}
+        for b in sorted(comp) if w.get("mode") != "eager" else []:
+            if b not in timed:
+                print(f"| {w['precision']} | {w['mode']} | {b} | not timed (the command's time ran out) | | | | | "
+                      f"{', '.join(comp[b])} | |")
+        if w.get("mode") == "eager" and not timed:
+            print(f"| {w['precision']} | eager | – | not timed (the command's time ran out) | | | | | – | |")
         for r in w.get("rows", []):
             head = f"| {w['precision']} | {w['mode']} | {r['batch']} |"
             if "error" in r:
@@ -255,7 +262,9 @@ def main(paths: list[str]) -> int:
                 multigpu([data[q] for q in pooled])
             continue
         print(f"\n<!-- from {p} -->")
-        if "esmfold" in d:
+        if "workers" in d:
+            compile_table(d)
+        elif "esmfold" in d:
             esmfold(d)
         elif "rows" in d:
             sd_and(d)

@@ -272,3 +272,23 @@ def test_same_shape_with_other_strides_does_not_compile_again():
         comp(R.transpose(-1, -2).contiguous().transpose(-1, -2), T, t[:1].expand(3), m, cond)
         comp(R, T[:, :, None].expand(3, 8, 2, 3)[:, :, 0], t, m, cond)
     assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["framediff", "proteus"])
+def test_no_host_sync_in_a_model_call_on_cuda(kind):
+    """A steady-state model call on CUDA (network, eager, and the official scores) makes no synchronising CUDA
+    operation: torch's sync debug mode turns any into an error."""
+    model = FrameScoreModel.from_adapter(_adapter(kind).cuda())
+    B, N, dev = 2, 16, torch.device("cuda")
+    gens = [torch.Generator(device=dev).manual_seed(i) for i in range(B)]
+    x = model.diffuser.space.sample_prior(B, {"rot": (N,), "trans": (N, 3)}, gens, None, torch.float32, dev)
+    t = torch.full((B,), 0.5, device=dev)
+    with torch.no_grad():
+        state = model(x, t, None, model.init_state(B, None)).state
+        model(x, t, None, state)                       # caches (the sigma grid, constants) are built once
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x, t, None, state)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

@@ -82,7 +82,7 @@ def calc_distogram(pos: Tensor, min_bin: float, max_bin: float, num_bins: int) -
     """
     d = torch.linalg.norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1)[..., None]
     lower = torch.linspace(min_bin, max_bin, num_bins, device=pos.device)
-    upper = torch.cat([lower[1:], lower.new_tensor([1e8])], dim=-1)
+    upper = torch.cat([lower[1:], torch.full((1,), 1e8, dtype=lower.dtype, device=lower.device)], dim=-1)
     return ((d > lower) * (d < upper)).to(pos.dtype)
 
 
@@ -172,7 +172,7 @@ def _distogram_linear(pos: Tensor, w: Tensor, min_bin: float, max_bin: float, nu
     """
     d = torch.linalg.norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1)
     lower = torch.linspace(min_bin, max_bin, num_bins, device=pos.device)
-    upper = torch.cat([lower[1:], lower.new_tensor([1e8])], dim=-1)
+    upper = torch.cat([lower[1:], torch.full((1,), 1e8, dtype=lower.dtype, device=lower.device)], dim=-1)
     dc = d.contiguous()
     k = torch.searchsorted(lower.to(d.dtype), dc) - 1          # number of edges below d, minus 1
     kc = k.clamp(0, num_bins - 1)

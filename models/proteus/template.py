@@ -43,6 +43,21 @@ def _psi_default_frame() -> tuple[np.ndarray, np.ndarray]:
 _PSI_ROT, _PSI_TRANS = _psi_default_frame()
 
 
+_CONSTANTS: dict = {}
+
+
+def _const(name: str, value, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A constant tensor, copied to ``device`` once (each fresh copy from the host is a device sync on a GPU);
+    under torch.compile the graph holds it anyway. Read-only."""
+    if torch.compiler.is_compiling():
+        return torch.as_tensor(value, dtype=dtype, device=device)
+    key = (name, dtype, str(device))
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS[key] = torch.as_tensor(value, dtype=dtype).to(device)
+    return out
+
+
 def backbone_atoms(rot: Tensor, trans: Tensor, psi_sin_cos: Tensor | None = None) -> Tensor:
     """Backbone atoms (..., 4, 3) = N, CA, C, O of frames (rot (..., 3, 3), trans (..., 3), Angstrom).
 
@@ -52,17 +67,17 @@ def backbone_atoms(rot: Tensor, trans: Tensor, psi_sin_cos: Tensor | None = None
     onto the C=O axis at 2.153 A from CA along x; that is the default here (``None`` -> zeros).
     """
     dt, dev = trans.dtype, trans.device
-    lit_n = torch.tensor(_ALA_N, dtype=dt, device=dev)
-    lit_c = torch.tensor(_ALA_C, dtype=dt, device=dev)
-    lit_o = torch.tensor(_ALA_O, dtype=dt, device=dev)
+    lit_n = _const("ala_n", _ALA_N, dt, dev)
+    lit_c = _const("ala_c", _ALA_C, dt, dev)
+    lit_o = _const("ala_o", _ALA_O, dt, dev)
     if psi_sin_cos is None:
         psi_sin_cos = trans.new_zeros(trans.shape[:-1] + (2,))
     s, c = psi_sin_cos[..., 0], psi_sin_cos[..., 1]
     one, zero = torch.ones_like(s), torch.zeros_like(s)
     r_alpha = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, c, -s], -1),
                            torch.stack([zero, s, c], -1)], -2)
-    psi_rot = torch.as_tensor(_PSI_ROT, dtype=dt, device=dev)
-    psi_t = torch.as_tensor(_PSI_TRANS, dtype=dt, device=dev)
+    psi_rot = _const("psi_rot", _PSI_ROT, dt, dev)
+    psi_t = _const("psi_trans", _PSI_TRANS, dt, dev)
     # psi frame to global: r_bb o (default o r_alpha)
     r_psi_bb = psi_rot @ r_alpha
     r_glob = rot @ r_psi_bb
@@ -118,7 +133,7 @@ def backbone_torsions(atoms: Tensor, atom_mask: Tensor) -> tuple[Tensor, Tensor]
     rel = _rigid.rot_vec_mul(rt, pos[..., 3, :]) + (-1 * _rigid.rot_vec_mul(rt, origin))
     sc = torch.stack([rel[..., 2], rel[..., 1]], dim=-1)
     sc = sc / torch.sqrt(torch.sum(torch.square(sc), dim=-1, keepdim=True) + 1e-8)
-    sign = sc.new_tensor([1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0])[:, None]
+    sign = _const("torsion_sign", [[1.0], [1.0], [-1.0], [1.0], [1.0], [1.0], [1.0]], sc.dtype, sc.device)
     return sc * sign, mask
 
 
@@ -191,7 +206,7 @@ def template_features(atoms: Tensor, atom_mask: Tensor, min_bin: float, max_bin:
     pb_mask_2d = pb_mask[..., None] * pb_mask[..., None, :]
     dgram = torch.sum((pb[..., None, :] - pb[..., None, :, :]) ** 2, dim=-1, keepdim=True)
     lower = torch.linspace(min_bin, max_bin, no_bins, device=atoms.device) ** 2
-    upper = torch.cat([lower[:-1], lower.new_tensor([inf])], dim=-1)
+    upper = torch.cat([lower[:-1], torch.full((1,), inf, dtype=lower.dtype, device=lower.device)], dim=-1)
     dgram = ((dgram > lower) * (dgram < upper)).to(dgram.dtype)
     rot, tr = _frames_from_reference(atoms[..., 0, :], atoms[..., 1, :], atoms[..., 2, :], eps=eps)
     vec = _rigid.rot_vec_mul(rot[..., :, None, :, :].transpose(-1, -2), tr[..., None, :, :] - tr[..., :, None, :])

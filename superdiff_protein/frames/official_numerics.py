@@ -135,9 +135,19 @@ def sigma_of_t(t: Tensor, cfg: SE3DiffuserConfig) -> Tensor:
     return torch.log(t * math.exp(cfg.max_sigma) + (1 - t) * math.exp(cfg.min_sigma))
 
 
+_GRIDS: dict = {}
+
+
 def discrete_sigma(cfg: SE3DiffuserConfig, device: Any = None) -> Tensor:
-    """The official sigma grid ``sigma(linspace(0, 1, num_sigma))`` (float64)."""
-    return sigma_of_t(np_linspace(0.0, 1.0, cfg.num_sigma, device), cfg)
+    """The official sigma grid ``sigma(linspace(0, 1, num_sigma))`` (float64), computed on the CPU (as numpy does)
+    once per schedule and device, then kept: building it on a GPU at every model call wrote its last entry from
+    the host, a device sync per call. Treat it as read-only."""
+    key = (cfg.num_sigma, float(cfg.min_sigma), float(cfg.max_sigma), str(torch.device(device or "cpu")))
+    grid = _GRIDS.get(key)
+    if grid is None:
+        grid = sigma_of_t(np_linspace(0.0, 1.0, cfg.num_sigma), cfg)
+        grid = _GRIDS[key] = grid.to(device) if device is not None else grid
+    return grid
 
 
 def sigma_index(t: Tensor, cfg: SE3DiffuserConfig, grid: Tensor | None = None) -> Tensor:
