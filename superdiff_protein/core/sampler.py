@@ -548,6 +548,7 @@ def superpose(
                       "noise_scale=1 (docs/fkc.md)", UnsafeNoiseWarning, stacklevel=2)
     state = sampler.init_state(seeds, shapes, x_init)
     B, S = len(seeds), sampler.num_steps
+    ts_host = sampler.ts.tolist()        # the time grid on the host once (no device sync per step)
     kappa_tr, logq_tr = [], [state.logq.clone()]
     traj = [{k: v.clone() for k, v in state.x.items()}] if save_trajectory else None
     first_bad = torch.full((B,), -1, dtype=torch.long, device=sampler.device)
@@ -568,7 +569,7 @@ def superpose(
                     f"non-finite values at step {s0 + 1}/{S} (t={float(sampler.ts[s0]):.4f}) for sample(s) "
                     f"{idx} (seeds {[int(seeds[i]) for i in idx]}); the batch was stopped")
         if tracker is not None:
-            state = tracker.after_step(state, float(sampler.ts[step + 1]))
+            state = tracker.after_step(state, ts_host[step + 1])
         kappa_tr.append(out.kappa.clone())
         logq_tr.append(state.logq.clone())
         if traj is not None:
