@@ -44,12 +44,13 @@ _PSI_ROT, _PSI_TRANS = _psi_default_frame()
 
 
 _CONSTANTS: dict = {}
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)   # torch < 2.3: absent
 
 
 def _const(name: str, value, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A constant tensor, copied to ``device`` once (each fresh copy from the host is a device sync on a GPU);
     under torch.compile the graph holds it anyway. Read-only."""
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return torch.as_tensor(value, dtype=dtype, device=device)
     key = (name, dtype, str(device))
     out = _CONSTANTS.get(key)

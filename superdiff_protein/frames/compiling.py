@@ -179,7 +179,7 @@ class CompiledPredictor(nn.Module):
             if torch.cuda.is_available() and any(isinstance(a, Tensor) and a.is_cuda for a in args):
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
-            if isinstance(e, torch.OutOfMemoryError):
+            if isinstance(e, torch.cuda.OutOfMemoryError):     # out of memory is not a compile failure
                 raise
             self.failed = True
             self.session.fallback(self.name, e)
