@@ -580,7 +580,7 @@ def superpose(
         x=state.x, logq=state.logq, kappa_trace=torch.stack(kappa_tr), logq_trace=torch.stack(logq_tr),
         t=sampler.ts, components=sampler.comps, extras=[o.extras for o in state.outputs], trajectory=traj)
     if tracker is not None:
-        res.log_weight, res.ancestor, res.group = state.logw, tracker.ancestor, tracker.group_of()
+        res.log_weight, res.ancestor, res.group = state.logw, tracker.ancestors(), tracker.group_of()
         res.ess_trace, res.resampled = tracker.traces()
         res.log_z = tracker.final_log_z(state.logw)
     return res

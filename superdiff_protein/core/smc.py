@@ -116,39 +116,53 @@ class SMCTracker:
 
     def after_step(self, state, t_next: float) -> Any:
         """Record the ESS after a step; resample the groups whose ESS fell below the threshold inside the
-        window. Returns the (possibly re-indexed) state. Only a step that may resample reads the weights on
-        the host (one sync); otherwise the ESS stays on the device until the end."""
+        window. Returns the (possibly re-indexed) state.
+
+        Systematic resampling runs on the state's device without a host sync: each group's uniform is drawn
+        from its CPU stream at every step inside the window (whether or not the group resamples, so the
+        draws do not depend on the weights), the ESS test and the index search run on the device, and every
+        particle is gathered (groups that keep their particles gather themselves). Multinomial resampling
+        reads the weights on the host (one sync per step)."""
         cfg, K, G = self.config, self.K, self.G
         lw_dev = state.logw.detach().reshape(G, K)
         e_dev = ess(lw_dev) / K
         self.ess_trace.append(e_dev)
         if cfg.resample == "none" or K == 1 or not (cfg.t_min <= t_next <= cfg.t_max):
-            self.resampled.append(torch.zeros(G, dtype=torch.bool))
+            self.resampled.append(torch.zeros(G, dtype=torch.bool, device=e_dev.device))
             return state
-        lw = lw_dev.to("cpu", torch.float64)
-        e = e_dev.to("cpu", torch.float64)
-        do = e < cfg.ess_threshold - 1e-12 if cfg.ess_threshold < 1.0 else torch.ones(G, dtype=torch.bool)
+        dev = lw_dev.device
+        ar = torch.arange(K, device=dev)
+        if cfg.resample == "systematic":
+            u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators]).to(dev)
+            cdf = torch.cumsum(torch.softmax(lw_dev.to(torch.float64), -1), -1)
+            cdf[:, -1] = 1.0
+            a = torch.searchsorted(cdf, (u[:, None] + ar) / K).clamp_(max=K - 1)
+        else:
+            lw_host = lw_dev.to("cpu", torch.float64)
+            a = torch.stack([resample_indices(lw_host[g], cfg.resample, self.generators[g]) for g in range(G)]).to(dev)
+        do = e_dev < cfg.ess_threshold - 1e-12 if cfg.ess_threshold < 1.0 else torch.ones(G, dtype=torch.bool, device=dev)
         self.resampled.append(do)
-        if not bool(do.any()):
-            return state
-        idx = torch.arange(self.B)
-        new_lw = state.logw.clone()
-        for g in torch.nonzero(do).flatten().tolist():
-            a = resample_indices(lw[g], cfg.resample, self.generators[g])
-            idx[g * K:(g + 1) * K] = g * K + a
-            self.log_z[g] += float(torch.logsumexp(lw[g], 0)) - math.log(K)
-            new_lw[g * K:(g + 1) * K] = 0.0
-        self.ancestor = self.ancestor[idx]
-        state = state.select(idx.to(state.logw.device))
-        state.logw = new_lw
+        a = torch.where(do[:, None], a, ar)
+        idx = (torch.arange(G, device=dev)[:, None] * K + a).reshape(-1)
+        self.log_z = self.log_z.to(dev) + torch.where(do, torch.logsumexp(lw_dev.to(torch.float64), -1) - math.log(K),
+                                                      torch.zeros((), dtype=torch.float64, device=dev))
+        self.ancestor = self.ancestor.to(dev)[idx]
+        state = state.select(idx)
+        state.logw = torch.where(do.repeat_interleave(K), torch.zeros_like(state.logw), state.logw)
         return state
 
     def traces(self) -> tuple[Tensor, Tensor]:
         """(S, G) ESS / K before resampling (float64, CPU) and (S, G) whether each group resampled."""
-        return (torch.stack(self.ess_trace).to("cpu", torch.float64) if self.ess_trace else torch.zeros(0, self.G),
-                torch.stack(self.resampled) if self.resampled else torch.zeros(0, self.G, dtype=torch.bool))
+        if not self.ess_trace:
+            return torch.zeros(0, self.G, dtype=torch.float64), torch.zeros(0, self.G, dtype=torch.bool)
+        return (torch.stack([e.to("cpu", torch.float64) for e in self.ess_trace]),
+                torch.stack([d.to("cpu") for d in self.resampled]))
+
+    def ancestors(self) -> Tensor:
+        """(B,) each particle's root ancestor (batch index at t = 1), on the CPU."""
+        return self.ancestor.to("cpu")
 
     def final_log_z(self, logw: Tensor) -> Tensor:
         """(G,) the estimate of log(Z_end / Z_start) per group, including the weights still carried."""
         lw = logw.detach().to("cpu", torch.float64).reshape(self.G, self.K)
-        return self.log_z + torch.logsumexp(lw, -1) - math.log(self.K)
+        return self.log_z.to("cpu") + torch.logsumexp(lw, -1) - math.log(self.K)
