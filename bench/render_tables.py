@@ -6,7 +6,7 @@
         bench/results/sd_and_h200.json
 
 The kind of each file is read from its keys: ``bench_multigpu.sh`` (summary; several such files are pooled into
-one table), ``bench_eval.py esmfold`` (esmfold), ``bench_sd_and.py`` (rows), ``bench_frame_forward.py`` (records), ``bench_superposition.py`` (the rest).
+one table), ``bench_eval.py esmfold`` (esmfold), ``bench_fkc.py`` (overhead_pct), ``bench_sd_and.py`` (rows), ``bench_frame_forward.py`` (records), ``bench_superposition.py`` (the rest).
 
 Each cell is ``median (min–max)`` over the file's repeats. The official loop's rate for ratios is read from
 ``bench/results/official/official_h200_*.json`` (a copy of ``../shared/bench/official``).
@@ -252,6 +252,17 @@ def compile_table(d: dict) -> None:
                   f"of the best row: {best / max(off):.0f}–{best / min(off):.0f}×")
 
 
+def fkc_overhead(d: dict) -> None:
+    """bench_fkc.py: ms per step of OR and the FKC product settings, and the overhead against OR."""
+    print(f"\n{d['device']}, {d['date']}, {d['batch']} × {d['length']}, {d['precision']}, groups of "
+          f"{d['group_size']}: ms per step and overhead against the OR step of the same repeat, median (min–max) "
+          f"of {d['repeats']} repeats\n")
+    print("| setting | ms per step | overhead vs OR (%) |\n| --- | --- | --- |")
+    for k, v in d["ms_per_step"].items():
+        ov = d["overhead_pct"].get(k)
+        print(f"| {k} | {cell(v, 2)} | {cell(ov, 1) if ov else '—'} |")
+
+
 def main(paths: list[str]) -> int:
     data = {p: json.loads(Path(p).read_text()) for p in paths}
     pooled = [p for p, d in data.items() if "summary" in d]          # multi-GPU calls: one table for all of them
@@ -262,7 +273,9 @@ def main(paths: list[str]) -> int:
                 multigpu([data[q] for q in pooled])
             continue
         print(f"\n<!-- from {p} -->")
-        if "workers" in d:
+        if "overhead_pct" in d:
+            fkc_overhead(d)
+        elif "workers" in d:
             compile_table(d)
         elif "esmfold" in d:
             esmfold(d)
