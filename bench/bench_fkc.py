@@ -92,6 +92,32 @@ def main(argv=None) -> dict:
                 short = run_once(models, rule, smc, a.length, a.batch, 2, dev)
                 long_ = run_once(models, rule, smc, a.length, a.batch, a.steps + 2, dev)
                 per_step[k].append((long_ - short) / a.steps)
+    syncs = {}
+    if dev.type == "cuda":      # host syncs inside the loop: torch's sync debug mode raises on the first one
+        for k, (rule, smc) in settings.items():
+            space = models[0].diffuser.space
+            cfg = SamplerConfig(num_steps=6, min_t=0.01, device=dev, dtype=torch.float32, nan_check_every=1000)
+            from superdiff_protein.core.sampler import Sampler
+            from superdiff_protein.core.smc import SMCTracker
+            sampler = Sampler(space, models, rule, cfg)
+            seeds = list(range(a.batch))
+            state = sampler.init_state(seeds, {"rot": (a.length,), "trans": (a.length, 3)})
+            tracker = SMCTracker(smc, seeds, None, sampler.num_steps, dev) if smc is not None else None
+            ts = sampler.ts.tolist()
+            with torch.no_grad():
+                state = sampler.step(state).state           # the first call (self-conditioning pass) outside
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    for i in range(1, 5):
+                        state = sampler.step(state).state
+                        if tracker is not None:
+                            state = tracker.after_step(state, ts[i + 1], i)
+                    syncs[k] = "none in steps 2-5"
+                except RuntimeError as e:
+                    syncs[k] = f"sync: {str(e).splitlines()[0][:200]}"
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
     ref = per_step["or"]
     res = {
         "script": "bench/bench_fkc.py", "argv": sys.argv[1:] if argv is None else argv,
@@ -101,6 +127,7 @@ def main(argv=None) -> dict:
         "group_size": a.group_size, "precision": a.precision, "tiny": a.tiny,
         "ms_per_step": {k: stats(v, 1e3) for k, v in per_step.items()},
         # overhead per repeat against the OR step of the same repeat
+        "host_syncs": syncs,
         "overhead_pct": {k: stats([100 * (x / r - 1) for x, r in zip(v, ref)], 1.0)
                          for k, v in per_step.items() if k != "or"},
     }

@@ -540,7 +540,8 @@ def superpose(
     if smc is not None and not sampler.fkc:
         raise ValueError(f"smc resampling needs a rule with importance weights (product, anneal, geometric), "
                          f"not {rule.name!r}")
-    tracker = SMCTracker(smc or SMCConfig(resample="none"), seeds, mask) if sampler.fkc else None
+    tracker = SMCTracker(smc or SMCConfig(resample="none"), seeds, mask, sampler.num_steps, sampler.device) \
+        if sampler.fkc else None
     if tracker is not None and tracker.K > 1 and tracker.config.resample != "none" and sampler.eta < 1.0:
         warnings.warn(f"FKC with resampling at effective noise scale {sampler.eta:g} < 1: the particles diffuse "
                       "less than the weights assume and resampling collapses them onto few ancestors (the "
@@ -569,7 +570,7 @@ def superpose(
                     f"non-finite values at step {s0 + 1}/{S} (t={float(sampler.ts[s0]):.4f}) for sample(s) "
                     f"{idx} (seeds {[int(seeds[i]) for i in idx]}); the batch was stopped")
         if tracker is not None:
-            state = tracker.after_step(state, ts_host[step + 1])
+            state = tracker.after_step(state, ts_host[step + 1], step)
         kappa_tr.append(out.kappa.clone())
         logq_tr.append(state.logq.clone())
         if traj is not None:

@@ -92,7 +92,8 @@ def _group_seed(first_seed: int) -> int:
 class SMCTracker:
     """The per-group bookkeeping of one batch: weights, ESS trace, ancestors, log Z, resampling."""
 
-    def __init__(self, config: SMCConfig, seeds: Sequence[int], mask: Tensor | None = None):
+    def __init__(self, config: SMCConfig, seeds: Sequence[int], mask: Tensor | None = None,
+                 num_steps: int = 0, device: str | torch.device = "cpu"):
         config.validate()
         self.config = config
         B, K = len(seeds), int(config.group_size)
@@ -106,23 +107,31 @@ class SMCTracker:
                                  "residue counts); order the batch by length in whole groups")
         self.B, self.K, self.G = B, K, B // K
         self.generators = [torch.Generator().manual_seed(_group_seed(seeds[g * K])) for g in range(self.G)]
-        self.ancestor = torch.arange(B)                 # each particle's root ancestor (batch index at t = 1)
-        self.log_z = torch.zeros(self.G, dtype=torch.float64)
+        dev = torch.device(device)
+        self.ancestor = torch.arange(B, device=dev)     # each particle's root ancestor (batch index at t = 1)
+        self.log_z = torch.zeros(self.G, dtype=torch.float64, device=dev)
+        # systematic resampling: one uniform per group and step, drawn up front from the group's stream (a
+        # host-to-device copy inside the loop would sync); multinomial draws from the streams when it resamples
+        self.uniforms = None
+        if config.resample == "systematic" and K > 1 and num_steps > 0:
+            self.uniforms = torch.stack([torch.rand(num_steps, generator=g, dtype=torch.float64)
+                                         for g in self.generators], 1).to(dev)              # (S, G)
         self.ess_trace: list[Tensor] = []               # per step: (G,) ESS / K before any resampling
         self.resampled: list[Tensor] = []               # per step: (G,) bool
 
     def group_of(self) -> Tensor:
         return torch.arange(self.B) // self.K
 
-    def after_step(self, state, t_next: float) -> Any:
+    def after_step(self, state, t_next: float, step: int = 0) -> Any:
         """Record the ESS after a step; resample the groups whose ESS fell below the threshold inside the
         window. Returns the (possibly re-indexed) state.
 
         Systematic resampling runs on the state's device without a host sync: each group's uniform is drawn
         from its CPU stream at every step inside the window (whether or not the group resamples, so the
-        draws do not depend on the weights), the ESS test and the index search run on the device, and every
-        particle is gathered (groups that keep their particles gather themselves). Multinomial resampling
-        reads the weights on the host (one sync per step)."""
+        draws do not depend on the weights; all of them are drawn when the tracker is made), the ESS test and
+        the index search run on the device, and every particle is gathered (groups that keep their particles
+        gather themselves). Multinomial resampling reads the weights on the host (one sync per step).
+        ``step``: the index of the step just taken (selects its uniforms)."""
         cfg, K, G = self.config, self.K, self.G
         lw_dev = state.logw.detach().reshape(G, K)
         e_dev = ess(lw_dev) / K
@@ -133,7 +142,10 @@ class SMCTracker:
         dev = lw_dev.device
         ar = torch.arange(K, device=dev)
         if cfg.resample == "systematic":
-            u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators]).to(dev)
+            if self.uniforms is not None:
+                u = self.uniforms[step].to(dev)
+            else:
+                u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators]).to(dev)
             cdf = torch.cumsum(torch.softmax(lw_dev.to(torch.float64), -1), -1)
             cdf[:, -1] = 1.0
             a = torch.searchsorted(cdf, (u[:, None] + ar) / K).clamp_(max=K - 1)
@@ -148,7 +160,7 @@ class SMCTracker:
                                                       torch.zeros((), dtype=torch.float64, device=dev))
         self.ancestor = self.ancestor.to(dev)[idx]
         state = state.select(idx)
-        state.logw = torch.where(do.repeat_interleave(K), torch.zeros_like(state.logw), state.logw)
+        state.logw = torch.where(do[:, None].expand(G, K).reshape(-1), torch.zeros_like(state.logw), state.logw)
         return state
 
     def traces(self) -> tuple[Tensor, Tensor]:
