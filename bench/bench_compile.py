@@ -12,12 +12,13 @@ For each configuration ``precision x mode x batch`` (precision ``tf32`` = fp32 w
 * max deviation vs eager: compiled vs eager predicted translations (Angstrom) and rotations on the same inputs,
   next to the eager run's own distance to a float64 copy of the networks (the rounding scale, docs/testing.md).
 
-One worker process per (precision, mode) compiles its shapes while the others compile theirs; then the workers
-time one after another (a file lock), after all have compiled (a barrier), so no timing shares the GPU or the CPU
-with compiling:
+One worker process per plan entry (``precision:mode:batches``; one batch per compiled worker keeps the compile
+phase short) compiles its shapes while the others compile theirs. Once all have compiled (a barrier), the workers
+time one after another in plan order (the plan is the priority), so no timing shares the GPU or the CPU with
+compiling. The merged JSON is rewritten every 10 s, so a command cut by its time limit keeps what was timed:
 
     python bench/bench_compile.py all --proteus-keys .gpu_data/proteus_paper_keys.json --out compile_h200.json \\
-        --plan tf32:eager:1,16,64,128 tf32:default:16,64,128 tf32:reduce-overhead:1 bf16:eager:1,16,64,128 ...
+        --plan bf16:default:128 tf32:default:128 bf16:reduce-overhead:1 tf32:eager:1,16,128 ...
 
 ``--small`` uses the official small fixture checkpoints instead of paper-size networks (a CPU smoke test).
 """
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -177,6 +178,7 @@ def probe_syncs(models, batch: int, dev: torch.device) -> dict:
 
 def worker(a) -> int:
     dev = torch.device(a.device)
+    torch._logging.set_logs(recompiles=True)           # a recompilation says why in the log
     set_precision(a.precision)
     rec = {"precision": a.precision, "mode": a.mode, "length": LENGTH, "repeats": a.repeats, "timed_steps": a.steps,
            "cache_dir": str(compile_cache_dir()), "rows": []}
@@ -222,10 +224,17 @@ def worker(a) -> int:
         rec["meta"] = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__)
         save()
         return 0
-    lock = open(Path(a.barrier or tempfile.gettempdir()) / "gpu.lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    if a.barrier:        # time in plan order (the plan's priority): wait for every earlier worker to be done
+        t_wait = time.perf_counter()
+        while any(not Path(a.barrier, f"done.{j}").exists() for j in range(a.index)) and \
+                time.perf_counter() - t_wait < a.turn_timeout:
+            time.sleep(0.5)
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
     try:
         rec["timed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        t_timing = time.perf_counter()
         for b in a.batches:
             if models is None or not compiled.get(b, {}).get("ok"):
                 rec["rows"].append(dict(batch=b, error=compiled.get(b, {}).get("error", rec.get("error"))))
@@ -253,8 +262,12 @@ def worker(a) -> int:
             rec["rows"].append(row)
             print(json.dumps({"precision": a.precision, "mode": a.mode, **row}), flush=True)
             save()
+        rec["timing_s"] = round(time.perf_counter() - t_timing, 1)
+        # graphs dynamo compiled while timing (0 when every call hit the warmed-up graphs; see docs/benchmarks.md)
+        rec["graphs_compiled_while_timing"] = counters["stats"]["unique_graphs"] - graphs_before
     finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        if a.barrier:
+            Path(a.barrier, f"done.{a.index}").touch()
     rec["meta"] = dict(device=torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or "cpu",
                        torch=torch.__version__, python=platform.python_version(),
                        date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -273,11 +286,16 @@ def run_all(a) -> int:
         cmd = [sys.executable, __file__, "worker", "--precision", prec, "--mode", mode, "--batches",
                *batches.split(","), "--repeats", str(a.repeats), "--steps", str(a.steps), "--device", a.device,
                "--proteus-keys", str(a.proteus_keys), "--barrier", str(barrier), "--expect", str(len(a.plan)),
-               "--barrier-timeout", str(a.barrier_timeout),
+               "--barrier-timeout", str(a.barrier_timeout), "--index", str(i),
                "--out", str(work / f"w{i}.json")] + (["--small", a.small] if a.small else [])
         if mode == "eager" and not any(e.split(":")[1] == "eager" for e in a.plan[:i]):
             cmd.append("--probe-syncs")                # the first eager worker counts the host syncs of a step
         procs.append(subprocess.Popen(cmd))
+    def on_term(signum, frame):                        # `timeout` ends the driver: keep what the workers saved
+        merge(a, work, [p.poll() for p in procs])
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, on_term)
     while any(p.poll() is None for p in procs):         # partial results survive a time-out
         time.sleep(10)
         merge(a, work, [p.poll() for p in procs], quiet=True)
@@ -342,9 +360,11 @@ def fold_log(a) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["all", "worker", "merge"])
-    p.add_argument("--plan", nargs="+", default=["tf32:eager:1,16,64,128", "tf32:default:16,64,128",
-                                                  "tf32:reduce-overhead:1", "bf16:eager:1,16,64,128",
-                                                  "bf16:default:16,64,128", "bf16:reduce-overhead:1"])
+    p.add_argument("--plan", nargs="+", default=["bf16:default:128", "tf32:default:128", "bf16:reduce-overhead:1",
+                                                  "tf32:reduce-overhead:1", "tf32:eager:1,16,128", "bf16:default:16",
+                                                  "bf16:default:64", "tf32:default:16", "tf32:default:64",
+                                                  "bf16:eager:1,16,128"],
+                   help="precision:mode:batches, in priority order (the timing order)")
     p.add_argument("--precision", default="tf32", choices=["fp32", "tf32", "bf16"])
     p.add_argument("--mode", default="default", choices=["eager", "default", "reduce-overhead"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 128])
@@ -358,6 +378,8 @@ def main() -> int:
     p.add_argument("--barrier", default=None)
     p.add_argument("--expect", type=int, default=1)
     p.add_argument("--barrier-timeout", type=float, default=420.0)
+    p.add_argument("--index", type=int, default=0, help="this worker's place in the plan: it times after 0..index-1")
+    p.add_argument("--turn-timeout", type=float, default=600.0, help="seconds to wait for the earlier workers")
     p.add_argument("--work-dir", default=None, help="where the workers write w{i}.json (kept: merge them later)")
     p.add_argument("--from", dest="from_json", default=None, help="merge: a merged file to complete from --log")
     p.add_argument("--log", default=None, help="merge: the run's log (its printed rows)")
