@@ -292,3 +292,23 @@ def test_no_host_sync_in_a_model_call_on_cuda(kind):
             model(x, t, None, state)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_calls_under_autograd_run_eagerly():
+    """The Hutchinson estimator and the AND correction take vector-Jacobian products through the network: those
+    calls run eagerly (same graph of autograd as without compile); only no-grad calls compile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = _tiny_framediff()
+    comp = CompiledPredictor(net, backend="aot_eager")
+    R, T, t, m = _inputs(2, 8)
+    cond = net(R, T, t, m, None).self_cond_state.detach()
+    T = T.clone().requires_grad_(True)
+    out = comp(R, T, t, m, cond)
+    ref = net(R, T, t, m, cond)
+    assert torch.equal(out.trans, ref.trans) and counters["stats"]["unique_graphs"] == 0
+    g, = torch.autograd.grad(out.trans.sum(), T)
+    g_ref, = torch.autograd.grad(ref.trans.sum(), T)
+    assert torch.equal(g, g_ref) and not comp.session.warmups

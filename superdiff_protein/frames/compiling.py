@@ -10,6 +10,8 @@
 * **Self-conditioning.** The calls without a self-conditioning input (FrameDiff's extra first pass, Proteus's
   first call without a template: one call per model and batch) run eagerly. Only the steady-state call, the
   one that runs at every step, is compiled, which halves the compile time.
+* **Gradients.** Calls with autograd on (the Hutchinson estimator, the AND correction: vector-Jacobian products
+  through the network) run eagerly: only the no-grad inference graph is compiled.
 * **Cache.** Inductor's FX graph cache is on and lives in ``TORCHINDUCTOR_CACHE_DIR``; when that is unset it is
   set to ``$XDG_CACHE_HOME/superdiff_protein/inductor`` (default ``~/.cache/...``), so a second run with the same
   shapes loads the compiled kernels instead of compiling them again.
@@ -168,7 +170,7 @@ class CompiledPredictor(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         cond = args[4] if len(args) > 4 else kwargs.get("self_cond_state")
-        if self.failed or cond is None:
+        if self.failed or cond is None or torch.is_grad_enabled():
             return self.inner(*args, **kwargs)
         key = _shape_key(args, kwargs)
         if key in self._seen:
