@@ -5,11 +5,17 @@ float32 arithmetic (other fusions, other summation orders). Its bound is the mea
 where ``e`` is the distance of the eager float32 forward to a float64 copy of the same network on the same inputs.
 A compiled sampling run is bounded the same way, by the run's own float32-vs-float64 distance.
 
-* fast: the wrapper (eager first call, options, fallback with one warning) and graph capture with the
-  ``aot_eager`` backend (dynamo + AOTAutograd decompositions, no code generation);
+* fast: the wrapper (eager first call, eager under autograd, options, fallback with one warning, one compile per
+  shape whatever the strides), graph capture with the ``aot_eager`` backend (dynamo + AOTAutograd decompositions,
+  no code generation), and the IGSO(3) score's host-side term count;
 * ``slow``: Inductor's generated code on CPU (about a minute of compiling per network), on the official fixture
   checkpoints (skipped cleanly without them) and a tiny random network, and a compiled ``generate`` run;
-* ``gpu``: paper-size FrameDiff compiled on CUDA, with and without CUDA graphs (skipped without a GPU).
+* ``gpu``: paper-size FrameDiff compiled on CUDA, with and without CUDA graphs, and no host sync in a model call
+  (skipped without a GPU).
+
+For Proteus, ``e`` holds the float32 cancellation noise of the template's psi feature (docs/proteus.md, trap 1), so
+its bound is wide (about 0.9 A on the fixture); the FrameDiff and tiny-network checks are the tight ones (observed
+at 0.2-0.76 of their bounds on an Intel AVX-512 CPU).
 """
 from __future__ import annotations
 
