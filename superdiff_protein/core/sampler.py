@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .counter_rng import counter_normal, seeds_tensor
 from .fkc import UnsafeNoiseWarning, is_fkc
 from .kappa import KappaRule
 from .protocol import ModelOutput, check_compatible
@@ -58,6 +59,7 @@ from .jacobian import (bilinear_forms, eval_models, noise_cancelling_directions,
                        quadratic_forms)
 from .smc import SMCConfig, SMCTracker, select_batch
 from .spaces import ProductSpace, State
+from .timegrid import step_sizes, time_grid
 
 __all__ = [
     "SamplerConfig",
@@ -107,6 +109,11 @@ class SamplerConfig:
     #   t = 1, from its ``log_density(x, t, mask)`` (exact models); AND then targets the absolute gap
     #   log q_i - log q_1 = l_i - l_1 at the end instead of only equalising increments.
     init_logq: str = "prior"
+    # step noise and probes: "stream" = each sample's torch.Generator (a Python loop over samples per draw);
+    # "counter" = a hash of (sample seed, step, stream, element) drawn for the whole batch at once, with no host
+    # state (core/counter_rng.py; what a CUDA graph of the step needs). Both are batch-size independent; they
+    # give different samples for the same seed. The prior draw always uses the generators.
+    rng: str = "stream"
     # steps between checks for NaN/inf (each check syncs with the device); None: 1 on CPU, 16 on CUDA.
     # The error always names the first bad step.
     nan_check_every: int | None = None
@@ -128,6 +135,8 @@ class SamplerConfig:
             raise ValueError(f"probe must be 'rademacher' or 'gaussian', got {self.probe!r}")
         if int(self.num_probes) < 1:
             raise ValueError("num_probes must be >= 1")
+        if self.rng not in ("stream", "counter"):
+            raise ValueError(f"rng must be 'stream' or 'counter', got {self.rng!r}")
         if self.init_logq not in ("prior", "model"):
             raise ValueError(f"init_logq must be 'prior' or 'model', got {self.init_logq!r}")
 
@@ -176,39 +185,6 @@ def make_generators(seeds: Sequence[int], device: str | torch.device = "cpu") ->
         g.manual_seed(int(s))
         gens.append(g)
     return gens
-
-
-def time_grid(num_steps: int, min_t: float, kind: str = "uniform", dtype=torch.float64) -> Tensor:
-    """Descending times from 1 to ``min_t``.
-
-    ``uniform``: equal steps (FrameDiff, the paper). ``quadratic``: ``t = min_t + (1 - min_t) u^2`` for
-    ``u`` uniform -- steps shrink towards ``min_t`` where the marginals are sharpest, which cuts the
-    discretisation error of both the sampler and the density estimates (docs/superposition.md).
-    ``framediff``: the official FrameDiff/Proteus grid ``numpy.linspace(min_t, 1, num_t)[::-1]`` with
-    ``num_t = num_steps + 1`` (bit for bit); the official step size is the constant ``1 / num_t``
-    (not the grid spacing), see :func:`step_sizes`.
-    """
-    if kind == "framediff":
-        n = num_steps + 1
-        step = (1.0 - min_t) / (n - 1)
-        y = torch.arange(n, dtype=torch.float64) * step + min_t
-        y[-1] = 1.0
-        return y.flip(0).to(dtype)
-    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)
-    if kind == "uniform":
-        return min_t + (1.0 - min_t) * u
-    if kind == "quadratic":
-        return min_t + (1.0 - min_t) * u * u
-    raise ValueError(f"unknown time grid {kind!r}; choose 'uniform', 'quadratic' or 'framediff'")
-
-
-def step_sizes(ts: Tensor, kind: str = "uniform") -> list[float]:
-    """Reverse-time step sizes ``dtau`` for a grid from :func:`time_grid`: the grid differences, except
-    for ``framediff`` where every step is ``1 / num_t = 1 / len(ts)`` as in the official samplers."""
-    n = ts.numel() - 1
-    if kind == "framediff":
-        return [1.0 / (n + 1)] * n
-    return [float(ts[i] - ts[i + 1]) for i in range(n)]
 
 
 def _probe(x: Tensor, gens, kind: str, space_c) -> Tensor:
@@ -264,6 +240,7 @@ class SamplerState:
     and_gap0: Tensor | None = None
     outputs: list[ModelOutput] = field(default_factory=list)  # the last step's model outputs (extras)
     logw: Tensor | None = None        # (B,) FKC log-weights (None for rules without weights)
+    keys: Tensor | None = None        # (B,) int64 per-sample seeds of rng="counter" (kept by a slot, like generators)
 
     def select(self, idx: Tensor) -> "SamplerState":
         """The state of particles ``idx`` (SMC resampling): positions, log-densities, log-weights and the
@@ -275,7 +252,7 @@ class SamplerState:
         outs = [select_batch(o, idx, B) for o in self.outputs]
         return SamplerState({k: v[idx] for k, v in self.x.items()}, self.logq[idx], states, self.generators,
                             self.step, None if self.and_gap0 is None else self.and_gap0[idx], outs,
-                            None if self.logw is None else self.logw[idx])
+                            None if self.logw is None else self.logw[idx], self.keys)
 
     def clone(self) -> "SamplerState":
         """An independent copy: tensors cloned, generators copied at their current position."""
@@ -286,7 +263,7 @@ class SamplerState:
         return SamplerState({k: v.clone() for k, v in self.x.items()}, self.logq.clone(), list(self.model_states),
                             [gen_copy(g) for g in self.generators], self.step,
                             None if self.and_gap0 is None else self.and_gap0.clone(), list(self.outputs),
-                            None if self.logw is None else self.logw.clone())
+                            None if self.logw is None else self.logw.clone(), self.keys)
 
 
 @dataclass
@@ -363,7 +340,8 @@ class Sampler:
         gap0 = logq - logq[..., :1] if (self.config.init_logq == "model" and M > 1 and self.cancels_noise) else None
         states = [m.init_state(B, mask) for m in self.models]
         logw = self._start_log_weights(x, logq) if self.fkc else None
-        return SamplerState(x, logq, states, gens, 0, gap0, logw=logw)
+        keys = seeds_tensor(seeds, self.device) if self.config.rng == "counter" else None
+        return SamplerState(x, logq, states, gens, 0, gap0, logw=logw, keys=keys)
 
     def _gaussian(self, k: str) -> bool:
         return bool(getattr(self.space.components[k], "gaussian_prior", False))
@@ -396,8 +374,8 @@ class Sampler:
         B = state.logq.shape[0]
         tb = self.ts[i].expand(B)
         x, gens = state.x, state.generators
-        noise = self._noise(x, gens, noise)
-        probes = self._probes(x, gens) if self.use_lap else None
+        noise = self._noise(x, gens, noise, state)
+        probes = self._probes(x, gens, state) if self.use_lap else None
         outs, graphs, lap_q = eval_models(self.models, x, tb, self.mask, state.model_states, self.space,
                                           self.use_lap or self.and_corr, probes, keep_graphs=self.and_corr)
         A_c, b_c, fixed_c, D_c, g2_c, w_c = self._linear_model(x, tb, dtau, outs, graphs, lap_q, noise,
@@ -419,19 +397,37 @@ class Sampler:
             logq[:, ci] = state.logq[:, ci] + a_k + b_c[k]
             dlogq[:, ci] = a_k + b_c[k]
         logw = None if state.logw is None else state.logw + dlogw
-        new = SamplerState(x_new, logq, [o.state for o in outs], gens, i + 1, state.and_gap0, outs, logw)
+        new = SamplerState(x_new, logq, [o.state for o in outs], gens, i + 1, state.and_gap0, outs, logw, state.keys)
         return StepOutput(new, kappa, dlogq, dlogw)
 
-    def _noise(self, x: State, gens, injected) -> State:
+    def _counter(self, x: State, state: SamplerState, stream: int) -> State:
+        """Standard normal tangents per component from the counter streams (rng="counter")."""
+        C = len(self.comps)
+        return {k: counter_normal(state.keys, state.step, stream * C + ci,
+                                  tuple(self.space.components[k].zeros_tangent(x[k]).shape[1:]), self.dtype)
+                for ci, k in enumerate(self.comps)}
+
+    def _noise(self, x: State, gens, injected, state: SamplerState) -> State:
         sp, mask = self.space.components, self.mask
         if injected is not None:
             return {k: sp[k].project(torch.as_tensor(injected[k]).to(device=self.device, dtype=self.dtype), mask)
                     for k in self.comps}
+        if state.keys is not None:
+            z = self._counter(x, state, 0)
+            return {k: sp[k].project(z[k], mask) for k in self.comps}
         return {k: sp[k].randn_tangent(x[k], gens, mask) for k in self.comps}
 
-    def _probes(self, x: State, gens) -> list[State]:
+    def _probes(self, x: State, gens, state: SamplerState) -> list[State]:
         sp, kind = self.space.components, self.config.probe
-        probes = [{k: _probe(x[k], gens, kind, sp[k]) for k in self.comps} for _ in range(self.config.num_probes)]
+        if state.keys is not None:
+            probes = []
+            for j in range(self.config.num_probes):
+                z = self._counter(x, state, 1 + j)
+                if kind == "rademacher":
+                    z = {k: torch.where(v >= 0, torch.ones_like(v), -torch.ones_like(v)) for k, v in z.items()}
+                probes.append(z)
+        else:
+            probes = [{k: _probe(x[k], gens, kind, sp[k]) for k in self.comps} for _ in range(self.config.num_probes)]
         return [{k: sp[k].project(z[k], self.mask) for k in self.comps} for z in probes]
 
     def _linear_model(self, x: State, tb: Tensor, dtau: float, outs: list[ModelOutput], graphs, lap_q, noise: State,

@@ -279,6 +279,7 @@ class GenerateConfig:
     gamma: float = field(default=0.5, metadata=_opt(_number(), sample=True, added=True))
     smc: SMCOptions = field(default_factory=SMCOptions, metadata=_opt(_smc, sample=True, added=True))
     init_logq: str = field(default="prior", metadata=_opt(_choice("prior", "model"), sample=True, added=True))
+    rng: str = field(default="stream", metadata=_opt(_choice("stream", "counter"), sample=True, added=True))
     shard: Any = field(default=None, metadata=_opt(_keep))              # "i/n"; resolved in validate
 
 
