@@ -323,3 +323,25 @@ def test_calls_under_autograd_run_eagerly():
     g, = torch.autograd.grad(out.trans.sum(), T)
     g_ref, = torch.autograd.grad(ref.trans.sum(), T)
     assert torch.equal(g, g_ref) and not comp.session.warmups
+
+
+@pytest.mark.slow
+def test_framediff_traces_as_one_graph_on_cpu():
+    """No graph break in a FrameDiff forward on the CPU: the CPU fast paths that read tensors on the host (the
+    all-ones mask test, the offset range of the relative-index table) step aside while torch.compile traces."""
+    import torch._dynamo as dynamo
+    from models.framediff import FrameDiffAdapter, FrameDiffConfig, FrameDiffScoreNetwork
+    from models.framediff.config import IpaConfig
+    from superdiff_protein.core.igso3 import sample_uniform_so3
+
+    torch.manual_seed(0)
+    net = FrameDiffScoreNetwork(FrameDiffConfig(node_embed_size=32, edge_embed_size=16, ipa=IpaConfig(
+        c_s=32, c_z=16, c_hidden=16, c_skip=8, num_blocks=1)))
+    ad = FrameDiffAdapter(net).eval()
+    B, N = 2, 12
+    R = sample_uniform_so3((B, N), dtype=torch.float32)
+    T, t, m = torch.randn(B, N, 3), torch.full((B,), 0.5), torch.ones(B, N)
+    with torch.no_grad():
+        first = ad(R, T, t, m, None)
+        ex = dynamo.explain(ad)(R, T, t, m, first.self_cond_state)
+    assert ex.graph_break_count == 0, [str(b.reason)[:120] for b in ex.break_reasons]

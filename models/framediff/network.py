@@ -149,6 +149,9 @@ class Embedder(nn.Module):
         return pair
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)   # torch < 2.3: absent
+
+
 def _rel_index_linear(seq_idx: Tensor, w: Tensor, dim: int) -> Tensor:
     """``F.linear(index_embedding(seq_idx[:, :, None] - seq_idx[:, None, :], dim), w)`` (B,N,N,C_out).
 
@@ -156,7 +159,9 @@ def _rel_index_linear(seq_idx: Tensor, w: Tensor, dim: int) -> Tensor:
     and gathered (the embedding of an offset is the same number whichever pair it comes from).
     """
     rel = seq_idx[:, :, None] - seq_idx[:, None, :]
-    if rel.device.type == "cpu" and not rel.is_floating_point() and rel.numel() > 0:
+    # the table needs the offsets' range on the host (a graph break under torch.compile, which fuses the
+    # plain path anyway), so compiled graphs take the plain path
+    if rel.device.type == "cpu" and not rel.is_floating_point() and rel.numel() > 0 and not _is_compiling():
         lo, hi = int(rel.min()), int(rel.max())
         if hi - lo < 4 * rel.shape[-1] + 64:
             offs = torch.arange(lo, hi + 1, dtype=rel.dtype)
@@ -482,8 +487,9 @@ class IpaScore(nn.Module):
 
 
 def _all_ones(m: Tensor) -> bool:
-    """True for a CPU mask of ones (multiplying by it is exact identity); False on other devices."""
-    return m.device.type == "cpu" and bool((m == 1).all())
+    """True for a CPU mask of ones (multiplying by it is exact identity); False on other devices and while
+    torch.compile traces (the host read would break the graph; the multiplication by ones is exact)."""
+    return m.device.type == "cpu" and not _is_compiling() and bool((m == 1).all())
 
 
 class FrameDiffScoreNetwork(nn.Module):
