@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SMCConfig", "SMCTracker", "ess", "resample_indices", "select_batch", "RESAMPLING_SCHEMES"]
+__all__ = ["SMCConfig", "SMCTracker", "ess", "resample_indices", "systematic_indices", "select_batch", "RESAMPLING_SCHEMES"]
 
 RESAMPLING_SCHEMES = ("systematic", "multinomial", "none")
 
@@ -52,6 +52,16 @@ def ess(logw: Tensor) -> Tensor:
     return torch.exp(2 * torch.logsumexp(logw, -1) - torch.logsumexp(2 * logw, -1))
 
 
+def systematic_indices(logw: Tensor, u: Tensor) -> Tensor:
+    """Systematic resampling of groups: log-weights (..., K) and one uniform per group (...,) -> ancestor
+    indices (..., K) in [0, K), on the weights' device."""
+    k = logw.shape[-1]
+    cdf = torch.cumsum(torch.softmax(logw.to(torch.float64), -1), -1)
+    cdf[..., -1] = 1.0
+    pos = (u.to(cdf)[..., None] + torch.arange(k, dtype=torch.float64, device=cdf.device)) / k
+    return torch.searchsorted(cdf, pos.contiguous()).clamp_(max=k - 1)
+
+
 def resample_indices(logw: Tensor, scheme: str, generator: torch.Generator) -> Tensor:
     """K ancestor indices in [0, K) for one group's log-weights (K,), drawn on the CPU."""
     w = torch.softmax(logw.detach().to("cpu", torch.float64), 0)
@@ -59,10 +69,8 @@ def resample_indices(logw: Tensor, scheme: str, generator: torch.Generator) -> T
     if scheme == "multinomial":
         return torch.multinomial(w, k, replacement=True, generator=generator)
     if scheme == "systematic":
-        u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(k, dtype=torch.float64)) / k
-        cdf = torch.cumsum(w, 0)
-        cdf[-1] = 1.0
-        return torch.searchsorted(cdf, u, right=False).clamp_(max=k - 1)
+        return systematic_indices(logw.detach().to("cpu", torch.float64),
+                                  torch.rand((), generator=generator, dtype=torch.float64))
     raise ValueError(f"unknown resampling scheme {scheme!r}")
 
 
@@ -146,9 +154,7 @@ class SMCTracker:
                 u = self.uniforms[step].to(dev)
             else:
                 u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators]).to(dev)
-            cdf = torch.cumsum(torch.softmax(lw_dev.to(torch.float64), -1), -1)
-            cdf[:, -1] = 1.0
-            a = torch.searchsorted(cdf, (u[:, None] + ar) / K).clamp_(max=K - 1)
+            a = systematic_indices(lw_dev, u)
         else:
             lw_host = lw_dev.to("cpu", torch.float64)
             a = torch.stack([resample_indices(lw_host[g], cfg.resample, self.generators[g]) for g in range(G)]).to(dev)

@@ -10,7 +10,7 @@ from typing import Any, Collection, Mapping, Sequence
 import numpy as np
 
 from ..core.fkc import FKC_RULES, AnnealRule, GeometricRule, ProductRule
-from .generate_config import GenerateError, Options
+from .generate_config import Options
 
 __all__ = ["FKC_COLUMNS", "is_fkc_run", "fkc_rule", "complete_groups", "fkc_cells", "plot_weights"]
 
@@ -107,9 +107,3 @@ def plot_weights(out_dir: Path, length: int, traces: Sequence[Path], rows: Seque
     out = save_figure(fig, out_dir / f"length_{length}" / "fkc_weights.png")
     plt.close(fig)
     return out
-
-
-def check_models(opts: Options, num_models: int) -> None:
-    """Option checks that need the model count (one line, exit 2)."""
-    if opts.rule == "product" and opts.weights is not None and len(opts.weights) != num_models:
-        raise GenerateError(f"weights: {len(opts.weights)} value(s) given for {num_models} model(s)")

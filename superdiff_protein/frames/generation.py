@@ -340,7 +340,6 @@ def _load_models(opts: Options) -> tuple[list, list[str], Any, Any]:
         mx = getattr(m, "max_length", None)
         if mx is not None and max(opts.lengths) > int(mx):
             raise GenerateError(f"lengths: model {lab!r} supports lengths up to {mx}; asked for {max(opts.lengths)}")
-    fkc_run.check_models(opts, M)
     if opts.init_logq == "model":
         lacking = [lab for m, lab in zip(models, labels) if not callable(getattr(m, "log_density", None))]
         if lacking:
