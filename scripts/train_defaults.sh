@@ -7,6 +7,8 @@
 #   bash scripts/train_defaults.sh collect DIR      # here, after each chunk: DIR = the folder the chunk's
 #                                                   # $OUT files came back to (files_at)
 #   bash scripts/train_defaults.sh status           # steps / training minutes done so far
+#   FINETUNE=1 bash scripts/train_defaults.sh chunk MINUTES   # the same, each run starting from its shipped
+#                                                   # models/checkpoints/default_<subset>.pt (init_from=)
 #   bash scripts/train_defaults.sh pack             # here: xz-compress data + resume state into .gpu_carry
 #                                                   # (then carry=[".gpu_carry"]: .gpu_data exceeds the 64 MiB carry)
 #   bash scripts/train_defaults.sh wheels           # here, once: hydra-core, omegaconf, antlr4 wheels into .whl
@@ -73,6 +75,8 @@ chunk() {
     done
     # shellcheck disable=SC2206
     args+=(${EXTRA:-})
+    # FINETUNE=1: start each run from its shipped checkpoint (ignored by a run that resumes from last.ckpt)
+    if [ "${FINETUNE:-0}" = 1 ]; then args+=("init_from=models/checkpoints/default_${s}.pt"); fi
     $PY -m superdiff_protein.cli.train "${args[@]}" >"${RUNS_STATE}/${s}/train.log" 2>&1 &
     pids+=($!)
   done

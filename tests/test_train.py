@@ -191,6 +191,43 @@ def test_refuses_to_clobber_and_checks_resume_config(dataset, runs, tmp_path):
     assert s["done"] and s["step"] == STEPS
 
 
+def test_init_from_fine_tunes_from_a_model_pth(dataset, runs, tmp_path):
+    """init_from starts a fresh run (step 0, new optimizer) from another run's exported weights."""
+    from models.framediff.checkpointing import read_lightning_checkpoint
+
+    src = runs["full"] / "model.pth"
+    out = tmp_path / "ft"
+    s = T.train(_cfg(dataset, out, "max_steps=1", f"init_from={src}"))
+    assert s["start_step"] == 0 and s["step"] == 1
+    rows = _rows(out)
+    ev0 = dict(_col(rows, "eval_ema_loss"))[0]
+    # step 0's fixed-noise eval of the fine-tuned run is the source run's final EMA eval (same weights,
+    # same batch, same noise): equal to float32 rounding of the same arithmetic
+    src_last = _col(_rows(runs["full"]), "eval_ema_loss")[-1][1]
+    assert abs(ev0 - src_last) <= 1e-5 * abs(src_last), (ev0, src_last)
+    # a fresh run from scratch starts elsewhere
+    scratch0 = _col(_rows(runs["full"]), "eval_ema_loss")[0][1]
+    assert abs(ev0 - scratch0) > 1e-3 * abs(scratch0)
+    # resuming ignores init_from (the weights live in last.ckpt)
+    s2 = T.train(_cfg(dataset, out, "max_steps=2", "resume=true", f"init_from={src}"))
+    assert s2["start_step"] == 1 and s2["step"] == 2
+    assert read_lightning_checkpoint(out / "last.ckpt")["superdiff_config"]["init_from"] == str(src)
+
+
+def test_init_from_refuses_bad_sources(dataset, runs, tmp_path):
+    with pytest.raises(T.TrainError, match="init_from: .*not a file"):
+        T.train(_cfg(dataset, tmp_path / "a", "max_steps=1", f"init_from={tmp_path / 'missing.pth'}"))
+    with pytest.raises(T.TrainError, match="architecture"):
+        T.train(_cfg(dataset, tmp_path / "b", "max_steps=1", f"init_from={runs['full'] / 'model.pth'}",
+                     "model.ipa.num_blocks=3"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(T.TrainError, match="init_from"):
+        T.train(_cfg(dataset, tmp_path / "c", "max_steps=1", f"init_from={junk}"))
+    # nothing was written for refused runs
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def _fake_batch(b=3, n=12, seed=0):
     from superdiff_protein.frames.geometry import backbone_atoms_from_frames, so3_exp
 

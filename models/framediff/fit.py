@@ -23,12 +23,13 @@ from superdiff_protein.errors import UserError
 from superdiff_protein.frames.geometry import so3_exp
 
 from .adapter import FrameDiffAdapter
+from .config import FrameDiffConfig
 from .checkpointing import SafeCheckpointIO, export_official_checkpoint, read_lightning_checkpoint
 from .datamodule import FrameDataModule
 from .metrics import plot_metrics, truncate_metrics
 from .training import FrameDiffusionModule, TrainError, build_network
 
-__all__ = ["SaveAndBudget", "resume_state", "fit", "bench_forward"]
+__all__ = ["SaveAndBudget", "resume_state", "init_weights", "fit", "bench_forward"]
 
 
 class SaveAndBudget(pl.Callback):
@@ -128,6 +129,39 @@ def resume_state(cfg: Mapping[str, Any], out: Path) -> Optional[dict]:
     return state
 
 
+def init_weights(cfg: Mapping[str, Any]) -> Optional[dict]:
+    """The state dict named by ``init_from`` (an official FrameDiff ``model.pth``), checked against ``cfg``.
+
+    Read through the allow-listed loader. Refuses a missing or unsafe file, one whose architecture (``model``
+    section) or forward process (``diffuser`` section) differs from the run's, and a key or shape mismatch.
+    Returns None when ``init_from`` is unset.
+    """
+    src = cfg.get("init_from")
+    if not src:
+        return None
+    from superdiff_protein.frames.checkpoints import CheckpointError, load_framediff_checkpoint, \
+        load_state_dict_checked
+    from superdiff_protein.frames.official_numerics import DiffuserConfigError, SE3DiffuserConfig
+
+    path = Path(str(src)).expanduser()
+    if not path.is_file():
+        raise TrainError(f"init_from: {str(path)!r} is not a file (give an official FrameDiff model.pth)")
+    try:
+        ck = load_framediff_checkpoint(path)
+        have, want = FrameDiffConfig.from_dict(ck.model_conf), FrameDiffConfig.from_dict(cfg["model"])
+        if have != want:
+            raise TrainError(f"init_from: {path} has another architecture than model= of this run "
+                             f"(node {have.node_embed_size}/edge {have.edge_embed_size}, "
+                             f"{have.ipa.num_blocks} IPA blocks there; pick the matching model group)")
+        if SE3DiffuserConfig.from_conf(ck.conf) != SE3DiffuserConfig.from_conf(dict(cfg)):
+            raise TrainError(f"init_from: {path} was trained with another diffuser section than this run's")
+        net = build_network(cfg)
+        load_state_dict_checked(net, ck.state_dict, strict=True, source=str(path))
+    except (CheckpointError, DiffuserConfigError) as e:
+        raise TrainError(f"init_from: {e}") from None
+    return net.state_dict()
+
+
 def _loggers(tr: Mapping[str, Any], out: Path) -> list:
     """A TensorBoard logger when ``trainer.tensorboard`` asks for one and tensorboard (optional) is installed."""
     tb = tr.get("tensorboard", "auto")
@@ -165,9 +199,14 @@ def fit(cfg: dict, out: str | os.PathLike, start_time: Optional[float] = None) -
         torch.backends.cudnn.allow_tf32 = True
     pl.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
+    init = init_weights(cfg) if state is None else None   # a resumed run's weights live in last.ckpt
     dm = FrameDataModule(cfg)
     dm.setup("fit")
     module = FrameDiffusionModule(cfg)
+    if init is not None:
+        module.model.load_state_dict(init)
+        if module.ema is not None:
+            module.ema.load_state_dict(init)
     module.metrics_path = out / "metrics.csv"
     n_eval = int(cfg["experiment"].get("eval_size") or 0)
     if n_eval > 0 and int(cfg["experiment"].get("eval_every") or 0) > 0:
