@@ -104,9 +104,9 @@ def close(actual, expected, atol, what: str = "value", mask: torch.Tensor | None
     a = torch.as_tensor(actual, dtype=torch.float64)  # python floats stay float64 (as_tensor alone gives float32)
     b = torch.as_tensor(expected, dtype=torch.float64)
     diff = (a - b).abs()
-    diff, tol = torch.broadcast_tensors(diff, torch.as_tensor(atol, dtype=torch.float64))
+    diff, tol = torch.broadcast_tensors(diff, torch.as_tensor(atol, dtype=torch.float64, device=diff.device))
     if mask is not None:
-        m = torch.broadcast_to(torch.as_tensor(mask, dtype=torch.bool), diff.shape)
+        m = torch.broadcast_to(torch.as_tensor(mask, dtype=torch.bool, device=diff.device), diff.shape)
         diff, tol = diff[m], tol[m]
     diff, tol = diff.reshape(-1), tol.reshape(-1)
     if diff.numel() == 0:
