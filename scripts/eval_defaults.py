@@ -44,8 +44,9 @@ def _generate(out: Path, name: str, args) -> Path:
     if len(list(d.glob("length_*/sample_*.pdb"))) >= want:
         return d
     # generate() resumes: complete samples of an interrupted run are kept
-    generate(models=MODELS, lengths=args.lengths, samples_per_length=args.n, batch_size=args.n,
-             num_steps=args.steps, seed=args.seed, out_dir=str(d), progress=False, **SETTINGS[name])
+    generate(models=list(args.models), lengths=args.lengths, samples_per_length=args.n, batch_size=args.n,
+             num_steps=args.steps, time_grid=args.time_grid, seed=args.seed, out_dir=str(d), progress=False,
+             **SETTINGS[name])
     return d
 
 
@@ -92,7 +93,7 @@ def ss_class(h: float, e: float) -> str:
     return "mixed"
 
 
-def summarise(rows: list[dict], groups: list[dict], sub_rows: list[dict]) -> dict:
+def summarise(rows: list[dict], groups: list[dict], sub_rows: list[dict], helix_model: str = MODELS[0]) -> dict:
     n = len(rows)
     L = [_f(r["length"]) for r in rows]
     valid = [_f(r["ca_ca_valid_frac"]) for r in rows]
@@ -111,7 +112,7 @@ def summarise(rows: list[dict], groups: list[dict], sub_rows: list[dict]) -> dic
         "bb_clashes": _mse([_f(r["n_bb_clashes"]) for r in rows])[0],
         "helix": _mse(h), "strand": _mse(e), "coil": _mse(c),
         "rg": _mse([_f(r["radius_of_gyration"]) for r in rows]),
-        "final_helix": (sum(m == "default-helix" for m in fm) / n) if multi else None,
+        "final_helix": (sum(m == helix_model for m in fm) / n) if multi else None,
         "pairwise_tm": _mse([_f(g["pairwise_tm"]) for g in groups])[0],
         "clusters": sum(int(_f(g["n_clusters"])) for g in groups),
         "classes": {k: cls.count(k) / n for k in ("helix-like", "strand-like", "mixed")},
@@ -130,7 +131,9 @@ def _pm(ms, digits=2) -> str:
 
 
 def markdown(res: dict[str, dict], args) -> str:
-    out = [f"Samples: lengths {args.lengths} x {args.n} per setting, {args.steps} steps, seed {args.seed}; "
+    out = [f"Models: {' and '.join(map(str, args.models))}. "
+           f"Samples: lengths {args.lengths} x {args.n} per setting, {args.steps} steps ({args.time_grid} grid), "
+           f"seed {args.seed}; "
            f"novelty and ProteinMPNN on samples 0-{args.subset_n - 1} of length {args.subset_length}.", "",
            "| setting | n | CA–CA in 3.6–4.0 Å | clash-free samples | CA clashes / sample | helix | strand | coil "
            "| largest final κ: helix model | pairwise TM | clusters (TM 0.5) | novelty max TM | ProteinMPNN log-lik |",
@@ -163,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[60, 100, 150])
     p.add_argument("--n", type=int, default=8, help="samples per length")
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--time-grid", default="uniform", choices=["uniform", "quadratic", "cosine", "framediff"])
+    p.add_argument("--models", nargs=2, default=MODELS, metavar=("HELIX", "STRAND"),
+                   help="the two models (registry names or model.pth paths; default: the embedded defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset-n", type=int, default=4)
     p.add_argument("--subset-length", type=int, default=100)
@@ -192,7 +198,10 @@ def main(argv=None) -> int:
             _evaluate(sub, out / "eval_subset" / name, reference=args.reference,
                       mpnn={"enabled": not args.no_mpnn}, diversity={"enabled": False}, workers=args.workers)
             sub_rows = _read(out / "eval_subset" / name / "metrics.csv")
-        res[name] = summarise(rows, groups, sub_rows)
+        # the helix model's label: the first kappa.<label> column of the generator's samples.csv (models in order)
+        gen_rows = _read(d / "samples.csv")
+        kcols = [k[len("kappa."):] for k in gen_rows[0] if k.startswith("kappa.")] if gen_rows else []
+        res[name] = summarise(rows, groups, sub_rows, helix_model=kcols[0] if kcols else MODELS[0])
         print(f"[eval_defaults] {name}: CA-CA {100 * res[name]['ca_ca']:.1f} %, clash-free "
               f"{100 * res[name]['clash_free']:.0f} %", flush=True)
     md = markdown(res, args)

@@ -98,7 +98,7 @@ class SamplerConfig:
     probe: str = "rademacher"      # "rademacher" | "gaussian"
     dtype: torch.dtype = torch.float64
     device: str | torch.device = "cpu"
-    time_grid: str = "uniform"     # "uniform" | "quadratic" | "framediff" (see time_grid())
+    time_grid: str = "uniform"     # "uniform" | "quadratic" | "cosine" | "framediff" (see time_grid())
     # AND solves kappa with this step's noise, cancelling noise along span{s_i - s_1}; the exact Itô
     # correction for that costs one VJP per model and cancelled direction (docs/superposition.md).
     # False reproduces the paper's (biased) AND.

@@ -13,6 +13,8 @@ def time_grid(num_steps: int, min_t: float, kind: str = "uniform", dtype=torch.f
     ``uniform``: equal steps (FrameDiff, the paper). ``quadratic``: ``t = min_t + (1 - min_t) u^2`` for
     ``u`` uniform -- steps shrink towards ``min_t`` where the marginals are sharpest, which cuts the
     discretisation error of both the sampler and the density estimates (docs/superposition.md).
+    ``cosine``: ``t = min_t + (1 - min_t) (1 - cos(pi u)) / 2``: fine steps at both ends, near ``min_t`` (local
+    geometry) and near 1 (where the VP drift is largest), coarse in the middle.
     ``framediff``: the official FrameDiff/Proteus grid ``numpy.linspace(min_t, 1, num_t)[::-1]`` with
     ``num_t = num_steps + 1`` (bit for bit); the official step size is the constant ``1 / num_t``
     (not the grid spacing), see :func:`step_sizes`.
@@ -28,7 +30,9 @@ def time_grid(num_steps: int, min_t: float, kind: str = "uniform", dtype=torch.f
         return min_t + (1.0 - min_t) * u
     if kind == "quadratic":
         return min_t + (1.0 - min_t) * u * u
-    raise ValueError(f"unknown time grid {kind!r}; choose 'uniform', 'quadratic' or 'framediff'")
+    if kind == "cosine":
+        return min_t + (1.0 - min_t) * 0.5 * (1.0 - torch.cos(torch.pi * u))
+    raise ValueError(f"unknown time grid {kind!r}; choose 'uniform', 'quadratic', 'cosine' or 'framediff'")
 
 
 def step_sizes(ts: Tensor, kind: str = "uniform") -> list[float]:

@@ -44,7 +44,7 @@ CONFIG_NAME = "generate_backbones"
 SCHEMA_NAME = "generate_backbones_schema"
 MAX_LENGTH = 2000            # longer chains are refused as absurd
 MAX_SAMPLES = 1_000_000
-TIME_GRIDS = ("uniform", "quadratic", "framediff")
+TIME_GRIDS = ("uniform", "quadratic", "cosine", "framediff")
 RULES = ("or", "and", "average", "single", "product", "anneal", "geometric")
 ANNEAL_OF = ("auto", "single", "product", "or")
 
