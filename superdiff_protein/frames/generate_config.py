@@ -243,7 +243,7 @@ class GenerateConfig:
     bias: Any = field(default=None, metadata=_opt(_num_list, sample=True))
     kappa_scope: str = field(default="joint", metadata=_opt(_choice("joint", "per_component"), sample=True))
     estimator: str = field(default="ito", metadata=_opt(_choice("ito", "hutchinson"), sample=True))
-    num_steps: int = field(default=100, metadata=_opt(_integer(1, 100_000), sample=True))
+    num_steps: int = field(default=50, metadata=_opt(_integer(1, 100_000), sample=True))
     min_t: float = field(default=0.01, metadata=_opt(_number(lambda f: 0.0 <= f < 1.0, "must lie in [0, 1)"),
                                                      sample=True))
     noise_scale: float = field(default=1.0, metadata=_opt(_number(lambda f: f >= 0, "must be >= 0"), sample=True))
@@ -258,7 +258,7 @@ class GenerateConfig:
     save_traj: bool = field(default=False, metadata=_opt(_boolean))
     final: str = field(default="prediction", metadata=_opt(_choice("prediction", "state"), sample=True))
     sampling: str = field(default="sde", metadata=_opt(_choice("sde", "ode"), sample=True))
-    time_grid: str = field(default="uniform", metadata=_opt(_choice(*TIME_GRIDS), sample=True))
+    time_grid: str = field(default="cosine", metadata=_opt(_choice(*TIME_GRIDS), sample=True))
     num_probes: int = field(default=1, metadata=_opt(_integer(1, 1000), sample=True))
     and_correction: bool = field(default=True, metadata=_opt(_boolean, sample=True))
     bias_convention: str = field(default="algorithm1", metadata=_opt(_choice(*BIAS_CONVENTIONS), sample=True,
