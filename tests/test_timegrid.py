@@ -43,3 +43,25 @@ def test_spacing_laws():
 def test_unknown_grid_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="cosine"):
         time_grid(10, 0.01, "log")
+
+
+def test_grids_do_not_depend_on_the_cpu_kernel_path():
+    """Every grid is bit-identical under ATen's scalar kernels and its vectorised ones (ATen's scalar and
+    vectorised cos differ in the last bit, so the cosine grid must not use them)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, torch; from superdiff_protein.core.timegrid import time_grid; h = hashlib.sha256()\n"
+            "for k in ('uniform', 'quadratic', 'cosine', 'framediff'):\n"
+            "    for n in (1, 7, 50, 99, 100, 499): h.update(time_grid(n, 0.01, k).numpy().tobytes())\n"
+            "print(torch.backends.cpu.get_cpu_capability(), h.hexdigest())")
+    out = {}
+    for cap in ("default", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out[cap] = r.stdout.split()
+    if out["default"][0] == out["avx2"][0]:
+        pytest.skip(f"this CPU offers only ATen's {out['default'][0]} kernels")
+    assert out["default"][1] == out["avx2"][1], out

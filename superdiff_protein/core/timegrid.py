@@ -1,6 +1,8 @@
 """The reverse-time grid of the sampler (``SamplerConfig.time_grid``) and its step sizes."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -25,14 +27,22 @@ def time_grid(num_steps: int, min_t: float, kind: str = "uniform", dtype=torch.f
         y = torch.arange(n, dtype=torch.float64) * step + min_t
         y[-1] = 1.0
         return y.flip(0).to(dtype)
-    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)
+    # The grid must not depend on the CPU's kernel path: ATen's scalar and vectorised linspace and cos differ in
+    # the last bit (ATEN_CPU_CAPABILITY=default vs avx2). So u = k / n by IEEE division (exact to rounding on
+    # every path) and the cosine from Python's math.cos; everything in float64, cast at the end.
+    n = num_steps
+    u = torch.arange(n, -1, -1, dtype=torch.float64) / n
     if kind == "uniform":
-        return min_t + (1.0 - min_t) * u
-    if kind == "quadratic":
-        return min_t + (1.0 - min_t) * u * u
-    if kind == "cosine":
-        return min_t + (1.0 - min_t) * 0.5 * (1.0 - torch.cos(torch.pi * u))
-    raise ValueError(f"unknown time grid {kind!r}; choose 'uniform', 'quadratic', 'cosine' or 'framediff'")
+        ts = min_t + (1.0 - min_t) * u
+    elif kind == "quadratic":
+        ts = min_t + (1.0 - min_t) * u * u
+    elif kind == "cosine":
+        c = torch.tensor([math.cos(math.pi * k / n) for k in range(n, -1, -1)], dtype=torch.float64)
+        ts = min_t + (1.0 - min_t) * 0.5 * (1.0 - c)
+        ts[0], ts[-1] = 1.0, min_t
+    else:
+        raise ValueError(f"unknown time grid {kind!r}; choose 'uniform', 'quadratic', 'cosine' or 'framediff'")
+    return ts.to(dtype)
 
 
 def step_sizes(ts: Tensor, kind: str = "uniform") -> list[float]:
