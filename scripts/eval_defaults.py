@@ -166,7 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[60, 100, 150])
     p.add_argument("--n", type=int, default=8, help="samples per length")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--time-grid", default="uniform", choices=["uniform", "quadratic", "cosine", "framediff"])
+    from superdiff_protein.frames.generate_config import TIME_GRIDS
+
+    p.add_argument("--time-grid", default="uniform", choices=list(TIME_GRIDS))
     p.add_argument("--models", nargs=2, default=MODELS, metavar=("HELIX", "STRAND"),
                    help="the two models (registry names or model.pth paths; default: the embedded defaults)")
     p.add_argument("--seed", type=int, default=0)
