@@ -61,6 +61,31 @@ def _evaluate(samples: Path, out_dir: Path, **over) -> dict:
     return evaluate(cfg)
 
 
+def evaluate_setting(d: Path, out: Path, name: str, *, subset_n: int, subset_length: int,
+                     reference: str | None = None, mpnn: bool = True,
+                     workers: int = 1) -> tuple[list[dict], list[dict], list[dict]]:
+    """Evaluate one setting's samples ``d``: geometry, SS and diversity on all of them (``out/eval/name``), then
+    novelty and/or ProteinMPNN on samples ``0..subset_n-1`` of length ``subset_length`` (copied to
+    ``out/subset/name``, results in ``out/eval_subset/name``). Returns (per-sample rows, per-length groups,
+    subset rows); the subset is skipped (no rows) when neither a reference nor ProteinMPNN is asked for."""
+    _evaluate(d, out / "eval" / name, mpnn={"enabled": False}, workers=workers)
+    rows = _read(out / "eval" / name / "metrics.csv")
+    groups = [g for g in json.loads((out / "eval" / name / "summary.json").read_text())["groups"]
+              if str(g.get("length")).isdigit()]  # per-length groups only (not the pooled "all")
+    sub_rows: list[dict] = []
+    if reference or mpnn:
+        sub = out / "subset" / name
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in range(subset_n):
+            src = d / f"length_{subset_length}" / f"sample_{i}.pdb"
+            if src.is_file() and not (sub / src.name).is_file():
+                shutil.copy(src, sub / src.name)
+        _evaluate(sub, out / "eval_subset" / name, reference=reference, mpnn={"enabled": mpnn},
+                  diversity={"enabled": False}, workers=workers)
+        sub_rows = _read(out / "eval_subset" / name / "metrics.csv")
+    return rows, groups, sub_rows
+
+
 def _read(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -185,21 +210,9 @@ def main(argv=None) -> int:
     res = {}
     for name in args.settings:
         d = _generate(out, name, args)
-        _evaluate(d, out / "eval" / name, mpnn={"enabled": False}, workers=args.workers)
-        rows = _read(out / "eval" / name / "metrics.csv")
-        groups = [g for g in json.loads((out / "eval" / name / "summary.json").read_text())["groups"]
-                  if str(g.get("length")).isdigit()]  # per-length groups only (not the pooled "all")
-        sub_rows: list[dict] = []
-        if args.reference or not args.no_mpnn:
-            sub = out / "subset" / name
-            sub.mkdir(parents=True, exist_ok=True)
-            for i in range(args.subset_n):
-                src = d / f"length_{args.subset_length}" / f"sample_{i}.pdb"
-                if src.is_file() and not (sub / src.name).is_file():
-                    shutil.copy(src, sub / src.name)
-            _evaluate(sub, out / "eval_subset" / name, reference=args.reference,
-                      mpnn={"enabled": not args.no_mpnn}, diversity={"enabled": False}, workers=args.workers)
-            sub_rows = _read(out / "eval_subset" / name / "metrics.csv")
+        rows, groups, sub_rows = evaluate_setting(d, out, name, subset_n=args.subset_n,
+                                                  subset_length=args.subset_length, reference=args.reference,
+                                                  mpnn=not args.no_mpnn, workers=args.workers)
         # the helix model's label: the first kappa.<label> column of the generator's samples.csv (models in order)
         gen_rows = _read(d / "samples.csv")
         kcols = [k[len("kappa."):] for k in gen_rows[0] if k.startswith("kappa.")] if gen_rows else []

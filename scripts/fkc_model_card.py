@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from eval_defaults import _evaluate, _f, _mse, _pm, _read, summarise  # noqa: E402
+from eval_defaults import _f, _pm, _read, evaluate_setting, summarise  # noqa: E402
 
 ORDER = ["helix", "helix_ns05", "strand", "or", "or_ns05", "and", "product_k1", "product_k4", "product_k16",
          "anneal2_helix_k1", "anneal2_helix_k4", "anneal2_strand_k4", "anneal1.5_or_k4", "anneal2_or_k1", "anneal2_or_k4",
@@ -171,24 +170,11 @@ def main(argv=None) -> int:
     res = {}
     for name in names:
         d = out / "samples" / name
-        _evaluate(d, out / "eval" / name, mpnn={"enabled": False}, workers=args.workers)
-        rows = _read(out / "eval" / name / "metrics.csv")
-        groups = [g for g in json.loads((out / "eval" / name / "summary.json").read_text())["groups"]
-                  if str(g.get("length")).isdigit()]
-        sub_rows: list[dict] = []
-        if not args.no_mpnn:
-            sub = out / "subset" / name
-            sub.mkdir(parents=True, exist_ok=True)
-            for i in range(args.mpnn_n):
-                src = d / f"length_{args.length}" / f"sample_{i}.pdb"
-                if src.is_file() and not (sub / src.name).is_file():
-                    shutil.copy(src, sub / src.name)
-            _evaluate(sub, out / "eval_subset" / name, mpnn={"enabled": True}, diversity={"enabled": False},
-                      workers=args.workers)
-            sub_rows = _read(out / "eval_subset" / name / "metrics.csv")
-            # the subset has no samples.csv: give its rows the ids of the run (sample_i.pdb -> L{length}_s{i})
-            for r in sub_rows:
-                r["id"] = f"L{args.length}_s{Path(r['path']).stem.split('_')[-1]}"
+        rows, groups, sub_rows = evaluate_setting(d, out, name, subset_n=args.mpnn_n, subset_length=args.length,
+                                                  mpnn=not args.no_mpnn, workers=args.workers)
+        # the subset has no samples.csv: give its rows the ids of the run (sample_i.pdb -> L{length}_s{i})
+        for r in sub_rows:
+            r["id"] = f"L{args.length}_s{Path(r['path']).stem.split('_')[-1]}"
         s = summarise(rows, groups, sub_rows)
         s["fkc"] = fkc_stats(d, rows, sub_rows, out / "eval" / name)
         res[name] = s
