@@ -70,14 +70,21 @@ def build(a, dev: torch.device, mode: str) -> list:
     else:
         models = [make_model("framediff", 1, dev, a.precision, a.proteus_keys),
                   make_model("proteus", 3, dev, a.precision, a.proteus_keys)]
-    if mode != "eager":
+    if mode not in ("eager", "eager-graph"):
         compile_models(models, "true", dev, mode, [m.name for m in models])
     return models
 
 
-def run(models, batch: int, steps: int, dev: torch.device) -> float:
+GRAPH_MODES = ("step-graph", "eager-graph")    # the whole sampler step as one CUDA graph (core/step_graph.py)
+#: steps of a short run: the graph modes run steps 0-1 eagerly, step 2 as the warm-up body, capture at step 3
+BASE_STEPS = {"step-graph": 4, "eager-graph": 4}
+
+
+def run(models, batch: int, steps: int, dev: torch.device, mode: str = "eager") -> float:
     space = models[0].diffuser.space
-    cfg = SamplerConfig(num_steps=steps, min_t=0.01, device=dev, dtype=torch.float32)
+    graph = mode in GRAPH_MODES
+    cfg = SamplerConfig(num_steps=steps, min_t=0.01, device=dev, dtype=torch.float32,
+                        rng="counter" if graph else "stream", step_graph=graph)
     sync(dev)
     t0 = time.perf_counter()
     res = superpose(space, models, OrRule(), cfg, list(range(batch)), {"rot": (LENGTH,), "trans": (LENGTH, 3)})
@@ -193,7 +200,7 @@ def worker(a) -> int:
         t0 = time.perf_counter()
         for b in a.batches:                          # compile (or warm up) every shape of this worker
             try:
-                run(models, b, 2, dev)
+                run(models, b, BASE_STEPS.get(a.mode, 2) + 1, dev, a.mode)
                 compiled[b] = {"ok": True}
             except Exception as e:  # noqa: BLE001 - recorded, the other shapes go on
                 compiled[b] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
@@ -240,12 +247,16 @@ def worker(a) -> int:
                 rec["rows"].append(dict(batch=b, error=compiled.get(b, {}).get("error", rec.get("error"))))
                 continue
             try:
-                run(models, b, 2, dev)               # allocator, cuBLAS handles
+                base = BASE_STEPS.get(a.mode, 2)
+                run(models, b, base, dev, a.mode)               # allocator, cuBLAS handles
                 per_step = []
                 for _ in range(a.repeats):
-                    short = run(models, b, 2, dev)
-                    long_ = run(models, b, a.steps + 2, dev)
+                    short = run(models, b, base, dev, a.mode)
+                    long_ = run(models, b, a.steps + base, dev, a.mode)
                     per_step.append((long_ - short) / a.steps)
+                # batch 1: whole 500-step runs, warm-up steps and the graph capture included (the latency goal)
+                full = [run(models, 1, 500, dev, a.mode) for _ in range(a.repeats)] \
+                    if b == 1 and a.full_runs and a.mode != "eager" else None
                 fwd = [forward_limit(models, b, dev, 3) for _ in range(a.repeats)]
                 med = statistics.median(per_step)
                 limit_s = b * GFLOP_PER_SAMPLE_STEP / (PEAK_TFLOPS[a.precision] * 1e3)
@@ -256,6 +267,7 @@ def worker(a) -> int:
                            pct_of_forward_limit=round(100 * statistics.median(fwd) / med, 1),
                            pct_of_compute_limit=round(100 * limit_s / med, 2),
                            seconds_per_backbone_batch1=round(med * 500, 2) if b == 1 else None,
+                           full_500_step_run_s=stats(full, 1, 2) if full else None,
                            deviation=deviation(models, b, dev))
             except Exception as e:  # noqa: BLE001
                 row = dict(batch=b, error=f"{type(e).__name__}: {e}"[:500])
@@ -287,7 +299,8 @@ def run_all(a) -> int:
                *batches.split(","), "--repeats", str(a.repeats), "--steps", str(a.steps), "--device", a.device,
                "--proteus-keys", str(a.proteus_keys), "--barrier", str(barrier), "--expect", str(len(a.plan)),
                "--barrier-timeout", str(a.barrier_timeout), "--index", str(i),
-               "--out", str(work / f"w{i}.json")] + (["--small", a.small] if a.small else [])
+               "--out", str(work / f"w{i}.json")] + (["--small", a.small] if a.small else []) + \
+            (["--full-runs"] if a.full_runs else [])
         if mode == "eager" and not any(e.split(":")[1] == "eager" for e in a.plan[:i]):
             cmd.append("--probe-syncs")                # the first eager worker counts the host syncs of a step
         procs.append(subprocess.Popen(cmd))
@@ -366,7 +379,8 @@ def main() -> int:
                                                   "bf16:eager:1,16,128"],
                    help="precision:mode:batches, in priority order (the timing order)")
     p.add_argument("--precision", default="tf32", choices=["fp32", "tf32", "bf16"])
-    p.add_argument("--mode", default="default", choices=["eager", "default", "reduce-overhead"])
+    p.add_argument("--mode", default="default", choices=["eager", "default", "reduce-overhead", *GRAPH_MODES])
+    p.add_argument("--full-runs", action="store_true", help="batch 1: also time whole 500-step runs")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 128])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (difference of two runs)")

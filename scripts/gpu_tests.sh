@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-FILES=(tests/test_compile.py tests/test_generate_cli.py tests/test_framediff_model.py)
+FILES=(${GPU_TEST_FILES:-tests/test_step_graph.py tests/test_compile.py tests/test_generate_cli.py tests/test_framediff_model.py})
 
 prepare() {
   local src=${SUPERDIFF_OFFICIAL_FIXTURES:-../shared/fixtures/official}

@@ -59,6 +59,7 @@ from .jacobian import (bilinear_forms, eval_models, noise_cancelling_directions,
                        quadratic_forms)
 from .smc import SMCConfig, SMCTracker, select_batch
 from .spaces import ProductSpace, State
+from .start_logq import model_start_logq as _model_start_logq
 from .timegrid import step_sizes, time_grid
 
 __all__ = [
@@ -117,6 +118,9 @@ class SamplerConfig:
     # steps between checks for NaN/inf (each check syncs with the device); None: 1 on CPU, 16 on CUDA.
     # The error always names the first bad step.
     nan_check_every: int | None = None
+    # capture the whole step (model calls included) as one CUDA graph and replay it (core/step_graph.py): needs
+    # rng="counter" and a CUDA device; rules with weights, probes or Jacobian terms step eagerly (one warning)
+    step_graph: bool = False
 
     def validate(self) -> None:
         if int(self.num_steps) < 1:
@@ -139,6 +143,9 @@ class SamplerConfig:
             raise ValueError(f"rng must be 'stream' or 'counter', got {self.rng!r}")
         if self.init_logq not in ("prior", "model"):
             raise ValueError(f"init_logq must be 'prior' or 'model', got {self.init_logq!r}")
+        if self.step_graph and self.rng != "counter":
+            raise ValueError("step_graph needs rng='counter': the per-sample generator streams are drawn in a "
+                             "Python loop that a CUDA graph cannot hold")
 
     @property
     def eta(self) -> float:
@@ -193,31 +200,6 @@ def _probe(x: Tensor, gens, kind: str, space_c) -> Tensor:
         z = torch.sign(z)
         z = torch.where(z == 0, torch.ones_like(z), z)
     return z
-
-
-
-def _model_start_logq(models, x: State, t: Tensor, mask, comps: list[str]) -> Tensor:
-    """(B, C, M) start values log q_i(x, t = 1) per component from each model's ``log_density``
-    (``SamplerConfig(init_logq="model")``); a model without it is refused with one clear line."""
-    B = t.shape[0]
-    cols = []
-    for m in models:
-        name = getattr(m, "name", type(m).__name__)
-        fn = getattr(m, "log_density", None)
-        if not callable(fn):
-            raise ValueError(
-                f"init_logq='model' needs each model's log-density at t = 1, but model {name!r} has no "
-                "log_density(x, t, mask) method (only exact models provide it); use init_logq='prior'")
-        with torch.no_grad():
-            lq = fn(x, t, mask)
-        if not isinstance(lq, Mapping) or set(lq) != set(comps):
-            raise ValueError(f"model {name!r}: log_density must return one (B,) tensor per component "
-                             f"{comps}, got {sorted(lq) if isinstance(lq, Mapping) else type(lq).__name__}")
-        col = torch.stack([torch.as_tensor(lq[k]).to(device=t.device, dtype=t.dtype).reshape(B) for k in comps], 1)
-        if not bool(torch.isfinite(col).all()):
-            raise ValueError(f"model {name!r}: log_density at t = 1 is not finite for some samples")
-        cols.append(col)
-    return torch.stack(cols, -1).clone()
 
 
 
@@ -361,18 +343,24 @@ class Sampler:
                 lw = lw - 0.5 * self.space.components[k].dim(x[k], self.mask) * math.log(self.b_total)
         return lw
 
-    def step(self, state: SamplerState, noise: Mapping[str, Tensor] | None = None) -> StepOutput:
+    def step(self, state: SamplerState, noise: Mapping[str, Tensor] | None = None,
+             at: tuple[Tensor, Tensor] | None = None) -> StepOutput:
         """Step ``state.step`` of the grid, from ``t = ts[state.step]`` to ``ts[state.step + 1]``.
 
         ``noise`` (optional): this step's standard-normal tangent noise per component (before
         projection/masking), else drawn from ``state.generators``. Probes always come from the generators.
+        ``at`` (optional): this step's ``(t, dtau)`` as 0-d device tensors, with ``state.step`` a 0-d device
+        tensor too: the form a captured CUDA graph replays (core/step_graph.py); no host value is read.
         """
         i = state.step
-        if not 0 <= i < self.num_steps:
-            raise IndexError(f"step {i} is outside the time grid of {self.num_steps} steps")
-        dtau = self.dtaus[i]
+        if at is None:
+            if not 0 <= i < self.num_steps:
+                raise IndexError(f"step {i} is outside the time grid of {self.num_steps} steps")
+            t, dtau = self.ts[i], self.dtaus[i]
+        else:
+            t, dtau = at
         B = state.logq.shape[0]
-        tb = self.ts[i].expand(B)
+        tb = t.expand(B)
         x, gens = state.x, state.generators
         noise = self._noise(x, gens, noise, state)
         probes = self._probes(x, gens, state) if self.use_lap else None
@@ -545,6 +533,10 @@ def superpose(
                       "noise_scale=1 (docs/fkc.md)", UnsafeNoiseWarning, stacklevel=2)
     state = sampler.init_state(seeds, shapes, x_init)
     B, S = len(seeds), sampler.num_steps
+    runner = sampler.step
+    if config.step_graph:
+        from .step_graph import StepGraph
+        runner = StepGraph.for_run(sampler, tracker is not None or noise_fn is not None) or runner
     ts_host = sampler.ts.tolist()        # the time grid on the host once (no device sync per step)
     kappa_tr, logq_tr = [], [state.logq.clone()]
     traj = [{k: v.clone() for k, v in state.x.items()}] if save_trajectory else None
@@ -552,7 +544,7 @@ def superpose(
     check_every = config.nan_check_every or (16 if sampler.device.type == "cuda" else 1)
     for step in range(S):
         noise = noise_fn(step, sampler.ts[step].expand(B), state.x) if noise_fn is not None else None
-        out = sampler.step(state, noise)
+        out = runner(state, noise)
         state = out.state
         # record each sample's first bad step on the device; look at it (a host sync) only every
         # `check_every` steps so that kernel launches keep overlapping GPU work

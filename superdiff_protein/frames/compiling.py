@@ -19,6 +19,9 @@
   :class:`CompileFallbackWarning` (for all its models together).
 * ``mode="reduce-overhead"`` adds CUDA graphs (one graph replay per forward instead of hundreds of kernel
   launches). CUDA-graph outputs live in memory that the next replay overwrites, so the outputs are cloned.
+* ``mode="step-graph"`` compiles the networks as ``default`` does; the generation run then also sets
+  ``SamplerConfig(step_graph=True)``, which captures the whole sampler step, these networks, the scores and the
+  sampler's own arithmetic, as one CUDA graph (core/step_graph.py; needs ``rng=counter``).
 
 Compiled and eager forwards differ by float32 rounding only (another fusion and summation order):
 ``tests/test_compile.py`` bounds that with the rounding rule of docs/testing.md.
@@ -39,7 +42,7 @@ __all__ = ["COMPILE_CHOICES", "COMPILE_MODES", "CompileFallbackWarning", "Compil
            "compile_cache_dir", "compile_models", "resolve_compile"]
 
 COMPILE_CHOICES = ("auto", "true", "false")
-COMPILE_MODES = ("default", "reduce-overhead")
+COMPILE_MODES = ("default", "reduce-overhead", "step-graph")
 #: dynamo's limit of recompilations per function: one per shape (lengths x last-batch sizes x dtypes)
 RECOMPILE_LIMIT = 64
 
@@ -135,7 +138,8 @@ class CompiledPredictor(nn.Module):
     Args:
         inner: the predictor (a ``torch.nn.Module``).
         name: shown in the warm-up log line and the fallback warning.
-        mode: ``default`` or ``reduce-overhead`` (CUDA graphs).
+        mode: ``default``, ``reduce-overhead`` (CUDA graphs of the network) or ``step-graph`` (compiled as
+            ``default``; the sampler graphs the whole step).
         session: shared by the predictors of one run (one fallback warning, one log).
         backend: torch.compile backend (``inductor``; tests use ``aot_eager`` for a fast graph-capture check).
     """
@@ -164,7 +168,8 @@ class CompiledPredictor(nn.Module):
     def _compiled_fn(self):
         if self._compiled is None:
             _configure_cache()
-            kw = {"mode": None if self.mode == "default" else self.mode} if self.backend == "inductor" else {}
+            # step-graph: the networks compile as in default mode; the sampler captures the whole step around them
+            kw = {"mode": self.mode if self.mode == "reduce-overhead" else None} if self.backend == "inductor" else {}
             self.__dict__["_compiled"] = torch.compile(self.inner, backend=self.backend, dynamic=False, **kw)
         return self._compiled
 
