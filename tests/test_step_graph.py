@@ -104,7 +104,7 @@ def test_capture_failure_falls_back_to_the_eager_step(monkeypatch):
 
 
 def _cuda_run(step_graph: bool, rule, compile_nets: bool = False, **cfg_kw):
-    from superdiff_protein.frames.compiling import compile_models
+    from superdiff_protein.frames.compiling import CompileFallbackWarning, compile_models
 
     dev = torch.device("cuda")
     models = [load_model("default-helix", device=dev), load_model("default-strand", device=dev)]
@@ -114,6 +114,7 @@ def _cuda_run(step_graph: bool, rule, compile_nets: bool = False, **cfg_kw):
                         step_graph=step_graph, **cfg_kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error", StepGraphWarning)
+        warnings.simplefilter("error", CompileFallbackWarning)     # a silent eager fallback would prove nothing
         return superpose(models[0].diffuser.space, models, rule, cfg, [11, 12, 13],
                          {"rot": (40,), "trans": (40, 3)})
 

@@ -104,7 +104,10 @@ class AndRule(KappaRule):
         scale = torch.diagonal(HtH, dim1=-2, dim2=-1).mean(-1)
         reg = torch.where(scale > 0, self.ridge * scale, torch.ones_like(scale))  # H = 0: u = 0, kappa = 1/M
         eye = torch.eye(m - 1, dtype=logq.dtype, device=logq.device)
-        u = torch.linalg.solve(HtH + reg[:, None, None] * eye, (H.transpose(-1, -2) @ rhs[..., None]))
+        # solve_ex without its host-side error check (the matrix is SPD plus a ridge): no device sync, so the
+        # step stays capturable as a CUDA graph (core/step_graph.py); same factorisation as linalg.solve
+        u = torch.linalg.solve_ex(HtH + reg[:, None, None] * eye, (H.transpose(-1, -2) @ rhs[..., None]),
+                                  check_errors=False)[0]
         return k0 + (P @ u).squeeze(-1)
 
     def describe(self):

@@ -103,8 +103,10 @@ class CompileSession:
     def fallback(self, name: str, err: BaseException) -> None:
         if not self.warned:
             self.warned = True
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            warnings.warn(f"compile: compiling {name} failed ({type(err).__name__}: {msg[:200]}); running it eagerly "
+            # two lines: Inductor's first is only "backend='inductor' raised:", the next names the error
+            lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+            msg = " ".join(lines[:2])
+            warnings.warn(f"compile: compiling {name} failed ({type(err).__name__}: {msg[:400]}); running it eagerly "
                           "(same results, eager speed); compile=false skips compiling", CompileFallbackWarning,
                           stacklevel=3)
 
