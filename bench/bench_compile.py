@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def build(a, dev: torch.device, mode: str) -> list:
     return models
 
 
+RUN_WARNINGS: dict = {}                       # fallback warnings of the sampler runs -> the worker's JSON
 GRAPH_MODES = ("step-graph", "eager-graph")    # the whole sampler step as one CUDA graph (core/step_graph.py)
 #: steps of a short run: the graph modes run steps 0-1 eagerly, step 2 as the warm-up body, capture at step 3
 BASE_STEPS = {"step-graph": 4, "eager-graph": 4}
@@ -87,9 +89,14 @@ def run(models, batch: int, steps: int, dev: torch.device, mode: str = "eager") 
                         rng="counter" if graph else "stream", step_graph=graph)
     sync(dev)
     t0 = time.perf_counter()
-    res = superpose(space, models, OrRule(), cfg, list(range(batch)), {"rot": (LENGTH,), "trans": (LENGTH, 3)})
+    with warnings.catch_warnings(record=True) as wl:
+        warnings.simplefilter("always")
+        res = superpose(space, models, OrRule(), cfg, list(range(batch)), {"rot": (LENGTH,), "trans": (LENGTH, 3)})
     sync(dev)
     dt = time.perf_counter() - t0
+    for w in wl:        # a step graph or compile that fell back: recorded, not hidden in the log
+        if w.category.__name__ in ("StepGraphWarning", "CompileFallbackWarning"):
+            RUN_WARNINGS[str(w.message)[:600]] = RUN_WARNINGS.get(str(w.message)[:600], 0) + 1
     if not all(bool(torch.isfinite(v).all()) for v in res.x.values()):
         raise RuntimeError("non-finite sampler state")
     return dt
@@ -99,7 +106,9 @@ def inputs(models, batch: int, dev: torch.device):
     space = models[0].diffuser.space
     g = [torch.Generator(device=dev).manual_seed(i) for i in range(batch)]
     x = space.sample_prior(batch, {"rot": (LENGTH,), "trans": (LENGTH, 3)}, g, None, torch.float32, dev)
-    return x, torch.full((batch,), 0.5, device=dev)
+    # t as the sampler passes it (an expanded 0-d tensor): at batch 1 its stride stays 0 through .contiguous(),
+    # and another stride would make dynamo compile the network again
+    return x, torch.tensor(0.5, device=dev).expand(batch)
 
 
 def forward_limit(models, batch: int, dev: torch.device, reps: int) -> float:
@@ -188,7 +197,7 @@ def worker(a) -> int:
     torch._logging.set_logs(recompiles=True)           # a recompilation says why in the log
     set_precision(a.precision)
     rec = {"precision": a.precision, "mode": a.mode, "length": LENGTH, "repeats": a.repeats, "timed_steps": a.steps,
-           "cache_dir": str(compile_cache_dir()), "rows": []}
+           "cache_dir": str(compile_cache_dir()), "rows": [], "run_warnings": RUN_WARNINGS}
     out = Path(a.out)
 
     def save():

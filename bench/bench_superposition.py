@@ -53,7 +53,8 @@ class Autocast(nn.Module):
         return getattr(self.inner, "config", None)
 
     def forward(self, *a, **k):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # no weight-cast cache: a CUDA graph capture must not keep autocast's cached casts (torch.cuda.graphs)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             out = self.inner(*a, **k)
         for f in ("rotmats", "trans", "quats", "psi", "backbone", "self_cond_state"):
             v = getattr(out, f, None)

@@ -215,10 +215,14 @@ class StepGraph:
         return dataclasses.replace(state, x=x, logq=logq, model_states=ms, step=self.next_step)
 
     def _fallback(self, state, err: BaseException):
+        import traceback
+
         self.failed = True
         msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        warnings.warn(f"step_graph: capturing the step failed ({type(err).__name__}: {msg}); stepping eagerly "
-                      "from here (same results, eager speed)", StepGraphWarning, stacklevel=3)
+        tb = traceback.extract_tb(err.__traceback__)
+        where = f" at {tb[-1].filename.rsplit('/', 2)[-1]}:{tb[-1].lineno} ({tb[-1].line})" if tb else ""
+        warnings.warn(f"step_graph: capturing the step failed ({type(err).__name__}: {msg}{where}); stepping "
+                      "eagerly from here (same results, eager speed)", StepGraphWarning, stacklevel=3)
         if self.log is not None:
             self.log(f"step_graph: fell back to eager steps at step {self.next_step}")
         if torch.cuda.is_available() and self.sampler.device.type == "cuda":
