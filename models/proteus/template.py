@@ -48,14 +48,17 @@ _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda
 
 
 def _const(name: str, value, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A constant tensor, copied to ``device`` once (each fresh copy from the host is a device sync on a GPU);
-    under torch.compile the graph holds it anyway. Read-only."""
-    if _is_compiling():
-        return torch.as_tensor(value, dtype=dtype, device=device)
+    """A constant tensor, copied to ``device`` once (each fresh copy from the host is a device sync on a GPU).
+    Read-only. Under torch.compile the cached device copy is used too: a constant built inside the compiled
+    graph is copied from the host at every call, which a CUDA graph capture refuses (core/step_graph.py). The
+    eager first call of a run (no template yet) fills the cache before anything compiles."""
     key = (name, dtype, str(device))
     out = _CONSTANTS.get(key)
-    if out is None:
-        out = _CONSTANTS[key] = torch.as_tensor(value, dtype=dtype).to(device)
+    if out is not None:
+        return out
+    if _is_compiling():
+        return torch.as_tensor(value, dtype=dtype, device=device)
+    out = _CONSTANTS[key] = torch.as_tensor(value, dtype=dtype).to(device)
     return out
 
 
