@@ -144,3 +144,15 @@ def test_captured_step_with_compiled_networks_on_cuda(tmp_path, monkeypatch):
     graphed = _cuda_run(True, OrRule(), compile_nets=True)
     for k in eager.x:
         assert torch.equal(eager.x[k], graphed.x[k]), k
+
+
+def test_generate_options_for_the_step_graph():
+    """compile_mode=step-graph: refused without rng=counter (exit-2 error naming the fix); on a CPU the sampler
+    steps eagerly (the networks compile as in default mode); compile=false leaves it off."""
+    from superdiff_protein.frames.generate_config import GenerateError, load_config, sampler_config, validate
+
+    with pytest.raises(GenerateError, match="rng=counter"):
+        validate(load_config({"compile_mode": "step-graph", "compile": "true"}))
+    opts = validate(load_config({"compile_mode": "step-graph", "compile": "true", "rng": "counter"}))
+    assert sampler_config(opts).step_graph is False                     # CPU: no CUDA graph
+    assert validate(load_config({"compile_mode": "step-graph", "compile": "false"})).rng == "stream"
