@@ -147,12 +147,14 @@ def test_captured_step_with_compiled_networks_on_cuda(tmp_path, monkeypatch):
 
 
 def test_generate_options_for_the_step_graph():
-    """compile_mode=step-graph: refused without rng=counter (exit-2 error naming the fix); on a CPU the sampler
-    steps eagerly (the networks compile as in default mode); compile=false leaves it off."""
+    """compile_mode=step-graph: refused without rng=counter (exit-2 error naming the fix), with or without
+    compiling (compile=false graphs the step around eager networks); on a CPU the sampler steps eagerly."""
     from superdiff_protein.frames.generate_config import GenerateError, load_config, sampler_config, validate
 
     with pytest.raises(GenerateError, match="rng=counter"):
         validate(load_config({"compile_mode": "step-graph", "compile": "true"}))
     opts = validate(load_config({"compile_mode": "step-graph", "compile": "true", "rng": "counter"}))
     assert sampler_config(opts).step_graph is False                     # CPU: no CUDA graph
-    assert validate(load_config({"compile_mode": "step-graph", "compile": "false"})).rng == "stream"
+    with pytest.raises(GenerateError, match="rng=counter"):
+        validate(load_config({"compile_mode": "step-graph", "compile": "false"}))
+    assert validate(load_config({"compile_mode": "step-graph", "compile": "false", "rng": "counter"})).rng == "counter"

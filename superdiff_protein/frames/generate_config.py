@@ -30,7 +30,7 @@ from ..core.sampler import SamplerConfig
 from ..errors import UserError
 from ..runs.checks import resolve_device as _resolve_device
 from ..runs.rundir import LAYOUTS, SETTING_COLUMNS
-from .compiling import COMPILE_CHOICES, COMPILE_MODES, resolve_compile
+from .compiling import COMPILE_CHOICES, COMPILE_MODES
 from .plan import parse_shard, torchrun_world
 
 __all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "ExactOptions", "SMCOptions", "CONFIG_DIR",
@@ -462,7 +462,7 @@ def validate(c: Mapping[str, Any]) -> Options:
     if K > 1 and vals["batch_size"] % K:
         raise GenerateError(f"batch_size={vals['batch_size']} must be a multiple of smc.group_size={K} (batches hold "
                             f"whole groups), e.g. batch_size={max(K, vals['batch_size'] // K * K)}")
-    if vals["compile_mode"] == "step-graph" and vals["compile"] != "false" and vals["rng"] != "counter":
+    if vals["compile_mode"] == "step-graph" and vals["rng"] != "counter":
         raise GenerateError("compile_mode=step-graph captures the whole sampler step as one CUDA graph, which needs "
                             "rng=counter (the per-sample generator streams are drawn in a Python loop); add rng=counter")
     vals.update(_placement(vals["shard"], resolve_device(vals["device"])))
@@ -477,9 +477,9 @@ def smc_config(opts: Options) -> SMCConfig:
 def sampler_config(opts: Options) -> SamplerConfig:
     """The sampler's config from the options of the same names (``dtype`` float64: the sampler state)."""
     names = {f.name for f in fields(SamplerConfig)} & set(FIELDS)
-    # step-graph: the whole step as a CUDA graph (core/step_graph.py); on a CPU the networks compile as in default
-    graph = opts.compile_mode == "step-graph" and opts.device.type == "cuda" and resolve_compile(opts.compile,
-                                                                                                opts.device)
+    # step-graph: the whole step as a CUDA graph (core/step_graph.py), around compiled networks (compile on) or
+    # eager ones (compile=false: no compile time); on a CPU the networks compile as in default mode
+    graph = opts.compile_mode == "step-graph" and opts.device.type == "cuda"
     scfg = SamplerConfig(**{k: getattr(opts, k) for k in names}, dtype=torch.float64, step_graph=graph)
     try:
         scfg.validate()
