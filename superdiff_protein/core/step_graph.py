@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["StepGraph", "StepGraphWarning", "step_graph_unsupported"]
+__all__ = ["StepGraph", "StepGraphWarning", "clone_tree", "step_graph_unsupported"]
 
 
 class StepGraphWarning(RuntimeWarning):
@@ -67,17 +67,18 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _clone(obj: Any) -> Any:
-    """``obj`` with every tensor cloned (the static buffers of the models' carried state)."""
+def clone_tree(obj: Any) -> Any:
+    """``obj`` (tensors in dataclasses, dicts, lists, tuples) with every tensor cloned: the static buffers of the
+    models' carried state here, the copies of CUDA-graph outputs in frames/compiling.py."""
     if isinstance(obj, Tensor):
         return obj.clone()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _clone(getattr(obj, f.name))
+        return dataclasses.replace(obj, **{f.name: clone_tree(getattr(obj, f.name))
                                            for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
+        return {k: clone_tree(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
+        return type(obj)(clone_tree(v) for v in obj)
     return obj
 
 
@@ -151,8 +152,8 @@ class StepGraph:
     def _start(self, state) -> None:
         step = torch.tensor(int(state.step), dtype=torch.int64, device=self.sampler.device)
         self.static = dataclasses.replace(state, x={k: v.clone() for k, v in state.x.items()},
-                                          logq=state.logq.clone(), model_states=[_clone(s) for s in state.model_states],
-                                          step=step, outputs=[], logw=None)
+                                          logq=state.logq.clone(), step=step, outputs=[], logw=None,
+                                          model_states=[clone_tree(s) for s in state.model_states])
 
     def __call__(self, state, noise=None):
         if noise is not None:
@@ -207,7 +208,7 @@ class StepGraph:
 
     def _snapshot(self):
         st = self.static
-        return ({k: v.clone() for k, v in st.x.items()}, st.logq.clone(), [_clone(s) for s in st.model_states],
+        return ({k: v.clone() for k, v in st.x.items()}, st.logq.clone(), [clone_tree(s) for s in st.model_states],
                 int(st.step))
 
     def _restore(self, snap, state):

@@ -38,6 +38,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.step_graph import clone_tree
+
 __all__ = ["COMPILE_CHOICES", "COMPILE_MODES", "CompileFallbackWarning", "CompileSession", "CompiledPredictor",
            "compile_cache_dir", "compile_models", "resolve_compile"]
 
@@ -116,19 +118,6 @@ def _shape_key(args: tuple, kwargs: dict) -> tuple:
     for v in list(args) + [kwargs[k] for k in sorted(kwargs)]:
         out.append((tuple(v.shape), v.dtype, v.device.type) if isinstance(v, Tensor) else (v is None,))
     return tuple(out)
-
-
-def _clone_outputs(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return out.clone()
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return dataclasses.replace(out, **{f.name: _clone_outputs(getattr(out, f.name))
-                                           for f in dataclasses.fields(out) if f.init})
-    if isinstance(out, dict):
-        return {k: _clone_outputs(v) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(_clone_outputs(v) for v in out)
-    return out
 
 
 class CompiledPredictor(nn.Module):
@@ -211,7 +200,7 @@ class CompiledPredictor(nn.Module):
         kwargs = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-            return _clone_outputs(fn(*args, **kwargs))
+            return clone_tree(fn(*args, **kwargs))
         return fn(*args, **kwargs)
 
 
