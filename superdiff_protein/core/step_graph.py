@@ -41,12 +41,10 @@ class StepGraphWarning(RuntimeWarning):
 
 
 def step_graph_unsupported(sampler: Any, smc_or_noise: bool = False) -> str | None:
-    """Why ``sampler``'s step cannot be captured, or None when it can."""
-    cfg = sampler.config
+    """Why ``sampler``'s step cannot be captured, or None when it can (``rng="counter"`` is checked by
+    ``SamplerConfig.validate``)."""
     if sampler.device.type != "cuda":
         return f"it needs a CUDA device, not {sampler.device.type}"
-    if cfg.rng != "counter":
-        return "it needs rng='counter'"
     if sampler.fkc or smc_or_noise:
         return "importance weights, resampling or injected noise change the batch between steps"
     if sampler.use_lap or sampler.and_corr:
@@ -208,11 +206,10 @@ class StepGraph:
 
     def _snapshot(self):
         st = self.static
-        return ({k: v.clone() for k, v in st.x.items()}, st.logq.clone(), [clone_tree(s) for s in st.model_states],
-                int(st.step))
+        return {k: v.clone() for k, v in st.x.items()}, st.logq.clone(), [clone_tree(s) for s in st.model_states]
 
     def _restore(self, snap, state):
-        x, logq, ms, _ = snap
+        x, logq, ms = snap
         return dataclasses.replace(state, x=x, logq=logq, model_states=ms, step=self.next_step)
 
     def _fallback(self, state, err: BaseException):
