@@ -103,6 +103,22 @@ def test_capture_failure_falls_back_to_the_eager_step(monkeypatch):
     assert graph.failed
 
 
+def test_failed_capture_continues_from_the_static_state(monkeypatch):
+    """A capture records and runs nothing, so after it fails the static buffers are still the step's input:
+    the eager steps from there give the eager loop's samples (the CUDA calls are stubbed on the CPU)."""
+    models = _exact()
+    sampler = Sampler(models[0].space, models, OrRule(), SamplerConfig(num_steps=7, min_t=0.01, rng="counter"))
+    shapes = {"rot": (5,), "trans": (5, 3)}
+    eager = _loop(sampler, sampler.init_state([4, 9], shapes), 7, sampler.step)
+    graph = StepGraph(sampler, capture=True)
+    monkeypatch.setattr(graph, "_warm", graph._body)
+    monkeypatch.setattr(graph, "_capture", lambda: (_ for _ in ()).throw(RuntimeError("capture refused")))
+    with pytest.warns(StepGraphWarning, match="capture refused"):
+        body = _loop(sampler, sampler.init_state([4, 9], shapes), 7, graph)
+    _assert_same(eager, body)
+    assert graph.failed and graph.graph is None
+
+
 def _cuda_run(step_graph: bool, rule, compile_nets: bool = False, **cfg_kw):
     from superdiff_protein.frames.compiling import CompileFallbackWarning, compile_models
 

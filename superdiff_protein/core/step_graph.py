@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -96,15 +96,12 @@ class StepGraph:
         sampler: the sampler (its device, grid and models).
         warmup: steps run eagerly before the graph (at least 2: the models' first calls differ).
         capture: capture a CUDA graph (default: on CUDA); False calls the static-buffer body each step.
-        log: optional one-line log function (capture time, fallback).
     """
 
-    def __init__(self, sampler: Any, warmup: int = 2, capture: bool | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, sampler: Any, warmup: int = 2, capture: bool | None = None):
         self.sampler = sampler
         self.warmup = max(2, int(warmup))
         self.capture = sampler.device.type == "cuda" if capture is None else bool(capture)
-        self.log = log
         self.failed = False
         self.graph: Any = None
         self.static = None          # the SamplerState whose tensors the body reads and writes
@@ -173,11 +170,11 @@ class StepGraph:
             self.out = self._body()
             return self._result()
         if self.graph is None:
-            before = self._snapshot()
             try:
                 self._capture()
-            except Exception as e:  # noqa: BLE001
-                return self._fallback(self._restore(before, state), e)
+            except Exception as e:  # noqa: BLE001 - a capture runs nothing: the static buffers are this step's input
+                st = self.static
+                return self._fallback(dataclasses.replace(st, step=self.next_step, outputs=state.outputs), e)
         self.graph.replay()
         return self._result()
 
@@ -192,25 +189,11 @@ class StepGraph:
         return out
 
     def _capture(self) -> None:
-        import time
-
         torch.cuda.synchronize(self.sampler.device)
-        t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self.out = self._body()
-        torch.cuda.synchronize(self.sampler.device)
         self.graph = g
-        if self.log is not None:
-            self.log(f"step_graph: captured the sampler step in {time.perf_counter() - t0:.2f} s")
-
-    def _snapshot(self):
-        st = self.static
-        return {k: v.clone() for k, v in st.x.items()}, st.logq.clone(), [clone_tree(s) for s in st.model_states]
-
-    def _restore(self, snap, state):
-        x, logq, ms = snap
-        return dataclasses.replace(state, x=x, logq=logq, model_states=ms, step=self.next_step)
 
     def _fallback(self, state, err: BaseException):
         import traceback
@@ -221,8 +204,6 @@ class StepGraph:
         where = f" at {tb[-1].filename.rsplit('/', 2)[-1]}:{tb[-1].lineno} ({tb[-1].line})" if tb else ""
         warnings.warn(f"step_graph: capturing the step failed ({type(err).__name__}: {msg}{where}); stepping "
                       "eagerly from here (same results, eager speed)", StepGraphWarning, stacklevel=3)
-        if self.log is not None:
-            self.log(f"step_graph: fell back to eager steps at step {self.next_step}")
         if torch.cuda.is_available() and self.sampler.device.type == "cuda":
             torch.cuda.synchronize(self.sampler.device)
         return self.sampler.step(state)
