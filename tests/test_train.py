@@ -439,3 +439,24 @@ def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
         expect = 2.0 * L.ca_clash_loss(bad.detach(), trans, mask) * (tv < 0.5)
         assert torch.allclose(on["clash_loss"], expect, atol=1e-6)
         assert torch.allclose(on["loss"], off["loss"] + expect, atol=1e-5)
+
+
+def test_non_finite_loss_stops_at_the_next_metrics_row(dataset, tmp_path):
+    """Per-step losses stay on the device; the first metrics row (or save) after a NaN stops the run with a
+    one-line TrainError, and no diverged model.pth is written."""
+    from models.framediff.training import FrameDiffusionModule, TrainError
+
+    cfg = _cfg(dataset, tmp_path / "nan", "max_steps=12")
+    module = FrameDiffusionModule(cfg)
+    module._acc = {"loss": [torch.tensor(1.0), torch.tensor(float("nan"))], "grad_norm": [torch.tensor(2.0)]}
+    with pytest.raises(TrainError, match="non-finite loss"):
+        module._check_finite({k: float(torch.stack(v).mean()) for k, v in module._acc.items()}, 10)
+    with pytest.raises(TrainError, match="non-finite loss"):
+        module.on_save_checkpoint({})
+    module._acc = {"loss": [torch.tensor(1.0)], "grad_norm": [torch.tensor(float("inf"))]}
+    module._check_finite({"loss": 1.0, "grad_norm": float("inf")}, 10)   # only losses stop a run
+    # end to end: an infinite learning rate diverges at the first step; the run stops with the error
+    with pytest.raises(TrainError, match="non-finite loss"):
+        from models.framediff.fit import fit
+        fit(_cfg(dataset, tmp_path / "inf", "max_steps=12", "experiment.learning_rate=1e30"), tmp_path / "inf")
+    assert not (tmp_path / "inf" / "model.pth").exists()

@@ -133,8 +133,12 @@ class FrameDiffusionModule(pl.LightningModule):
         sidx = seq_idx(batch, dcfg["seq_idx"])
         adapter = self._adapter(net)
         sc = None
-        coin = float(torch.rand((), generator=gen, device=mask.device))
-        use_sc = (coin < float(exp["self_condition_prob"])) if self_condition is None else self_condition
+        if self_condition is None:
+            # the coin comes from a host generator: reading a device draw would stall the GPU queue every step
+            coin = torch.Generator().manual_seed(int(gen.initial_seed()) ^ 0x5C0111)
+            use_sc = float(torch.rand((), generator=coin)) < float(exp["self_condition_prob"])
+        else:
+            use_sc = self_condition
         if use_sc and net.cfg.embed.embed_self_conditioning:
             with torch.no_grad():
                 sc = adapter(noised.rotmats_t, noised.trans_t, t, mask, None, seq_idx=sidx).self_cond_state
@@ -157,21 +161,26 @@ class FrameDiffusionModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         gen = self._generator(int(self.global_step))
         losses = self.compute_loss(self.model, batch, gen)
-        if not torch.isfinite(losses["loss"]):
-            raise TrainError(f"non-finite loss at step {self.global_step}: "
-                             + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+        # Nothing here reads a device value: the loss terms stay on the device until the next metrics row
+        # (one host sync per log_every steps), where a non-finite loss stops the run (_check_finite).
         for k, v in losses.items():
-            self._acc.setdefault(k, []).append(float(v.detach()))
+            self._acc.setdefault(k, []).append(v.detach())
         self._examples += int(batch["res_mask"].shape[0])
-        self._residues += int(batch["res_mask"].sum())
-        self.log("train/loss", losses["loss"].detach(), on_step=True, prog_bar=True, batch_size=len(batch["name"]))
+        self._residues = self._residues + batch["res_mask"].sum()
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if (int(self.global_step) + 1) % int(self.cfg["experiment"]["log_every"]) == 0:
             norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
             if norms:
-                self._acc.setdefault("grad_norm", []).append(float(torch.stack(norms).norm()))
+                self._acc.setdefault("grad_norm", []).append(torch.stack(norms).norm())
+
+    def _check_finite(self, means: Mapping[str, float], step: int) -> None:
+        """Stop with :class:`TrainError` when a logged loss is not finite (checked once per metrics row)."""
+        bad = {k: v for k, v in means.items() if k.endswith("loss") and not math.isfinite(v)}
+        if bad:
+            raise TrainError(f"non-finite loss in the {self.cfg['experiment']['log_every']} steps before step "
+                             f"{step}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items()))
 
     def _update_ema(self) -> None:
         if self.ema is not None:
@@ -192,16 +201,16 @@ class FrameDiffusionModule(pl.LightningModule):
         now = time.time()
         row: dict[str, Any] = {"step": step, "epoch": self._data_epoch(step),
                                "train_min": round(self.train_minutes(), 3)}
-        for k, v in self._acc.items():
-            if v:
-                row[k] = float(np.mean(v))
+        means = {k: float(torch.stack(v).float().mean()) for k, v in self._acc.items() if v}
+        self._check_finite(means, step)
+        row.update(means)
         opt = self.optimizers()
         if not isinstance(opt, list):
             row["lr"] = opt.param_groups[0]["lr"]
         dt = max(now - self._last_log_time, 1e-9)
         if self._examples:
             row["chains_per_s"] = self._examples / dt
-            row["residues_per_s"] = self._residues / dt
+            row["residues_per_s"] = float(self._residues) / dt
         if extra:
             row.update(extra)
         self._acc, self._examples, self._residues, self._last_log_time = {}, 0, 0, now
@@ -262,6 +271,9 @@ class FrameDiffusionModule(pl.LightningModule):
         return (self._time_offset + (time.time() - start if start else 0.0)) / 60.0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the losses since the last metrics row have not been looked at yet: never save a diverged state
+        self._check_finite({k: float(torch.stack(v).float().mean()) for k, v in self._acc.items() if v},
+                           int(self.global_step))
         checkpoint["superdiff_config"] = copy.deepcopy(self.cfg)
         checkpoint["superdiff_train_seconds"] = 60.0 * self.train_minutes()
 

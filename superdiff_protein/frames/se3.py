@@ -100,6 +100,7 @@ class SE3Diffuser:
         self._score_norms = torch.full_like(self._pdf, float("nan"))
         self._scaling = torch.full((c.num_sigma,), float("nan"), dtype=torch.float64)
         self._done = torch.zeros(c.num_sigma, dtype=torch.bool)
+        self._device_copies: dict[str, dict[str, Tensor]] = {}
 
     # -- construction
     @classmethod
@@ -138,7 +139,23 @@ class SE3Diffuser:
     def tabulated_sigma(self, t: Tensor) -> Tensor:
         """The sigma the official score actually uses (float64)."""
         t = torch.as_tensor(t)
-        return self.discrete_sigma.to(t.device)[sigma_index(t, self.cfg, self.discrete_sigma)]
+        grid = self.discrete_sigma if t.device.type == "cpu" else self._on_device(t.device)["sigma"]
+        return grid[sigma_index(t, self.cfg, grid)]
+
+    def _on_device(self, device: torch.device) -> dict[str, Tensor]:
+        """All IGSO(3) table rows, filled once and copied to ``device`` (cached per device).
+
+        Off the CPU the lazy per-row fill would read the row indices back to the host, and gathering host rows
+        copies them up at every call: both stall the device queue (a training step did both, twice). The
+        full tables cost 3 x 8 MB per device; the values are the same CPU-computed rows either way.
+        """
+        key = str(device)
+        if key not in self._device_copies:
+            self._ensure_rows(torch.arange(self.cfg.num_sigma))
+            self._device_copies[key] = {
+                "sigma": self.discrete_sigma.to(device), "omega": self.discrete_omega.to(device),
+                "cdf": self._cdf.to(device), "scaling": self._scaling.to(device)}
+        return self._device_copies[key]
 
     def rot_diffusion_coef(self, t: Tensor) -> Tensor:
         """SO(3) ``g(t) = sqrt(2 (e^max - e^min) sigma(t) / e^sigma(t))`` (float64)."""
@@ -185,6 +202,9 @@ class SE3Diffuser:
     def rot_score_scaling(self, t: Tensor) -> Tensor:
         """SO(3) score scaling ``_score_scaling[t_to_idx(t)]`` (float64, shape of t)."""
         t = torch.as_tensor(t)
+        if t.device.type != "cpu":
+            d = self._on_device(t.device)
+            return d["scaling"][sigma_index(t, self.cfg, d["sigma"])]
         idx = self.t_to_idx(t)
         self._ensure_rows(idx)
         return self._scaling[idx].to(t.device)
@@ -245,7 +265,8 @@ class SE3Diffuser:
             t = t.expand(batch)
         if t.shape != (batch,):
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-        if bool(((t < 0) | (t > 1)).any()):
+        # checked on the CPU only: off it the check would stall the device queue (training draws t itself)
+        if t.device.type == "cpu" and bool(((t < 0) | (t > 1)).any()):
             raise ValueError(f"t must lie in [0, 1], got {t.tolist()}")
         return t
 
@@ -266,10 +287,14 @@ class SE3Diffuser:
             axis = torch.randn((B, N, 3), generator=generator, dtype=torch.float64, device=gdev).to(dev)
             u = torch.rand((B, N), generator=generator, dtype=torch.float64, device=gdev).to(dev)
         axis = axis / torch.linalg.norm(axis, dim=-1, keepdim=True)
-        idx = self.t_to_idx(t)
-        self._ensure_rows(idx)
-        cdf = self._cdf[idx].to(dev)
-        angle = np_interp(u, cdf, self.discrete_omega.to(dev))
+        if dev.type != "cpu":
+            d = self._on_device(dev)
+            cdf, omega = d["cdf"][sigma_index(t, self.cfg, d["sigma"])], d["omega"]
+        else:
+            idx = self.t_to_idx(t)
+            self._ensure_rows(idx)
+            cdf, omega = self._cdf[idx], self.discrete_omega
+        angle = np_interp(u, cdf, omega)
         return axis * angle[..., None]
 
     def forward_marginal(self, rotmats_0: Tensor, trans_0: Tensor, t: Tensor, res_mask: Tensor | None = None,
