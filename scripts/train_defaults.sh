@@ -65,7 +65,9 @@ chunk() {
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-  local pids=()
+  local pids=() ngpu i=0
+  # two GPUs or more: one run per GPU (one GPU: both runs share it)
+  ngpu=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
   for s in "${SUBSETS[@]}"; do
     mkdir -p "${RUNS_STATE}/${s}"
     # EXTRA="key=value ..." replaces recipe entries with the same key (smoke tests: EXTRA="model=tiny ...")
@@ -77,6 +79,8 @@ chunk() {
     args+=(${EXTRA:-})
     # FINETUNE=1: start each run from its shipped checkpoint (ignored by a run that resumes from last.ckpt)
     if [ "${FINETUNE:-0}" = 1 ]; then args+=("init_from=models/checkpoints/default_${s}.pt"); fi
+    if [ "$ngpu" -gt 1 ]; then export CUDA_VISIBLE_DEVICES=$((i % ngpu)); fi
+    i=$((i + 1))
     $PY -m superdiff_protein.cli.train "${args[@]}" >"${RUNS_STATE}/${s}/train.log" 2>&1 &
     pids+=($!)
   done

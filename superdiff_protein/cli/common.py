@@ -350,6 +350,7 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), *, config_di
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     cdir = Path(config_dir) if config_dir is not None else _CONFIG_DIR
     try:
@@ -360,6 +361,8 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), *, config_di
         d = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise error(hydra_error_line(e, config_keys(config_name) if valid is None else valid)) from e
+    except YAMLError as e:   # a config file that is not YAML (one of ours edited badly, or a user's group file)
+        raise error(f"config file is not valid YAML: {' '.join(str(e).split())}") from e
     d.pop("hydra", None)
     return d
 
