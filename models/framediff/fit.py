@@ -207,6 +207,9 @@ def fit(cfg: dict, out: str | os.PathLike, start_time: Optional[float] = None) -
         module.model.load_state_dict(init)
         if module.ema is not None:
             module.ema.load_state_dict(init)
+    if tr.get("compile"):
+        # in place (nn.Module.compile): the state_dict keys, checkpoints and the EMA copy stay as they are
+        module.model.compile(dynamic=True)
     module.metrics_path = out / "metrics.csv"
     n_eval = int(cfg["experiment"].get("eval_size") or 0)
     if n_eval > 0 and int(cfg["experiment"].get("eval_every") or 0) > 0:
