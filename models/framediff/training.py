@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -175,6 +174,10 @@ class FrameDiffusionModule(pl.LightningModule):
             if norms:
                 self._acc.setdefault("grad_norm", []).append(torch.stack(norms).norm())
 
+    def _acc_means(self) -> dict[str, float]:
+        """Means of the values accumulated since the last metrics row (the one host read of them)."""
+        return {k: float(torch.stack(v).float().mean()) for k, v in self._acc.items() if v}
+
     def _check_finite(self, means: Mapping[str, float], step: int) -> None:
         """Stop with :class:`TrainError` when a logged loss is not finite (checked once per metrics row)."""
         bad = {k: v for k, v in means.items() if k.endswith("loss") and not math.isfinite(v)}
@@ -201,7 +204,7 @@ class FrameDiffusionModule(pl.LightningModule):
         now = time.time()
         row: dict[str, Any] = {"step": step, "epoch": self._data_epoch(step),
                                "train_min": round(self.train_minutes(), 3)}
-        means = {k: float(torch.stack(v).float().mean()) for k, v in self._acc.items() if v}
+        means = self._acc_means()
         self._check_finite(means, step)
         row.update(means)
         opt = self.optimizers()
@@ -272,8 +275,7 @@ class FrameDiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the losses since the last metrics row have not been looked at yet: never save a diverged state
-        self._check_finite({k: float(torch.stack(v).float().mean()) for k, v in self._acc.items() if v},
-                           int(self.global_step))
+        self._check_finite(self._acc_means(), int(self.global_step))
         checkpoint["superdiff_config"] = copy.deepcopy(self.cfg)
         checkpoint["superdiff_train_seconds"] = 60.0 * self.train_minutes()
 
