@@ -157,6 +157,16 @@ class SE3Diffuser:
                 "cdf": self._cdf.to(device), "scaling": self._scaling.to(device)}
         return self._device_copies[key]
 
+    def _rows_at(self, t: Tensor, table: str) -> Tensor:
+        """Rows of the IGSO(3) ``table`` ("cdf" or "scaling") used at times ``t``, on ``t``'s device: the lazily
+        filled host tables on the CPU, the full device copies elsewhere (no host read)."""
+        if t.device.type != "cpu":
+            d = self._on_device(t.device)
+            return d[table][sigma_index(t, self.cfg, d["sigma"])]
+        idx = self.t_to_idx(t)
+        self._ensure_rows(idx)
+        return {"cdf": self._cdf, "scaling": self._scaling}[table][idx]
+
     def rot_diffusion_coef(self, t: Tensor) -> Tensor:
         """SO(3) ``g(t) = sqrt(2 (e^max - e^min) sigma(t) / e^sigma(t))`` (float64)."""
         c, s = self.cfg, self.sigma(t)
@@ -201,13 +211,7 @@ class SE3Diffuser:
 
     def rot_score_scaling(self, t: Tensor) -> Tensor:
         """SO(3) score scaling ``_score_scaling[t_to_idx(t)]`` (float64, shape of t)."""
-        t = torch.as_tensor(t)
-        if t.device.type != "cpu":
-            d = self._on_device(t.device)
-            return d["scaling"][sigma_index(t, self.cfg, d["sigma"])]
-        idx = self.t_to_idx(t)
-        self._ensure_rows(idx)
-        return self._scaling[idx].to(t.device)
+        return self._rows_at(torch.as_tensor(t), "scaling")
 
     def trans_score_scaling(self, t: Tensor) -> Tensor:
         """R^3 score scaling ``1 / sqrt(1 - exp(-B(t)))`` (float64)."""
@@ -287,14 +291,8 @@ class SE3Diffuser:
             axis = torch.randn((B, N, 3), generator=generator, dtype=torch.float64, device=gdev).to(dev)
             u = torch.rand((B, N), generator=generator, dtype=torch.float64, device=gdev).to(dev)
         axis = axis / torch.linalg.norm(axis, dim=-1, keepdim=True)
-        if dev.type != "cpu":
-            d = self._on_device(dev)
-            cdf, omega = d["cdf"][sigma_index(t, self.cfg, d["sigma"])], d["omega"]
-        else:
-            idx = self.t_to_idx(t)
-            self._ensure_rows(idx)
-            cdf, omega = self._cdf[idx], self.discrete_omega
-        angle = np_interp(u, cdf, omega)
+        omega = self.discrete_omega if dev.type == "cpu" else self._on_device(dev)["omega"]
+        angle = np_interp(u, self._rows_at(t, "cdf"), omega)
         return axis * angle[..., None]
 
     def forward_marginal(self, rotmats_0: Tensor, trans_0: Tensor, t: Tensor, res_mask: Tensor | None = None,
