@@ -78,6 +78,7 @@ def build(a, dev: torch.device, mode: str) -> list:
 
 RUN_WARNINGS: dict = {}                       # fallback warnings of the sampler runs -> the worker's JSON
 GRAPH_MODES = ("step-graph", "eager-graph")    # the whole sampler step as one CUDA graph (core/step_graph.py)
+MODES = ("eager", "default", "reduce-overhead", *GRAPH_MODES)
 #: steps of a short run: the graph modes run steps 0-1 eagerly, step 2 as the warm-up body, capture at step 3
 BASE_STEPS = {"step-graph": 4, "eager-graph": 4}
 
@@ -196,7 +197,11 @@ def worker(a) -> int:
     dev = torch.device(a.device)
     torch._logging.set_logs(recompiles=True)           # a recompilation says why in the log
     set_precision(a.precision)
-    rec = {"precision": a.precision, "mode": a.mode, "length": LENGTH, "repeats": a.repeats, "timed_steps": a.steps,
+    modes = a.mode.split("+")     # e.g. default+step-graph: compile once, time both (they compile identically)
+    bad = [m for m in modes if m not in MODES]
+    if bad or len({"eager" in m for m in modes}) > 1:
+        raise SystemExit(f"bench_compile: bad --mode {a.mode!r} (modes {MODES}; eager ones not mixed with compiled)")
+    rec = {"precision": a.precision, "mode": a.mode, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "length": LENGTH, "repeats": a.repeats, "timed_steps": a.steps,
            "cache_dir": str(compile_cache_dir()), "rows": [], "run_warnings": RUN_WARNINGS}
     out = Path(a.out)
 
@@ -205,11 +210,12 @@ def worker(a) -> int:
 
     models, compiled = None, {}
     try:
-        models = build(a, dev, a.mode)
+        models = build(a, dev, modes[0])
         t0 = time.perf_counter()
         for b in a.batches:                          # compile (or warm up) every shape of this worker
             try:
-                run(models, b, BASE_STEPS.get(a.mode, 2) + 1, dev, a.mode)
+                for mode in modes:                   # modes after the first reuse the compiled networks
+                    run(models, b, BASE_STEPS.get(mode, 2) + 1, dev, mode)
                 compiled[b] = {"ok": True}
             except Exception as e:  # noqa: BLE001 - recorded, the other shapes go on
                 compiled[b] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
@@ -242,7 +248,8 @@ def worker(a) -> int:
         return 0
     if a.barrier:        # time in plan order (the plan's priority): wait for every earlier worker to be done
         t_wait = time.perf_counter()
-        while any(not Path(a.barrier, f"done.{j}").exists() for j in range(a.index)) and \
+        earlier = range(a.index) if a.turn_after is None else a.turn_after
+        while any(not Path(a.barrier, f"done.{j}").exists() for j in earlier) and \
                 time.perf_counter() - t_wait < a.turn_timeout:
             time.sleep(0.5)
     from torch._dynamo.utils import counters
@@ -255,34 +262,17 @@ def worker(a) -> int:
             if models is None or not compiled.get(b, {}).get("ok"):
                 rec["rows"].append(dict(batch=b, error=compiled.get(b, {}).get("error", rec.get("error"))))
                 continue
-            try:
-                base = BASE_STEPS.get(a.mode, 2)
-                run(models, b, base, dev, a.mode)               # allocator, cuBLAS handles
-                per_step = []
-                for _ in range(a.repeats):
-                    short = run(models, b, base, dev, a.mode)
-                    long_ = run(models, b, a.steps + base, dev, a.mode)
-                    per_step.append((long_ - short) / a.steps)
-                # batch 1: whole 500-step runs, warm-up steps and the graph capture included (the latency goal)
-                full = [run(models, 1, 500, dev, a.mode) for _ in range(a.repeats)] \
-                    if b == 1 and a.full_runs and a.mode != "eager" else None
-                fwd = [forward_limit(models, b, dev, 3) for _ in range(a.repeats)]
-                med = statistics.median(per_step)
-                limit_s = b * GFLOP_PER_SAMPLE_STEP / (PEAK_TFLOPS[a.precision] * 1e3)
-                row = dict(batch=b, ms_per_step=stats(per_step, 1000),
-                           backbones_per_hour=stats([3600 * b / (x * 500) for x in per_step], 1, 0),
-                           forward_ms=stats(fwd, 1000),
-                           forward_limit_backbones_per_hour=stats([3600 * b / (x * 500) for x in fwd], 1, 0),
-                           pct_of_forward_limit=round(100 * statistics.median(fwd) / med, 1),
-                           pct_of_compute_limit=round(100 * limit_s / med, 2),
-                           seconds_per_backbone_batch1=round(med * 500, 2) if b == 1 else None,
-                           full_500_step_run_s=stats(full, 1, 2) if full else None,
-                           deviation=deviation(models, b, dev))
-            except Exception as e:  # noqa: BLE001
-                row = dict(batch=b, error=f"{type(e).__name__}: {e}"[:500])
-            rec["rows"].append(row)
-            print(json.dumps({"precision": a.precision, "mode": a.mode, **row}), flush=True)
-            save()
+            fwd = dev_rec = None
+            for mode in modes:
+                try:
+                    row = _time_row(a, models, b, dev, mode, fwd, dev_rec)
+                    fwd, dev_rec = row.pop("_fwd"), row["deviation"]
+                except Exception as e:  # noqa: BLE001
+                    row = dict(batch=b, error=f"{type(e).__name__}: {e}"[:500])
+                row = {"mode": mode, **row} if len(modes) > 1 else row
+                rec["rows"].append(row)
+                print(json.dumps({"precision": a.precision, "mode": mode, **row}), flush=True)
+                save()
         rec["timing_s"] = round(time.perf_counter() - t_timing, 1)
         # graphs dynamo compiled while timing (0 when every call hit the warmed-up graphs; see docs/benchmarks.md)
         rec["graphs_compiled_while_timing"] = counters["stats"]["unique_graphs"] - graphs_before
@@ -294,6 +284,33 @@ def worker(a) -> int:
                        date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     save()
     return 0
+
+
+def _time_row(a, models, b: int, dev: torch.device, mode: str, fwd: list | None, dev_rec: dict | None) -> dict:
+    """One timed row: per-step time (difference of two runs), whole runs at batch 1 for graphed modes, the forward
+    limit and the deviation (both shared between the modes of one worker: the same compiled networks)."""
+    base = BASE_STEPS.get(mode, 2)
+    run(models, b, base, dev, mode)               # allocator, cuBLAS handles
+    per_step = []
+    for _ in range(a.repeats):
+        short = run(models, b, base, dev, mode)
+        long_ = run(models, b, a.steps + base, dev, mode)
+        per_step.append((long_ - short) / a.steps)
+    # batch 1: whole 500-step runs, warm-up steps and the graph capture included (the latency goal)
+    full = [run(models, 1, 500, dev, mode) for _ in range(a.repeats)] \
+        if b == 1 and a.full_runs and mode in (*GRAPH_MODES, "reduce-overhead") else None
+    fwd = fwd or [forward_limit(models, b, dev, 3) for _ in range(a.repeats)]
+    med = statistics.median(per_step)
+    limit_s = b * GFLOP_PER_SAMPLE_STEP / (PEAK_TFLOPS[a.precision] * 1e3)
+    return dict(batch=b, ms_per_step=stats(per_step, 1000),
+                backbones_per_hour=stats([3600 * b / (x * 500) for x in per_step], 1, 0),
+                forward_ms=stats(fwd, 1000),
+                forward_limit_backbones_per_hour=stats([3600 * b / (x * 500) for x in fwd], 1, 0),
+                pct_of_forward_limit=round(100 * statistics.median(fwd) / med, 1),
+                pct_of_compute_limit=round(100 * limit_s / med, 2),
+                seconds_per_backbone_batch1=round(med * 500, 2) if b == 1 else None,
+                full_500_step_run_s=stats(full, 1, 2) if full else None,
+                deviation=dev_rec or deviation(models, b, dev), _fwd=fwd)
 
 
 def run_all(a) -> int:
@@ -312,7 +329,11 @@ def run_all(a) -> int:
             (["--full-runs"] if a.full_runs else [])
         if mode == "eager" and not any(e.split(":")[1] == "eager" for e in a.plan[:i]):
             cmd.append("--probe-syncs")                # the first eager worker counts the host syncs of a step
-        procs.append(subprocess.Popen(cmd))
+        env = dict(os.environ)
+        if a.gpus > 1:                                  # worker i on GPU i % gpus; it times after the earlier
+            env["CUDA_VISIBLE_DEVICES"] = str(i % a.gpus)  # workers of its own GPU only
+            cmd += ["--turn-after", *[str(j) for j in range(i % a.gpus, i, a.gpus)]]
+        procs.append(subprocess.Popen(cmd, env=env))
     def on_term(signum, frame):                        # `timeout` ends the driver: keep what the workers saved
         merge(a, work, [p.poll() for p in procs])
         sys.exit(124)
@@ -388,7 +409,8 @@ def main() -> int:
                                                   "bf16:eager:1,16,128"],
                    help="precision:mode:batches, in priority order (the timing order)")
     p.add_argument("--precision", default="tf32", choices=["fp32", "tf32", "bf16"])
-    p.add_argument("--mode", default="default", choices=["eager", "default", "reduce-overhead", *GRAPH_MODES])
+    p.add_argument("--mode", default="default",
+                   help=f"one of {MODES}, or several joined by '+' (e.g. default+step-graph: compiled once, both timed)")
     p.add_argument("--full-runs", action="store_true", help="batch 1: also time whole 500-step runs")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 128])
     p.add_argument("--repeats", type=int, default=5)
@@ -402,6 +424,11 @@ def main() -> int:
     p.add_argument("--expect", type=int, default=1)
     p.add_argument("--barrier-timeout", type=float, default=420.0)
     p.add_argument("--index", type=int, default=0, help="this worker's place in the plan: it times after 0..index-1")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="all: spread the workers over this many GPUs (worker i on GPU i %% gpus); workers on "
+                        "different GPUs time side by side, those on one GPU in plan order")
+    p.add_argument("--turn-after", type=int, nargs="*", default=None,
+                   help="worker: the plan indices to wait for before timing (default: all earlier ones)")
     p.add_argument("--turn-timeout", type=float, default=600.0, help="seconds to wait for the earlier workers")
     p.add_argument("--work-dir", default=None, help="where the workers write w{i}.json (kept: merge them later)")
     p.add_argument("--from", dest="from_json", default=None, help="merge: a merged file to complete from --log")
