@@ -13,6 +13,7 @@ from superdiff_protein.runs.checks import check_out_dir, resolve_device
 from superdiff_protein.runs.safe_load import CheckpointError, safe_load
 
 from .errors import BadInputError
+from .fold import PRECISIONS
 from .sc_results import SC_RESULTS_MODES, sc_results_mode
 
 __all__ = ["validate_config", "resolve_eval_device", "check_inputs"]
@@ -70,6 +71,10 @@ def validate_config(cfg: Any) -> None:
     v = _get(cfg, "sc_results", missing)
     if v is not missing and sc_results_mode(v) not in SC_RESULTS_MODES:
         raise BadInputError(f"sc_results must be one of {', '.join(SC_RESULTS_MODES)}, got {v!r}")
+    v = _get(cfg, "fold.precision", missing)
+    if v is not missing and not (isinstance(v, str) and v.lower() in PRECISIONS):
+        raise BadInputError(f"fold.precision must be one of {', '.join(PRECISIONS)} (ESMFold trunk arithmetic; "
+                            f"bf16 on CPU runs as CPU autocast, tf32 on CPU is plain fp32), got {v!r}")
     m = _get(cfg, "diversity.cluster_method", missing)
     if m is not missing and m not in _CLUSTER_METHODS:
         raise BadInputError(f"diversity.cluster_method must be one of {', '.join(_CLUSTER_METHODS)}, got {m!r}")

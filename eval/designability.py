@@ -45,15 +45,26 @@ def summarise(per_seq: list[dict], threshold: float = DESIGNABLE_RMSD) -> dict:
     }
 
 
-def self_consistency(bb: Backbone, designs: list[Design], fold_model, batch_size: int = 4,
-                     num_recycles: int | None = None, threshold: float = DESIGNABLE_RMSD
-                     ) -> tuple[dict, list[dict], list[Fold]]:
-    """Refold every design; return (summary, per-sequence records, folds)."""
-    seqs = [d.sequence for d in designs]
-    folds = fold_sequences(fold_model, seqs, batch_size=batch_size, num_recycles=num_recycles)
+def score_refolds(bb: Backbone, designs: list[Design], folds: list[Fold], threshold: float = DESIGNABLE_RMSD
+                  ) -> tuple[dict, list[dict]]:
+    """Compare the refolds of ``designs`` (same order) with ``bb``: (summary, per-sequence records)."""
+    if len(folds) != len(designs):
+        raise ValueError(f"{len(designs)} designs but {len(folds)} refolds")
     per_seq = []
     for k, (d, f) in enumerate(zip(designs, folds)):
         rec = {"index": k, "sequence": d.sequence, "mpnn_ll": d.log_likelihood}
         rec.update(compare_refold(bb, f, d.sequence))
         per_seq.append(rec)
-    return summarise(per_seq, threshold), per_seq, folds
+    return summarise(per_seq, threshold), per_seq
+
+
+def self_consistency(bb: Backbone, designs: list[Design], fold_model, batch_size: int = 4,
+                     num_recycles: int | None = None, threshold: float = DESIGNABLE_RMSD,
+                     precision: str | None = None) -> tuple[dict, list[dict], list[Fold]]:
+    """Refold every design of one backbone; return (summary, per-sequence records, folds). ``eval.steps``
+    folds the designs of many backbones together instead (batched by length) and scores with
+    :func:`score_refolds`."""
+    seqs = [d.sequence for d in designs]
+    folds = fold_sequences(fold_model, seqs, batch_size=batch_size, num_recycles=num_recycles, precision=precision)
+    summ, per_seq = score_refolds(bb, designs, folds, threshold)
+    return summ, per_seq, folds

@@ -7,8 +7,11 @@ Weights are looked up offline: ``esmfold`` may be a local directory (``config.js
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,6 +22,13 @@ DEFAULT_ESMFOLD = "facebook/esmfold_v1"
 #: openfold / AlphaFold residue order of ESMFold's inputs (indices 0..19, 20 = X)
 RESTYPES = "ARNDCQEGHILKMFPSTWYV"
 _RESTYPE_INDEX = {a: i for i, a in enumerate(RESTYPES)}
+#: ``fold.precision`` values. The ESM-2 language model runs in fp16 on GPU whatever the choice; this is the
+#: arithmetic of the folding trunk:
+#: ``fp32`` strict fp32 (TF32 off for the call); ``tf32`` TF32 matmuls/cuDNN for the call (no effect on CPU);
+#: ``bf16`` bf16 autocast around the trunk's folding blocks (the 48 triangular blocks, most of the time), the
+#: structure module and heads stay fp32; on CPU it is CPU autocast (slow, for tests). ``auto``: see
+#: :func:`resolve_precision`. Global TF32 flags and autocast state are restored after every call.
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
 def esmfold_help(spec: str | None) -> str:
@@ -57,9 +67,11 @@ def resolve_esmfold(spec: str | None) -> Path | None:
 
 
 def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device = "cpu",
-                 chunk_size: int | None = 64, fp16_esm: bool | None = None) -> torch.nn.Module:
+                 chunk_size: int | None = 64, fp16_esm: bool | None = None, precision: str = "auto"
+                 ) -> torch.nn.Module:
     """Load ``EsmForProteinFolding`` offline; raise :class:`ModelUnavailableError` with download instructions
-    when the weights are absent. ``chunk_size`` bounds trunk memory (axial attention chunking)."""
+    when the weights are absent. ``chunk_size`` bounds trunk memory (axial attention chunking); ``precision``
+    is the trunk arithmetic (:data:`PRECISIONS`)."""
     path = resolve_esmfold(spec)
     if path is None:
         raise ModelUnavailableError(esmfold_help(spec))
@@ -75,20 +87,112 @@ def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device 
         model = EsmForProteinFolding.from_pretrained(str(path), local_files_only=True, **vetted)
     except Exception as exc:
         raise ModelUnavailableError(f"cannot load ESMFold from {path}: {exc}\n" + esmfold_help(spec)) from exc
-    return prepare_esmfold(model, device=device, chunk_size=chunk_size, fp16_esm=fp16_esm)
+    return prepare_esmfold(model, device=device, chunk_size=chunk_size, fp16_esm=fp16_esm, precision=precision)
+
+
+def resolve_precision(precision: str | None, device: str | torch.device) -> str:
+    """``fold.precision`` -> the arithmetic used on ``device``: ``fp32``, ``tf32`` or ``bf16``.
+
+    ``auto`` is PROVISIONAL: tf32 on CUDA, fp32 on CPU, until the H200 sweep of ``bench/bench_eval.py esmfold
+    --precisions`` decides it (docs/evaluation_speed.md). Raises ``ValueError`` for an unknown value."""
+    p = "auto" if precision is None else str(precision).lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"fold.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cuda = torch.device(device).type == "cuda"
+    if p == "auto":
+        return "tf32" if cuda else "fp32"
+    return p
+
+
+def precision_note(precision: str, device: str | torch.device) -> str | None:
+    """The one log line that a precision choice deserves on ``device`` (None when it needs none)."""
+    if torch.device(device).type == "cuda":
+        return None
+    if precision == "tf32":
+        return "fold.precision=tf32 has no effect on CPU (TF32 is a CUDA matmul mode): folding in fp32"
+    if precision == "bf16":
+        return "fold.precision=bf16 on CPU: bf16 CPU autocast of the trunk blocks (slow; meant for GPUs)"
+    return None
 
 
 def prepare_esmfold(model: torch.nn.Module, device: str | torch.device = "cpu", chunk_size: int | None = 64,
-                    fp16_esm: bool | None = None) -> torch.nn.Module:
-    """Move to ``device``, set eval mode and trunk chunking; the ESM language model runs in fp16 only on GPU."""
+                    fp16_esm: bool | None = None, precision: str = "auto") -> torch.nn.Module:
+    """Move to ``device``, set eval mode and trunk chunking; the ESM language model runs in fp16 only on GPU.
+    ``precision`` (:data:`PRECISIONS`) is resolved for ``device`` and kept as ``model.fold_precision``, the
+    default of :func:`fold_sequences`."""
     device = torch.device(device)
+    resolved = resolve_precision(precision, device)
+    note = precision_note(resolved, device)
+    if note:
+        print(f"[eval.fold] {note}", file=sys.stderr, flush=True)
     model = model.to(device).eval()
     if fp16_esm is None:
         fp16_esm = device.type == "cuda"
     model.esm = model.esm.half() if fp16_esm else model.esm.float()
     if chunk_size and hasattr(model, "trunk"):
         model.trunk.set_chunk_size(chunk_size)
+    model.fold_precision = resolved  # type: ignore[attr-defined]
     return model
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Set TF32 for CUDA matmuls and cuDNN inside the block and restore the previous global flags after it
+    (also on an exception). Uses the legacy ``allow_tf32`` flags, as the rest of the project, unless the process
+    already switched to torch's ``fp32_precision`` API (reading the legacy flags then raises)."""
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        saved: tuple = ("legacy", mm.allow_tf32, cudnn.allow_tf32)
+    except RuntimeError:
+        saved = ("new", mm.fp32_precision, cudnn.conv.fp32_precision)
+    try:
+        if saved[0] == "legacy":
+            mm.allow_tf32 = cudnn.allow_tf32 = bool(enabled)
+        else:
+            mm.fp32_precision = cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+        yield
+    finally:
+        if saved[0] == "legacy":
+            mm.allow_tf32, cudnn.allow_tf32 = saved[1], saved[2]
+        else:
+            mm.fp32_precision, cudnn.conv.fp32_precision = saved[1], saved[2]
+
+
+@contextmanager
+def _autocast_blocks(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """Run each folding block of ``model.trunk`` under autocast for the duration of the block (an instance
+    ``forward`` wrapper, removed afterwards); the language model, structure module and heads are untouched."""
+    blocks = list(getattr(getattr(model, "trunk", None), "blocks", []))
+    if not blocks:
+        raise ValueError("fold.precision=bf16 needs an ESMFold model with trunk.blocks")
+
+    def wrap(fwd):
+        def forward(*args, **kwargs):
+            with torch.autocast(device_type, dtype=dtype):
+                return fwd(*args, **kwargs)
+        return forward
+
+    try:
+        for blk in blocks:
+            blk.forward = wrap(blk.forward)
+        yield
+    finally:
+        for blk in blocks:
+            blk.__dict__.pop("forward", None)
+
+
+@contextmanager
+def fold_precision(model: torch.nn.Module, precision: str) -> Iterator[None]:
+    """The arithmetic of one ESMFold call: ``fp32`` (TF32 off), ``tf32`` (TF32 on) or ``bf16`` (bf16 autocast of
+    the trunk blocks, TF32 off elsewhere). Global flags are restored afterwards."""
+    if precision not in PRECISIONS[1:]:
+        raise ValueError(f"unresolved or unknown precision {precision!r} (resolve_precision first)")
+    device_type = next(model.parameters()).device.type
+    with ExitStack() as stack:
+        stack.enter_context(tf32_matmuls(precision == "tf32"))
+        if precision == "bf16":
+            stack.enter_context(_autocast_blocks(model, device_type, torch.bfloat16))
+        yield
 
 
 def sequence_to_aatype(seq: str) -> np.ndarray:
@@ -105,9 +209,12 @@ class Fold:
 
 @torch.no_grad()
 def fold_sequences(model: torch.nn.Module, seqs: list[str], batch_size: int = 4,
-                   num_recycles: int | None = None) -> list[Fold]:
-    """Fold sequences with ESMFold in batches (padded to the batch's longest sequence)."""
+                   num_recycles: int | None = None, precision: str | None = None) -> list[Fold]:
+    """Fold sequences with ESMFold in batches of ``batch_size`` in the given order (each padded to its longest
+    sequence). ``precision``: :data:`PRECISIONS`; None = ``model.fold_precision`` (set by
+    :func:`prepare_esmfold`), else fp32. Coordinates and pLDDT come back as fp32-or-wider numpy."""
     device = next(model.parameters()).device
+    precision = resolve_precision(precision or getattr(model, "fold_precision", "fp32"), device)
     out: list[Fold] = []
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s:s + batch_size]
@@ -118,8 +225,9 @@ def fold_sequences(model: torch.nn.Module, seqs: list[str], batch_size: int = 4,
             aa[k, :len(q)] = torch.from_numpy(sequence_to_aatype(q))
             mask[k, :len(q)] = 1
         pos = torch.arange(L)[None].expand(len(chunk), L)
-        res = model(aa.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    num_recycles=num_recycles)
+        with fold_precision(model, precision):
+            res = model(aa.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        num_recycles=num_recycles)
         xyz = res["positions"][-1].float().cpu().numpy()  # (B, L, 14, 3) atom14: N, CA, C, O first
         plddt = res["plddt"].float().cpu().numpy()  # (B, L, 37) in 0..1
         ptm = res["ptm"].float().cpu().numpy().reshape(-1)

@@ -14,6 +14,7 @@ run goes on. The shared state of one evaluation is an :class:`EvalRun`.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .designability import self_consistency
+from .designability import score_refolds
 from .errors import BadInputError, ModelUnavailableError, StructureReadError
-from .fold import esmfold_help, load_esmfold, resolve_esmfold
+from .fold import Fold, esmfold_help, fold_sequences, load_esmfold, precision_note, resolve_esmfold, \
+    resolve_precision
 from .io import MIN_RESIDUES, atomic_write_json, read_backbone, write_backbone_pdb
 from .metrics import structure_metrics
 from .mpnn import Design, design_sequences, load_proteinmpnn
@@ -34,7 +36,7 @@ from .samples import Sample, fingerprint, group_of, load_cache, log, save_cache
 from .sc_results import is_framediff_run, sc_dir_for, sc_results_mode, write_sc_results
 
 __all__ = ["EvalRun", "read_structures", "create_out_dir", "structure_step", "mpnn_step", "fold_step",
-           "novelty_step", "diversity_step"]
+           "refold_samples", "length_batches", "novelty_step", "diversity_step"]
 
 
 @dataclass
@@ -51,6 +53,9 @@ class EvalRun:
     cache_dir: Path | None = None
     read_errors: dict[str, str] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
+    #: seconds spent per stage in this process: ``mpnn`` (designing), ``fold`` (ESMFold calls), ``compare``
+    #: (scRMSD/TM-align of the refolds, refold files, cache writes)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[Sample]:
@@ -149,6 +154,7 @@ def mpnn_step(run: EvalRun, mpnn_model: Any = None) -> None:
         run.status["mpnn"] = "disabled (mpnn.enabled=false)"
         return
     todo = [s for s in run.ok if not s.done("mpnn", mpnn_fingerprint(cfg, wants_ca(cfg, s)))]
+    t_start = time.perf_counter()
     for s in tqdm(todo, desc="ProteinMPNN", unit="backbone", disable=not run.progress or not todo):
         ca_only = wants_ca(cfg, s)
         fp = mpnn_fingerprint(cfg, ca_only)
@@ -173,46 +179,131 @@ def mpnn_step(run: EvalRun, mpnn_model: Any = None) -> None:
             if _is_oom(exc):
                 _empty_cuda_cache()
         save_cache(s, run.cache_dir)
+    run.timings["mpnn"] = run.timings.get("mpnn", 0.0) + time.perf_counter() - t_start
 
 
 # ------------------------------------------------------------------------------------------------ 4. ESMFold
-def _self_consistency(s: Sample, designs: list[Design], fold_model: Any, fc: Any):
+@dataclass
+class _Pending:
+    """The refolding of one sample's designs, filled batch by batch."""
+
+    sample: Sample
+    fp: str
+    designs: list[Design]
+    folds: list[Fold | None]
+    left: int
+    error: BaseException | None = None
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of at most ``batch_size``: sorted by length (stable, so equal lengths
+    keep their order), cut consecutively. Each batch pads only to its own longest sequence, and a batch mixes
+    lengths only where one length's sequences end and the next begin."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _fold_batch(fold_model: Any, seqs: list[str], fc: Any, precision: str) -> list[Fold | BaseException]:
+    """Fold one batch; when the call fails (out of memory, or any error) fold its sequences one at a time, so a
+    failure is charged to the sequence (and sample) that causes it. Returns a fold or the exception per sequence."""
+    kw = {"num_recycles": fc.get("num_recycles"), "precision": precision}
     try:
-        return self_consistency(s.backbone, designs, fold_model, batch_size=int(fc.batch_size),
-                                num_recycles=fc.get("num_recycles"), threshold=float(fc.designable_rmsd))
+        return list(fold_sequences(fold_model, seqs, batch_size=len(seqs), **kw))
     except Exception as exc:
-        if not _is_oom(exc) or int(fc.batch_size) == 1:
-            raise
-        _empty_cuda_cache()  # retry one sequence at a time
-        return self_consistency(s.backbone, designs, fold_model, batch_size=1,
-                                num_recycles=fc.get("num_recycles"), threshold=float(fc.designable_rmsd))
+        if _is_oom(exc):
+            _empty_cuda_cache()
+        if len(seqs) == 1:
+            return [exc]
+    out: list[Fold | BaseException] = []
+    for q in seqs:
+        try:
+            out.extend(fold_sequences(fold_model, [q], batch_size=1, **kw))
+        except Exception as exc:
+            if _is_oom(exc):
+                _empty_cuda_cache()
+            out.append(exc)
+    return out
 
 
-def _fold_one(run: EvalRun, s: Sample, fp: str, fold_model: Any) -> None:
-    fc = run.cfg.fold
-    mp = s.sections["mpnn"]
-    designs = [Design(q, ll) for q, ll in zip(mp["sequences"], mp["log_likelihoods"])]
+def _finish_sample(run: EvalRun, p: _Pending) -> None:
+    """Score a sample whose designs are all refolded (or record its failure), write its refolds and cache."""
+    fc, s = run.cfg.fold, p.sample
+    t0 = time.perf_counter()
     try:
-        summ, per_seq, folds = _self_consistency(s, designs, fold_model, fc)
+        if p.error is not None:
+            raise p.error
+        folds = [f for f in p.folds if f is not None]
+        summ, per_seq = score_refolds(s.backbone, p.designs, folds, float(fc.designable_rmsd))
         refold_paths = []
         if fc.get("save_refolds", True):
             for k, f in enumerate(folds):
                 rp = run.out_dir / "refolds" / f"{s.key.rsplit('.', 1)[0]}_seq{k}.pdb"
-                write_backbone_pdb(rp, f.backbone, designs[k].sequence)
+                write_backbone_pdb(rp, f.backbone, p.designs[k].sequence)
                 refold_paths.append(rp.relative_to(run.out_dir).as_posix())
         best = summ.get("sc_best_index")
-        s.put("fold", fp, {**summ, "per_sequence": per_seq, "refolds": refold_paths,
-                           "best_refold_ca": folds[best].backbone[:, 1].tolist() if best is not None else None})
+        s.put("fold", p.fp, {**summ, "per_sequence": per_seq, "refolds": refold_paths,
+                             "best_refold_ca": folds[best].backbone[:, 1].tolist() if best is not None else None})
     except Exception as exc:
-        s.error("fold", fp, exc)
-        if _is_oom(exc):
-            _empty_cuda_cache()
+        s.error("fold", p.fp, exc)
     save_cache(s, run.cache_dir)
+    run.timings["compare"] = run.timings.get("compare", 0.0) + time.perf_counter() - t0
+
+
+def refold_samples(run: EvalRun, todo: list[Sample], fold_fp: Any, fold_model: Any, precision: str) -> None:
+    """Refold the ProteinMPNN designs of ``todo`` pooled across samples: sorted by length, in ESMFold calls of
+    ``fold.batch_size`` sequences (:func:`length_batches`). Each sample is scored, written and cached as soon as
+    its last design is folded, so an interrupted run keeps every finished sample; a failure is recorded for its
+    sample only. The progress bar counts backbones."""
+    fc = run.cfg.fold
+    pending: list[_Pending] = []
+    jobs: list[tuple[int, int]] = []  # (pending index, design index)
+    for s in todo:
+        mp = s.sections["mpnn"]
+        designs = [Design(q, ll) for q, ll in zip(mp["sequences"], mp["log_likelihoods"])]
+        for k in range(len(designs)):
+            jobs.append((len(pending), k))
+        pending.append(_Pending(s, fold_fp(s), designs, [None] * len(designs), len(designs)))
+    for p in pending:
+        if p.left == 0:
+            p.error = ValueError("ProteinMPNN gave no sequence to refold")
+    lengths = [len(pending[i].designs[k].sequence) for i, k in jobs]
+    bar = tqdm(total=len(pending), desc="ESMFold self-consistency", unit="backbone",
+               disable=not run.progress or not pending)
+    for p in pending:
+        if p.left == 0:
+            _finish_sample(run, p)
+            bar.update(1)
+    for batch in length_batches(lengths, int(fc.batch_size)):
+        t0 = time.perf_counter()
+        results = _fold_batch(fold_model, [pending[jobs[j][0]].designs[jobs[j][1]].sequence for j in batch], fc,
+                              precision)
+        run.timings["fold"] = run.timings.get("fold", 0.0) + time.perf_counter() - t0
+        for j, r in zip(batch, results):
+            i, k = jobs[j]
+            p = pending[i]
+            if isinstance(r, BaseException):
+                p.error = p.error or r
+            else:
+                p.folds[k] = r
+            p.left -= 1
+            if p.left == 0:
+                _finish_sample(run, p)
+                bar.update(1)
+    bar.close()
+
+
+def _model_device(model: Any) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except (AttributeError, StopIteration, TypeError):
+        return "cpu"
 
 
 def fold_step(run: EvalRun, fold_model: Any = None) -> None:
-    """ESMFold self-consistency of the ProteinMPNN designs (``fold_model`` overrides loading), then FrameDiff's
-    ``sc_results.csv`` files as ``sc_results`` asks."""
+    """ESMFold self-consistency of the ProteinMPNN designs (``fold_model`` overrides loading; it is folded at
+    ``fold.precision`` all the same), then FrameDiff's ``sc_results.csv`` files as ``sc_results`` asks."""
     cfg, mc, fc = run.cfg, run.cfg.mpnn, run.cfg.fold
     sc_mode = sc_results_mode(cfg.get("sc_results", "auto"))
     if sc_mode == "auto":
@@ -225,7 +316,11 @@ def fold_step(run: EvalRun, fold_model: Any = None) -> None:
     fold_ran = False
     if mc.enabled and (esm_spec or fold_model is not None):
         esm_path = resolve_esmfold(esm_spec) if fold_model is None else "<given model>"
+        precision = resolve_precision(fc.get("precision", "auto"),
+                                      run.device if fold_model is None else _model_device(fold_model))
         fold_fp_base = {"esm": str(esm_path), "recycles": fc.get("num_recycles"), "thr": float(fc.designable_rmsd)}
+        if precision != "fp32":  # fp32 (the arithmetic before fold.precision existed) keeps its caches
+            fold_fp_base["precision"] = precision
 
         def fold_fp(s: Sample) -> str:
             return fingerprint({**fold_fp_base, "mpnn": s.sections["mpnn"]["_fp"]})
@@ -234,13 +329,18 @@ def fold_step(run: EvalRun, fold_model: Any = None) -> None:
                 and not s.done("fold", fold_fp(s))]
         if todo and fold_model is None:
             try:
-                fold_model = load_esmfold(esm_spec, device=run.device, chunk_size=fc.get("chunk_size"))
+                fold_model = load_esmfold(esm_spec, device=run.device, chunk_size=fc.get("chunk_size"),
+                                          precision=precision)
             except ModelUnavailableError as exc:
                 log(f"warning: {exc}")
                 run.status["esmfold"] = str(exc)
                 todo = []
-        for s in tqdm(todo, desc="ESMFold self-consistency", unit="backbone", disable=not run.progress or not todo):
-            _fold_one(run, s, fold_fp(s), fold_model)
+        elif todo:
+            note = precision_note(precision, _model_device(fold_model))
+            if note:
+                log(note)
+        if todo:
+            refold_samples(run, todo, fold_fp, fold_model, precision)
         fold_ran = any(s.done("fold", fold_fp(s)) for s in run.ok
                        if "mpnn" in s.sections and "_fp" in s.sections["mpnn"])
         if sc_mode != "false":
