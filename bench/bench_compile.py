@@ -336,6 +336,14 @@ def run_all(a) -> int:
         procs.append(subprocess.Popen(cmd, env=env))
     def on_term(signum, frame):                        # `timeout` ends the driver: keep what the workers saved
         merge(a, work, [p.poll() for p in procs])
+        for p in procs:                                # and end the workers: left running, they would share the
+            if p.poll() is None:                       # GPUs with whatever the machine runs next
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
         sys.exit(124)
 
     signal.signal(signal.SIGTERM, on_term)

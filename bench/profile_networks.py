@@ -35,9 +35,13 @@ from bench_superposition import make_model, set_precision  # noqa: E402
 def _clock(dev: torch.device):
     """A start/stop pair: CUDA events on a GPU, perf_counter on the CPU (smoke runs); returns ms."""
     if dev.type == "cuda":
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return lambda: (torch.cuda.synchronize(), e.elapsed_time(_record()))[1]
+        start = _record()
+
+        def stop() -> float:
+            end = _record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return stop
     t0 = time.perf_counter()
     return lambda: 1000 * (time.perf_counter() - t0)
 

@@ -210,46 +210,51 @@ def sd_and(d: dict) -> None:
         print("\nMedian ratios: " + "; ".join(lines) + ".")
 
 
-def compile_table(d: dict) -> None:
-    """bench_compile.py: eager vs compiled vs compiled + CUDA graphs, per precision and batch."""
-    meta, rep = d["meta"], d["repeats"]
-    off = official_rates()
+def compile_table(ds: list[dict], names: list[str]) -> None:
+    """bench_compile.py: eager vs compiled vs compiled + CUDA graphs, per precision and batch.
+
+    Several files (calls of one machine) are pooled: a cell comes from the last file that timed it, and the
+    ``call`` column names the file. Workers with joined modes (``default+step-graph``) give one row per mode."""
+    cells, comp = {}, {}
+    for k, d in enumerate(ds):
+        for w in d["workers"]:
+            modes = w.get("mode", "").split("+")
+            for c in w.get("compile_s", []):
+                for m in modes:
+                    comp.setdefault((w["precision"], m, c["batch"]), {}).setdefault(k, []).append(f"{c['seconds']:.0f}")
+            for r in w.get("rows", []):
+                if "error" not in r:
+                    cells[(w["precision"], r.get("mode", modes[0]), r["batch"])] = (k, r)
+    d0 = ds[-1]
+    meta, rep = d0["meta"], d0["repeats"]
     print(f"\n{meta['device']}, {meta['date'][:10]}, torch {meta['torch']}, OR(FrameDiff, Proteus) at paper size, "
-          f"length {d['length']}, per-step time x 500 steps; median (min–max) of {rep} repeats of "
-          f"{d['timed_steps']} timed steps\n")
-    print("| precision | mode | batch | ms/step | backbones/h | s per backbone (batch 1) | % of forward limit | "
-          "% of compute limit | compile s (FrameDiff, Proteus; cold) | max dev vs eager, Å (FrameDiff, Proteus) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for w in sorted(d["workers"], key=lambda w: (w.get("precision", ""), w.get("mode") != "eager",
-                                                 w.get("mode", ""))):
-        comp = {}
-        for c in w.get("compile_s", []):
-            comp.setdefault(c["batch"], []).append(f"{c['seconds']:.0f}")
-        timed = {r["batch"] for r in w.get("rows", [])}
-        for b in sorted(comp) if w.get("mode") != "eager" else []:
-            if b not in timed:
-                print(f"| {w['precision']} | {w['mode']} | {b} | not timed (the command's time ran out) | | | | | "
-                      f"{', '.join(comp[b])} | |")
-        if w.get("mode") == "eager" and not timed:
-            print(f"| {w['precision']} | eager | – | not timed (the command's time ran out) | | | | | – | |")
-        for r in w.get("rows", []):
-            head = f"| {w['precision']} | {w['mode']} | {r['batch']} |"
-            if "error" in r:
-                print(f"{head} failed: {str(r['error'])[:120]} | | | | | | |")
-                continue
-            dev = r.get("deviation", {})
-            devs = ", ".join(f"{dev[k]['compiled_vs_eager_trans_A']:.2g}" for k in ("framediff", "proteus")
-                             if "compiled_vs_eager_trans_A" in dev.get(k, {})) or "–"
-            s1 = f"{r['seconds_per_backbone_batch1']:.1f}" if r.get("seconds_per_backbone_batch1") else ""
-            print(f"{head} {cell(r['ms_per_step'])} | {cell(r['backbones_per_hour'], 0)} | {s1} | "
-                  f"{r['pct_of_forward_limit']:.0f} % | {r['pct_of_compute_limit']:.1f} % | "
-                  f"{', '.join(comp.get(r['batch'], [])) or '–'} | {devs} |")
-    if off:
-        rows = [r for w in d["workers"] for r in w.get("rows", []) if "error" not in r]
-        if rows:
-            best = max(r["backbones_per_hour"]["median"] for r in rows)
-            print(f"\nOfficial loop on H200 (other runs): {min(off):.0f}–{max(off):.0f} backbones/h; indicative ratio "
-                  f"of the best row: {best / max(off):.0f}–{best / min(off):.0f}×")
+          f"length {d0['length']}, per-step time x 500 steps; median (min–max) of {rep} repeats of "
+          f"{d0['timed_steps']} timed steps; calls: " + ", ".join(f"{chr(97 + k)} = {n}" for k, n in enumerate(names))
+          + "\n")
+    print("| precision | mode | batch | ms/step | backbones/h | whole 500-step run, s (batch 1) | % of forward limit | "
+          "% of compute limit | compile s (FrameDiff, Proteus; cold) | max dev vs eager, Å (FrameDiff, Proteus) | call |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    order = {"eager": 0, "default": 1, "reduce-overhead": 2, "eager-graph": 3, "step-graph": 4}
+    for key in sorted(set(cells) | set(comp), key=lambda t: (t[0], order.get(t[1], 9), t[2])):
+        prec, mode, b = key
+        head = f"| {prec} | {mode} | {b} |"
+        cold = next(iter(comp.get(key, {}).values()), [])       # the first call's compile: the cold one
+        if key not in cells:
+            print(f"{head} not timed | | | | | {', '.join(cold)} | | |")
+            continue
+        k, r = cells[key]
+        dev = r.get("deviation", {})
+        devs = ", ".join(f"{dev[n]['compiled_vs_eager_trans_A']:.2g}" for n in ("framediff", "proteus")
+                         if "compiled_vs_eager_trans_A" in dev.get(n, {})) or "–"
+        full = cell(r["full_500_step_run_s"], 2) if r.get("full_500_step_run_s") else ""
+        print(f"{head} {cell(r['ms_per_step'])} | {cell(r['backbones_per_hour'], 0)} | {full} | "
+              f"{r['pct_of_forward_limit']:.0f} % | {r['pct_of_compute_limit']:.1f} % | "
+              f"{', '.join(cold) or '–'} | {devs} | {chr(97 + k)} |")
+    off = official_rates()
+    if off and cells:
+        best = max(r["backbones_per_hour"]["median"] for _, r in cells.values())
+        print(f"\nOfficial loop on H200 (other runs): {min(off):.0f}–{max(off):.0f} backbones/h; indicative ratio "
+              f"of the best row: {best / max(off):.0f}–{best / min(off):.0f}×")
 
 
 def fkc_overhead(d: dict) -> None:
@@ -266,17 +271,21 @@ def fkc_overhead(d: dict) -> None:
 def main(paths: list[str]) -> int:
     data = {p: json.loads(Path(p).read_text()) for p in paths}
     pooled = [p for p, d in data.items() if "summary" in d]          # multi-GPU calls: one table for all of them
+    compiled = [p for p, d in data.items() if "workers" in d]        # bench_compile calls: one table too
     for p, d in data.items():
         if p in pooled:
             if p == pooled[0]:
                 print(f"\n<!-- from {', '.join(pooled)} -->")
                 multigpu([data[q] for q in pooled])
             continue
+        if p in compiled:
+            if p == compiled[0]:
+                print(f"\n<!-- from {', '.join(compiled)} -->")
+                compile_table([data[q] for q in compiled], [Path(q).name for q in compiled])
+            continue
         print(f"\n<!-- from {p} -->")
         if "overhead_pct" in d:
             fkc_overhead(d)
-        elif "workers" in d:
-            compile_table(d)
         elif "esmfold" in d:
             esmfold(d)
         elif "rows" in d:
