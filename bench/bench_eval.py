@@ -373,7 +373,7 @@ def main() -> int:
     q.add_argument("--length", type=int, default=100)
     q.add_argument("--num-seqs", type=int, default=8, help="ProteinMPNN designs per backbone")
     q.add_argument("--mpnn-batch", type=int, default=8, help="mpnn.batch_size")
-    q.add_argument("--precisions", nargs="+", choices=["auto", "fp32", "tf32", "bf16"], default=["auto"])
+    q.add_argument("--precisions", nargs="+", choices=["fp32", "tf32", "bf16"], default=["fp32"])
     q.add_argument("--fold-batches", nargs="+", type=int, default=[4], help="fold.batch_size values")
     q.add_argument("--chunk-size", type=int, default=0, help="trunk chunking of the ESMFold model; 0 = none")
     q.add_argument("--seed", type=int, default=0)

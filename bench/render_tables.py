@@ -155,17 +155,33 @@ def multigpu(ds: list[dict]) -> None:
 
 
 def esmfold(d: dict) -> None:
-    """bench_eval.py esmfold: seqs/s per (length, batch). Launch-bound*: the call costs < 1.5 × the batch-1 call."""
+    """bench_eval.py esmfold: seqs/s per (length, batch[, precision]). Launch-bound*: the call costs < 1.5 × the
+    batch-1 call. Files with precisions also get the error against the fp32 fold of the same sequences and the
+    fp32 noise floor (the same sequences folded inside the batch and one at a time)."""
     m, recs = d["meta"], [r for r in d["esmfold"] if "error" not in r]
     rep = recs[0].get("repeats", "?") if recs else "?"
+    prec = any("precision" in r for r in d["esmfold"])
     print(f"\n{m['device']}, {m['date'][:10]}, ESMFold (esmfold_v1 sizes, random weights), no trunk chunking; "
           f"median (min–max) of {rep} timed batches\n")
-    print("| length | batch | s / batch | seqs/s | peak GiB | launch-bound* |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    if prec:
+        print("| length | batch | trunk precision | s / batch | seqs/s | peak GiB | CA vs fp32, Å: max (RMS) | "
+              "pLDDT vs fp32, max | fp32 noise floor, CA Å: max (RMS) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    else:
+        print("| length | batch | s / batch | seqs/s | peak GiB | launch-bound* |")
+        print("| --- | --- | --- | --- | --- | --- |")
     one = {r["length"]: r["seconds_per_batch"]["median"] for r in recs if r["batch"] == 1}
     for r in d["esmfold"]:
         if "error" in r:
-            print(f"| {r['length']} | {r['batch']} | {r['error']} | | | |")
+            print(f"| {r['length']} | {r['batch']} | {r.get('precision', '')} {r['error']} | | | |" + (" | | |" if prec else ""))
+            continue
+        if prec:
+            v, nf = r.get("vs_fp32") or {}, r.get("noise_floor") or {}
+            err = f"{v['ca_max_A']:.3g} ({v['ca_rms_A']:.2g})" if v else ""
+            floor = f"{nf['ca_max_A']:.3g} ({nf['ca_rms_A']:.2g})" if nf else ""
+            print(f"| {r['length']} | {r['batch']} | {r['precision']} | {cell(r['seconds_per_batch'], 2)} | "
+                  f"{cell(r['seqs_per_s'], 2)} | {r['peak_gib']:.1f} | {err} | "
+                  f"{v.get('plddt_max_abs', float('nan')):.2g} | {floor} |")
             continue
         t = r["seconds_per_batch"]["median"]
         lb = "?" if r["length"] not in one else ("**yes**" if t < 1.5 * one[r["length"]] else "no")
@@ -175,7 +191,7 @@ def esmfold(d: dict) -> None:
     for r in recs:
         per_len.setdefault(r["length"], {})[r["batch"]] = r["seqs_per_s"]["median"]
     gains = [f"{n}: {v[max(v)] / v[1]:.1f}× at batch {max(v)}" for n, v in sorted(per_len.items()) if 1 in v and len(v) > 1]
-    if gains:
+    if gains and not prec:
         print(f"\nSequences per second against batch 1 (median ratios), by length: {'; '.join(gains)}.")
 
 

@@ -26,9 +26,10 @@ _RESTYPE_INDEX = {a: i for i, a in enumerate(RESTYPES)}
 #: arithmetic of the folding trunk:
 #: ``fp32`` strict fp32 (TF32 off for the call); ``tf32`` TF32 matmuls/cuDNN for the call (no effect on CPU);
 #: ``bf16`` bf16 autocast around the trunk's folding blocks (the 48 triangular blocks, most of the time), the
-#: structure module and heads stay fp32; on CPU it is CPU autocast (slow, for tests). ``auto``: see
-#: :func:`resolve_precision`. Global TF32 flags and autocast state are restored after every call.
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+#: structure module and heads stay fp32; on CPU it is CPU autocast (slow, for tests). The default is ``fp32``,
+#: what the published designability numbers used; the H200 measurements are in docs/evaluation_speed.md. Global
+#: TF32 flags and autocast state are restored after every call.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def esmfold_help(spec: str | None) -> str:
@@ -67,7 +68,7 @@ def resolve_esmfold(spec: str | None) -> Path | None:
 
 
 def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device = "cpu",
-                 chunk_size: int | None = 64, fp16_esm: bool | None = None, precision: str = "auto"
+                 chunk_size: int | None = 64, fp16_esm: bool | None = None, precision: str = "fp32"
                  ) -> torch.nn.Module:
     """Load ``EsmForProteinFolding`` offline; raise :class:`ModelUnavailableError` with download instructions
     when the weights are absent. ``chunk_size`` bounds trunk memory (axial attention chunking); ``precision``
@@ -93,14 +94,10 @@ def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device 
 def resolve_precision(precision: str | None, device: str | torch.device) -> str:
     """``fold.precision`` -> the arithmetic used on ``device``: ``fp32``, ``tf32`` or ``bf16``.
 
-    ``auto`` is PROVISIONAL: tf32 on CUDA, fp32 on CPU, until the H200 sweep of ``bench/bench_eval.py esmfold
-    --precisions`` decides it (docs/evaluation_speed.md). Raises ``ValueError`` for an unknown value."""
-    p = "auto" if precision is None else str(precision).lower()
+    None means ``fp32``. Raises ``ValueError`` for an unknown value."""
+    p = "fp32" if precision is None else str(precision).lower()
     if p not in PRECISIONS:
         raise ValueError(f"fold.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    cuda = torch.device(device).type == "cuda"
-    if p == "auto":
-        return "tf32" if cuda else "fp32"
     return p
 
 
@@ -116,7 +113,7 @@ def precision_note(precision: str, device: str | torch.device) -> str | None:
 
 
 def prepare_esmfold(model: torch.nn.Module, device: str | torch.device = "cpu", chunk_size: int | None = 64,
-                    fp16_esm: bool | None = None, precision: str = "auto") -> torch.nn.Module:
+                    fp16_esm: bool | None = None, precision: str = "fp32") -> torch.nn.Module:
     """Move to ``device``, set eval mode and trunk chunking; the ESM language model runs in fp16 only on GPU.
     ``precision`` (:data:`PRECISIONS`) is resolved for ``device`` and kept as ``model.fold_precision``, the
     default of :func:`fold_sequences`."""
@@ -185,7 +182,7 @@ def _autocast_blocks(model: torch.nn.Module, device_type: str, dtype: torch.dtyp
 def fold_precision(model: torch.nn.Module, precision: str) -> Iterator[None]:
     """The arithmetic of one ESMFold call: ``fp32`` (TF32 off), ``tf32`` (TF32 on) or ``bf16`` (bf16 autocast of
     the trunk blocks, TF32 off elsewhere). Global flags are restored afterwards."""
-    if precision not in PRECISIONS[1:]:
+    if precision not in PRECISIONS:
         raise ValueError(f"unresolved or unknown precision {precision!r} (resolve_precision first)")
     device_type = next(model.parameters()).device.type
     with ExitStack() as stack:

@@ -44,17 +44,16 @@ def _flags() -> tuple[bool, bool]:
 
 # ------------------------------------------------------------------------------------------------ precision
 def test_resolve_precision_and_config_validation():
-    assert resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision("auto", "cuda") == "tf32"
-    assert resolve_precision(None, "cuda:0") == "tf32"
+    assert resolve_precision(None, "cpu") == "fp32"
+    assert resolve_precision(None, "cuda") == "fp32"
     for p in ("fp32", "tf32", "bf16"):
         assert resolve_precision(p, "cpu") == p and resolve_precision(p.upper(), "cuda") == p
     with pytest.raises(ValueError, match="fold.precision"):
         resolve_precision("fp16", "cpu")
-    for ok in ("auto", "fp32", "tf32", "bf16"):
+    for ok in ("fp32", "tf32", "bf16"):
         validate_config({"fold": {"precision": ok}})
     for bad in ("fp16", "half", 32, None, True):
-        with pytest.raises(BadInputError, match="fold.precision must be one of auto, fp32, tf32, bf16"):
+        with pytest.raises(BadInputError, match="fold.precision must be one of fp32, tf32, bf16"):
             validate_config({"fold": {"precision": bad}})
 
 
@@ -128,7 +127,7 @@ def test_prepare_sets_default_precision(esm):
     b = fold_sequences(m, SEQS[:1], batch_size=1, precision="bf16")
     c = fold_sequences(m, SEQS[:1], batch_size=1, precision="fp32")
     assert np.array_equal(a[0].backbone, b[0].backbone) and not np.array_equal(a[0].backbone, c[0].backbone)
-    assert prepare_esmfold(tiny_esmfold(), "cpu", precision="auto").fold_precision == "fp32"
+    assert prepare_esmfold(tiny_esmfold(), "cpu").fold_precision == "fp32"
     with fold_precision(m, "tf32"), tf32_matmuls(False):
         assert _flags() == (False, False)
 
@@ -161,7 +160,7 @@ def _cfg(sdir, **fold):
             "workers": 1, "seed": 0, "resume": True, "progress": False, "plots": False, "sc_results": "false",
             "mpnn": {"enabled": True, "num_seqs": 3, "temperature": 0.1, "model_name": "v_48_020", "ca_only": False,
                      "weights": None, "batch_size": 8, "omit_aas": "X"},
-            "fold": {"batch_size": 4, "num_recycles": None, "chunk_size": 4, "precision": "auto",
+            "fold": {"batch_size": 4, "num_recycles": None, "chunk_size": 4, "precision": "fp32",
                      "designable_rmsd": 2.0, "save_refolds": True, **fold},
             "novelty": {"top_k": None, "refold": True},
             "diversity": {"enabled": False, "cluster_tm_threshold": 0.5, "cluster_method": "greedy",
@@ -229,7 +228,7 @@ def test_resume_folds_only_new_or_changed_samples(tmp_path, esm, tiny_mpnn, monk
     spy.calls.clear()
     evaluate(_cfg(sdir), mpnn_model=tiny_mpnn, fold_model=esm)
     assert spy.calls == [] and _fold_sections(sdir) == first
-    evaluate(_cfg(sdir, precision="fp32"), mpnn_model=tiny_mpnn, fold_model=esm)  # auto is fp32 on CPU: same
+    evaluate(_cfg(sdir, precision="fp32"), mpnn_model=tiny_mpnn, fold_model=esm)  # the default is fp32: same
     assert spy.calls == []
     # a new sample: only its 3 designs are folded; the others keep their cached results
     extra = write_sample_dir(tmp_path / "extra", chains[:1], with_csv=False)
