@@ -108,6 +108,16 @@ def bench_esmfold(a) -> list[dict]:
     model = esmfold_real_size(dev, tiny=a.tiny)
     n_params = sum(p.numel() for p in model.parameters())
     precisions = ["fp32"] + [p for p in a.precisions if p != "fp32"] if "fp32" in a.precisions else a.precisions
+    plain_blocks = list(model.trunk.blocks) if hasattr(model, "trunk") else []
+    compiled_blocks: list = []
+
+    def use_compiled(on: bool) -> None:
+        """``+compile`` cells: every folding block through ``torch.compile`` (an experiment of this bench, not an
+        evaluation option yet: one compiled graph per shape, shared by the 48 blocks)."""
+        if on and not compiled_blocks:
+            compiled_blocks.extend(torch.compile(blk) for blk in plain_blocks)
+        for i, blk in enumerate(compiled_blocks if on else plain_blocks):
+            model.trunk.blocks[i] = blk
     out = []
     rng = np.random.default_rng(0)
     for chunk in a.chunk_sizes:
@@ -118,10 +128,23 @@ def bench_esmfold(a) -> list[dict]:
             singles = None  # fp32, one at a time: the noise-floor reference of pool[:k]
             for b in a.batches:
                 ref = None
-                for prec in precisions:
-                    base = dict(length=n, batch=b, chunk_size=chunk, precision=prec, params=n_params, repeats=a.reps)
+                for cell_prec in precisions:
+                    prec, compiled = cell_prec.split("+")[0], cell_prec.endswith("+compile")
+                    base = dict(length=n, batch=b, chunk_size=chunk, precision=cell_prec, params=n_params,
+                                repeats=a.reps)
                     try:
-                        fold_sequences(model, pool[:b], batch_size=b, precision=prec)  # warm-up
+                        if ref is None and compiled:     # the fp32 reference is the plain model's
+                            use_compiled(False)
+                            ref = fold_sequences(model, pool[:b], batch_size=b, precision="fp32")
+                        use_compiled(compiled)
+                        t_warm = time.perf_counter()
+                        fold_sequences(model, pool[:b], batch_size=b, precision=prec)  # warm-up (and compile)
+                        sync()
+                        base["warmup_s"] = round(time.perf_counter() - t_warm, 1)
+                        if compiled:                     # did the blocks compile, and in how many pieces
+                            from torch._dynamo.utils import counters
+                            base["dynamo"] = {k: sum(counters[k].values()) for k in ("stats", "graph_break")}
+                            base["dynamo"]["unique_graphs"] = counters["stats"]["unique_graphs"]
                         sync()
                         if dev == "cuda":
                             torch.cuda.reset_peak_memory_stats()
@@ -136,10 +159,10 @@ def bench_esmfold(a) -> list[dict]:
                                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda"
                                    else None)
                         if ref is None:
-                            ref = first if prec == "fp32" else fold_sequences(model, pool[:b], batch_size=b,
-                                                                              precision="fp32")
+                            ref = first if cell_prec == "fp32" else fold_sequences(model, pool[:b], batch_size=b,
+                                                                                   precision="fp32")
                         rec["vs_fp32"] = fold_diff(first, ref)
-                        if prec == "fp32" and k:
+                        if cell_prec == "fp32" and k:
                             if singles is None:
                                 singles = fold_sequences(model, pool[:k], batch_size=1, precision="fp32")
                             rec["noise_floor"] = dict(fold_diff(first[:k], singles), sequences=k,
@@ -362,8 +385,10 @@ def main() -> int:
     e.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
     e.add_argument("--chunk-sizes", nargs="+", type=int, default=[0, 64], help="0 = no chunking")
     e.add_argument("--reps", type=int, default=5, help="timed batches per cell, each timed on its own")
-    e.add_argument("--precisions", nargs="+", choices=["fp32", "tf32", "bf16"], default=["fp32"],
-                   help="trunk precisions (eval.fold.PRECISIONS); each is compared with fp32 on the same sequences")
+    e.add_argument("--precisions", nargs="+", default=["fp32"],
+                   choices=[p + c for p in ("fp32", "tf32", "bf16") for c in ("", "+compile")],
+                   help="trunk precisions (eval.fold.PRECISIONS), each compared with fp32 on the same sequences; "
+                        "'+compile': the folding blocks through torch.compile (an experiment of this bench)")
     e.add_argument("--noise-seqs", type=int, default=4,
                    help="sequences folded one at a time in fp32 for the noise floor (0 = none)")
     e.add_argument("--tiny", action="store_true", help="a tiny ESMFold on CPU (smoke test of this script)")
