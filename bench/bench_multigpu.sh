@@ -6,7 +6,9 @@
 # (its "... in X s" line; one per rank under torchrun), and how many PDBs are byte-identical to the one-GPU run.
 # The generator needs hydra-core/omegaconf/antlr4, which the GPU image lacks: wheels in $WHEELS (default .whl,
 # carried) are installed first unless hydra already imports. biotite is not needed: generation only writes PDBs.
-# Env: LENGTH (100), DEVICE (cuda; cpu with gloo for a smoke run), WHEELS, SKIP_INSTALL=1,
+# With compile=auto (the default, as users run it) each process compiles its networks inside the timer; the
+# per-device compile seconds are read from the logs ("compile: ... on cuda:K in X s") and recorded per repeat.
+# Env: LENGTH (100), DEVICE (cuda; cpu with gloo for a smoke run), COMPILE (auto | true | false), WHEELS, SKIP_INSTALL=1,
 #      MAX_SECONDS (start no repeat that would likely end past it; the JSON then says how many ran).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | tee "$WORK/gpus.txt" || true
 python3 bench/make_random_checkpoints.py "$WORK/ck" --count 2
 ARGS="models=[$WORK/ck/random_framediff_0.pth,$WORK/ck/random_framediff_1.pth] rule=or lengths=[${LENGTH:-100}] \
-samples_per_length=$SAMPLES batch_size=16 num_steps=$STEPS seed=0 device=${DEVICE:-cuda} precision=float32 plots=false progress=false"
+samples_per_length=$SAMPLES batch_size=16 num_steps=$STEPS seed=0 device=${DEVICE:-cuda} precision=float32 plots=false progress=false \
+compile=${COMPILE:-auto}"
 start=$SECONDS; last=0
 for r in $(seq 1 "$REPEATS"); do
   if [ -n "${MAX_SECONDS:-}" ] && [ $((SECONDS - start + last * 12 / 10)) -gt "$MAX_SECONDS" ]; then
@@ -49,6 +52,13 @@ from pathlib import Path
 import torch
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 timer = re.compile(r"generate_backbones: (\d+) sample\(s\) generated.* in ([\d.]+) s")
+# compile warm-ups inside the timer, per device ("compile: <model> ready for batch x length B x L on cuda:K in X s")
+warm = re.compile(r"compile: \S+ ready for batch x length [\d x]+ on (\S+) in ([\d.]+) s")
+def warmups(log):
+    per = {}
+    for dev, s in warm.findall(log.read_text()):
+        per[dev] = round(per.get(dev, 0.0) + float(s), 2)
+    return per
 pdbs = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("sample_*.pdb")}
 ref = pdbs(work / "one_1")
 reps = []
@@ -68,7 +78,8 @@ for line in (work / "times.txt").read_text().split("\n"):
                      sha256_one_gpu_pdbs=hashlib.sha256(b"".join(str(k).encode() + a[k] for k in sorted(a))).hexdigest(),
                      csv_rows=[rows(one), rows(two)], wall_s_one_gpu=round(t1 - t0, 2), wall_s_two_gpus=round(t2 - t1, 2),
                      sampler_s_one_gpu=[s for _, s in t_one], sampler_s_two_gpus_per_rank=[s for _, s in t_two],
-                     samples_per_rank=[n for n, _ in t_two]))
+                     samples_per_rank=[n for n, _ in t_two],
+                     compile_s_one_gpu=warmups(work / f"one_{r}.log"), compile_s_two_gpus=warmups(work / f"two_{r}.log")))
 def stat(xs):
     return dict(median=round(statistics.median(xs), 2), min=round(min(xs), 2), max=round(max(xs), 2), all=xs)
 summary = dict(
@@ -77,7 +88,10 @@ summary = dict(
     wall_speedup=stat([round(r["wall_s_one_gpu"] / r["wall_s_two_gpus"], 3) for r in reps]),
     sampler_s_one_gpu=stat([r["sampler_s_one_gpu"][0] for r in reps]),
     sampler_s_two_gpus_slowest_rank=stat([max(r["sampler_s_two_gpus_per_rank"]) for r in reps]),
-    sampler_speedup=stat([round(r["sampler_s_one_gpu"][0] / max(r["sampler_s_two_gpus_per_rank"]), 3) for r in reps]))
+    sampler_speedup=stat([round(r["sampler_s_one_gpu"][0] / max(r["sampler_s_two_gpus_per_rank"]), 3) for r in reps]),
+    # compile warm-up inside the timer: one GPU's total, and the slowest device's under torchrun
+    compile_s_one_gpu=stat([sum(r["compile_s_one_gpu"].values()) for r in reps]),
+    compile_s_two_gpus_slowest_device=stat([max(r["compile_s_two_gpus"].values(), default=0.0) for r in reps]))
 gpus = (work / "gpus.txt").read_text().strip().splitlines() if (work / "gpus.txt").exists() else []
 res = dict(meta=dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", gpus=gpus,
                      gpu_count=torch.cuda.device_count(), torch=torch.__version__,

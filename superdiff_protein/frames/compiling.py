@@ -188,7 +188,8 @@ class CompiledPredictor(nn.Module):
         self.session.warmups.append((self.name, shape, dt))
         if self.session.log is not None:
             what = " x ".join(map(str, shape))
-            self.session.log(f"compile: {self.name} ready for batch x length {what} in {dt:.1f} s "
+            where = f" on {args[1].device}" if len(args) > 1 and isinstance(args[1], Tensor) else ""
+            self.session.log(f"compile: {self.name} ready for batch x length {what}{where} in {dt:.1f} s "
                              f"(mode {self.mode}; cache {compile_cache_dir()})")
         return out
 
