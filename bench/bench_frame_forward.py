@@ -53,14 +53,19 @@ def forward(model, net, quats, trans, t, mask, state):
     return out, out["backbone_atoms"]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps, warmup=3):
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t0) / reps * 1000, out
 
 
@@ -73,12 +78,17 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10, help="forwards averaged in one timing")
     p.add_argument("--repeats", type=int, default=5, help="independent timings per row (median, spread)")
     p.add_argument("--proteus-keys", type=Path, default=Path("../shared/fixtures/official/proteus_paper_keys.json"))
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (fp32 only; no memory figures)")
     p.add_argument("--out", type=Path, default=Path("bench_frame_forward.json"))
     a = p.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_frame_forward: needs a CUDA device", file=sys.stderr)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("bench_frame_forward: needs a CUDA device (or --device cpu)", file=sys.stderr)
         return 2
-    dev = torch.device("cuda")
+    if a.device == "cpu" and a.precisions != ["fp32"]:
+        print("bench_frame_forward: --device cpu takes --precisions fp32 only", file=sys.stderr)
+        return 2
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
     records = []
     for model in a.models:
         net = build(model, a.proteus_keys)
@@ -101,11 +111,12 @@ def main() -> int:
                 for prec in a.precisions:
                     torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
                     torch.backends.cudnn.allow_tf32 = prec == "tf32"
-                    ac = torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16")
+                    ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == "bf16")
                     state = None
                     for pass_ in (1, 2):
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
+                        if cuda:
+                            torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated() if cuda else 0
                         times = []
                         with torch.no_grad(), ac:
                             for _ in range(a.repeats):
@@ -113,7 +124,7 @@ def main() -> int:
                                 times.append(ms)
                         times.sort()
                         ms = statistics.median(times)
-                        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
                         key = key.float()
                         if prec == "fp32":
                             ref[pass_] = key
@@ -128,8 +139,10 @@ def main() -> int:
                         print(json.dumps(rec), flush=True)
                         state = out["trans"] if model == "framediff" else out["backbone_atoms"]
         del net
-        torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version(),
+        if cuda:
+            torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or 'unknown'}, "
+                f"{torch.get_num_threads()} threads)", torch=torch.__version__, python=platform.python_version(),
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv))
     a.out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
     print(f"\n{meta['device']}, median of {a.repeats} timings of {a.reps} forwards (min–max)\n")
