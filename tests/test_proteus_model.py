@@ -189,3 +189,26 @@ def test_adapter_batched_two_steps(adapter, adapter64):
     rs, ts = adapter.official_scores(o2, rot, x, t, mask)
     assert rs.shape == (3, 18, 3) and ts.shape == (3, 18, 3)
     assert (rs[~mask] == 0).all() and torch.isfinite(rs).all()
+
+
+def test_triangle_gate_is_the_official_outer_product_form():
+    """``LocalTriangleAttention._gate`` (a bilinear form) equals the official ``to_gate(left (x) right)`` in float64,
+    within the rounding of the longer of the two sums (n = c_gate_s^2 terms, each |left_i W right_j|), and keeps
+    bf16 under autocast (no float32 pair tensor)."""
+    from models.proteus.layers import LocalTriangleAttention
+
+    torch.manual_seed(0)
+    m = LocalTriangleAttention(c_s=24, c_z=12, c_rbf=8, c_gate_s=5, c_hidden=8, c_hidden_mul=8, no_heads=2,
+                               transition_n=2, k_neighbour=4).double()
+    x = torch.randn(3, 9, 24, dtype=torch.float64)
+    with torch.no_grad():
+        left, right = m.proj_left(x), m.proj_right(x)
+        outer = torch.einsum("bli,bmj->blmij", left, right).reshape(3, 9, 9, -1)
+        ref = m.to_gate(outer)
+        got = m._gate(x)
+        scale = (outer.abs() @ m.to_gate.weight.abs().T) + m.to_gate.bias.abs()     # sum of |terms| per output
+        n = outer.shape[-1] + 1
+        assert got.shape == ref.shape == (3, 9, 9, 12)
+        assert bool(((got - ref).abs() <= 2 * n * torch.finfo(torch.float64).eps * scale).all())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert m.float()._gate(x.float()).dtype == torch.bfloat16

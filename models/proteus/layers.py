@@ -308,13 +308,13 @@ class LocalTriangleAttention(nn.Module):
     def _gate(self, node_embed: Tensor) -> Tensor:
         """``to_gate`` of the outer product ``left_l (x) right_m`` (official: a (B, N, N, c_gate_s^2) tensor fed to a
         linear layer), computed as the bilinear form it is: sum_ij left_li W_cij right_mj + b_c. The same value
-        without the c_gate_s^2-wide pair tensor: (B, N, N, 256) at the paper's size, 16x the FLOPs of this."""
+        without the c_gate_s^2-wide pair tensor ((B, N, N, 256) at the paper's size) and with 1/16 of the FLOPs."""
         B, N, _ = node_embed.shape
         left, right = self.proj_left(node_embed), self.proj_right(node_embed)
         cz, cg = self.to_gate.out_features, left.shape[-1]
         p = torch.einsum("bli,cij->blcj", left, self.to_gate.weight.view(cz, cg, cg))     # (B, N, c_z, c_g)
         g = torch.matmul(p.reshape(B, N * cz, cg), right.transpose(1, 2)).view(B, N, cz, N)
-        return g.transpose(2, 3) + self.to_gate.bias                                      # (B, N, N, c_z)
+        return g.transpose(2, 3) + self.to_gate.bias.to(g.dtype)     # (B, N, N, c_z); bf16 stays bf16 under autocast
 
     def forward(self, node_embed: Tensor, edge_embed: Tensor, trans_ang: Tensor, edge_mask: Tensor,
                 res_mask: Tensor) -> Tensor:
