@@ -202,7 +202,8 @@ def worker(a) -> int:
     if bad or len({"eager" in m for m in modes}) > 1:
         raise SystemExit(f"bench_compile: bad --mode {a.mode!r} (modes {MODES}; eager ones not mixed with compiled)")
     rec = {"precision": a.precision, "mode": a.mode, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-           "length": LENGTH, "repeats": a.repeats, "timed_steps": a.steps, "cache_dir": str(compile_cache_dir()), "rows": [], "run_warnings": RUN_WARNINGS}
+           "length": LENGTH, "repeats": a.repeats, "timed_steps": a.steps, "cache_dir": str(compile_cache_dir()),
+           "rows": [], "run_warnings": RUN_WARNINGS}
     out = Path(a.out)
 
     def save():
