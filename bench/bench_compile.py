@@ -20,6 +20,10 @@ compiling. The merged JSON is rewritten every 10 s, so a command cut by its time
     python bench/bench_compile.py all --proteus-keys .gpu_data/proteus_paper_keys.json --out compile_h200.json \\
         --plan bf16:default:128 tf32:default:128 bf16:reduce-overhead:1 tf32:eager:1,16,128 ...
 
+``--gpus N`` spreads the workers over N GPUs (worker i on GPU i mod N): the GPUs time side by side, the workers of
+one GPU in plan order. A joined mode such as ``default+step-graph`` compiles once and times both modes (the full
+matrix of docs/benchmarks.md was made this way, on 2 GPUs).
+
 ``--small`` uses the official small fixture checkpoints instead of paper-size networks (a CPU smoke test).
 """
 from __future__ import annotations
