@@ -137,8 +137,9 @@ def backbone_torsions(atoms: Tensor, atom_mask: Tensor) -> tuple[Tensor, Tensor]
     rel = _rigid.rot_vec_mul(rt, pos[..., 3, :]) + (-1 * _rigid.rot_vec_mul(rt, origin))
     sc = torch.stack([rel[..., 2], rel[..., 1]], dim=-1)
     sc = sc / torch.sqrt(torch.sum(torch.square(sc), dim=-1, keepdim=True) + 1e-8)
-    sign = _const("torsion_sign", [[1.0], [1.0], [-1.0], [1.0], [1.0], [1.0], [1.0]], sc.dtype, sc.device)
-    return sc * sign, mask
+    # psi (torsion 2) flips sign, as openfold's [1, 1, -1, 1, 1, 1, 1] factor; a negation, exact, and no constant
+    # tensor (one built inside a compiled graph put a guard on the constant cache, and a recompile behind it)
+    return torch.cat([sc[..., :2, :], -sc[..., 2:3, :], sc[..., 3:, :]], dim=-2), mask
 
 
 def _frames_from_reference(n: Tensor, ca: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
