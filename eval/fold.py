@@ -91,10 +91,9 @@ def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device 
     return prepare_esmfold(model, device=device, chunk_size=chunk_size, fp16_esm=fp16_esm, precision=precision)
 
 
-def resolve_precision(precision: str | None, device: str | torch.device) -> str:
-    """``fold.precision`` -> the arithmetic used on ``device``: ``fp32``, ``tf32`` or ``bf16``.
-
-    None means ``fp32``. Raises ``ValueError`` for an unknown value."""
+def resolve_precision(precision: str | None) -> str:
+    """``fold.precision`` -> ``fp32``, ``tf32`` or ``bf16`` (case-insensitive; None means ``fp32``). Raises
+    ``ValueError`` for an unknown value."""
     p = "fp32" if precision is None else str(precision).lower()
     if p not in PRECISIONS:
         raise ValueError(f"fold.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -118,7 +117,7 @@ def prepare_esmfold(model: torch.nn.Module, device: str | torch.device = "cpu", 
     ``precision`` (:data:`PRECISIONS`) is resolved for ``device`` and kept as ``model.fold_precision``, the
     default of :func:`fold_sequences`."""
     device = torch.device(device)
-    resolved = resolve_precision(precision, device)
+    resolved = resolve_precision(precision)
     note = precision_note(resolved, device)
     if note:
         print(f"[eval.fold] {note}", file=sys.stderr, flush=True)
@@ -211,7 +210,7 @@ def fold_sequences(model: torch.nn.Module, seqs: list[str], batch_size: int = 4,
     sequence). ``precision``: :data:`PRECISIONS`; None = ``model.fold_precision`` (set by
     :func:`prepare_esmfold`), else fp32. Coordinates and pLDDT come back as fp32-or-wider numpy."""
     device = next(model.parameters()).device
-    precision = resolve_precision(precision or getattr(model, "fold_precision", "fp32"), device)
+    precision = resolve_precision(precision or getattr(model, "fold_precision", "fp32"))
     out: list[Fold] = []
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s:s + batch_size]

@@ -316,8 +316,7 @@ def fold_step(run: EvalRun, fold_model: Any = None) -> None:
     fold_ran = False
     if mc.enabled and (esm_spec or fold_model is not None):
         esm_path = resolve_esmfold(esm_spec) if fold_model is None else "<given model>"
-        precision = resolve_precision(fc.get("precision", "fp32"),
-                                      run.device if fold_model is None else _model_device(fold_model))
+        precision = resolve_precision(fc.get("precision", "fp32"))
         fold_fp_base = {"esm": str(esm_path), "recycles": fc.get("num_recycles"), "thr": float(fc.designable_rmsd)}
         if precision != "fp32":  # fp32 (the arithmetic before fold.precision existed) keeps its caches
             fold_fp_base["precision"] = precision

@@ -44,12 +44,12 @@ def _flags() -> tuple[bool, bool]:
 
 # ------------------------------------------------------------------------------------------------ precision
 def test_resolve_precision_and_config_validation():
-    assert resolve_precision(None, "cpu") == "fp32"
-    assert resolve_precision(None, "cuda") == "fp32"
+    assert resolve_precision(None) == "fp32"
+    assert resolve_precision(None) == "fp32"
     for p in ("fp32", "tf32", "bf16"):
-        assert resolve_precision(p, "cpu") == p and resolve_precision(p.upper(), "cuda") == p
+        assert resolve_precision(p) == p and resolve_precision(p.upper()) == p
     with pytest.raises(ValueError, match="fold.precision"):
-        resolve_precision("fp16", "cpu")
+        resolve_precision("fp16")
     for ok in ("fp32", "tf32", "bf16"):
         validate_config({"fold": {"precision": ok}})
     for bad in ("fp16", "half", 32, None, True):
