@@ -69,8 +69,10 @@ def _parts(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(n, mods[n]) for n in chosen]
 
 
-def module_times(net: torch.nn.Module, call, reps: int, dev: torch.device) -> dict:
-    """Device ms per call by part (see ``_parts``; block copies summed), and ``TOTAL`` for the whole call."""
+def module_times(net: torch.nn.Module, call, reps: int, dev: torch.device,
+                 parts: list[tuple[str, torch.nn.Module]] | None = None) -> dict:
+    """Device ms per call by part (``parts``, default ``_parts(net)``; block copies summed), and ``TOTAL`` for the
+    whole call."""
     acc: dict = defaultdict(float)
     hooks, open_ = [], {}
 
@@ -81,7 +83,7 @@ def module_times(net: torch.nn.Module, call, reps: int, dev: torch.device) -> di
         acc[keys[id(mod)]] += open_.pop(id(mod))()
 
     keys = {}
-    for name, mod in _parts(net):      # blocks summed: trunk.ipa_0..3 -> trunk.ipa; Sequential layers -> their parent
+    for name, mod in (parts if parts is not None else _parts(net)):      # blocks summed: trunk.ipa_0..3 -> trunk.ipa; Sequential layers -> their parent
         keys[id(mod)] = re.sub(r"_\d+$|\.\d+$", "", name).replace("network.", "", 1)
         hooks.append(mod.register_forward_pre_hook(pre))
         hooks.append(mod.register_forward_hook(post))
@@ -120,13 +122,53 @@ def top_kernels(call, calls: int, dev: torch.device) -> list[dict]:
     return [dict(total_ms_per_call=total, kernels_per_call=sum(r["count"] for r in rows))] + rows[:25]
 
 
+def esmfold_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """ESMFold's parts: the language model, each folding block's children (summed over the 48 blocks), and the
+    trunk's and model's other direct children (structure module, recycling embeddings, heads)."""
+    parts = [(f"trunk.blocks.{name}", mod) for blk in model.trunk.blocks for name, mod in blk.named_children()]
+    parts += [(f"trunk.{name}", mod) for name, mod in model.trunk.named_children() if name != "blocks"]
+    parts += [(name, mod) for name, mod in model.named_children() if name != "trunk"]
+    return parts
+
+
+def profile_esmfold(a, dev: torch.device) -> dict:
+    """ESMFold (esmfold_v1 sizes, random weights) folding ``--batch`` random sequences of ``--length`` through the
+    project's ``eval.fold.fold_sequences``, at ``--fold-precision``: per part and top kernels, eager and (with
+    ``--compiled``) with every folding block compiled."""
+    from bench_eval import esmfold_real_size
+    from eval.fold import fold_sequences, prepare_esmfold
+    import numpy as np
+    model = prepare_esmfold(esmfold_real_size(dev.type, tiny=a.tiny_esmfold), dev, chunk_size=None,
+                            precision=a.fold_precision)
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ARNDCQEGHILKMFPSTWYV"), a.length)) for _ in range(a.batch)]
+    call = lambda: fold_sequences(model, seqs, batch_size=a.batch)  # noqa: E731
+    rec = {"fold_precision": a.fold_precision, "length": a.length,
+           "modules_ms": module_times(model, call, 2, dev, esmfold_parts(model)),
+           "eager_kernels": top_kernels(call, a.calls, dev)}
+    if a.compiled:
+        t0 = time.perf_counter()
+        for i, blk in enumerate(list(model.trunk.blocks)):
+            model.trunk.blocks[i] = torch.compile(blk)
+        call()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        rec["compile_s"] = round(time.perf_counter() - t0, 1)
+        rec["compiled_kernels"] = top_kernels(call, a.calls, dev)
+    return rec
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precision", default="bf16", choices=["tf32", "bf16"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--compiled", action="store_true", help="also profile torch.compile-d networks")
-    p.add_argument("--networks", nargs="+", default=["proteus", "framediff"])
+    p.add_argument("--networks", nargs="+", default=["proteus", "framediff"],
+                   help="proteus, framediff, esmfold (esmfold: --length, --fold-precision)")
+    p.add_argument("--length", type=int, default=100, help="esmfold only: sequence length")
+    p.add_argument("--fold-precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="esmfold only")
+    p.add_argument("--tiny-esmfold", action="store_true", help="esmfold only: a tiny model (CPU smoke run)")
     p.add_argument("--proteus-keys", type=Path, default=Path("../shared/fixtures/official/proteus_paper_keys.json"))
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (CPU times, CPU ops)")
     p.add_argument("--out", default="profile_networks.json")
@@ -140,6 +182,15 @@ def main() -> int:
            "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
            "torch": torch.__version__, "networks": {}}
     for kind in a.networks:
+        if kind == "esmfold":
+            with torch.no_grad():
+                res["networks"][kind] = rec = profile_esmfold(a, dev)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+            print(json.dumps({kind: {k: v for k, v in rec.items() if k in ("modules_ms", "compile_s")}}), flush=True)
+            for key in ("eager_kernels", "compiled_kernels"):
+                for r in rec.get(key, [])[:15]:
+                    print(kind, key, json.dumps(r), flush=True)
+            continue
         m = make_model(kind, 1 if kind == "framediff" else 3, dev, a.precision, a.proteus_keys)
         x, t = inputs([m], a.batch, dev)
         R = x["rot"].float()
