@@ -102,22 +102,19 @@ def fold_diff(a: list, b: list) -> dict:
 def bench_esmfold(a) -> list[dict]:
     """Per cell (chunk, length, batch, precision): one warm-up batch, then ``reps`` batches, each timed on its own
     (median, min, max); accuracy of the first timed batch against fp32 folds of the same sequences."""
-    from eval.fold import fold_sequences, prepare_esmfold
+    from eval.fold import compile_folding_blocks, fold_sequences, prepare_esmfold, uncompile_folding_blocks
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     model = esmfold_real_size(dev, tiny=a.tiny)
     n_params = sum(p.numel() for p in model.parameters())
     precisions = ["fp32"] + [p for p in a.precisions if p != "fp32"] if "fp32" in a.precisions else a.precisions
-    plain_blocks = list(model.trunk.blocks) if hasattr(model, "trunk") else []
-    compiled_blocks: list = []
 
     def use_compiled(on: bool) -> None:
-        """``+compile`` cells: every folding block through ``torch.compile`` (an experiment of this bench, not an
-        evaluation option yet: one compiled graph per shape, shared by the 48 blocks)."""
-        if on and not compiled_blocks:
-            compiled_blocks.extend(torch.compile(blk) for blk in plain_blocks)
-        for i, blk in enumerate(compiled_blocks if on else plain_blocks):
-            model.trunk.blocks[i] = blk
+        """``+compile`` cells: the folding blocks through ``eval.fold.compile_folding_blocks`` (``fold.compile``)."""
+        if on:
+            compile_folding_blocks(model)
+        else:
+            uncompile_folding_blocks(model)
     out = []
     rng = np.random.default_rng(0)
     for chunk in a.chunk_sizes:
@@ -287,7 +284,7 @@ def bench_pipeline(a) -> list[dict]:
         write_backbone_pdb(path, backbones[str(path)], "G" * a.length)
     notes = _pipeline_fallbacks(backbones)
     model = prepare_esmfold(esmfold_real_size(dev, tiny=a.tiny), dev, chunk_size=a.chunk_size or None,
-                            precision="fp32")
+                            precision="fp32", compile=a.compile)
     warm_bb = _backbone(next(iter(backbones.values())), "warm-up")
     design_sequences(load_proteinmpnn(device=dev), warm_bb, num_seqs=2)  # CUDA context and kernels, not timed
     runs = []
@@ -303,12 +300,15 @@ def bench_pipeline(a) -> list[dict]:
     for prec in a.precisions:
         for fb in a.fold_batches:
             warm = ["".join(rng.choice(list("ARNDCQEGHILKMFPSTWYV"), a.length)) for _ in range(fb)]
-            fold_sequences(model, warm, batch_size=fb, precision=prec)  # warm-up at this shape, not timed
+            t_warm = time.perf_counter()
+            fold_sequences(model, warm, batch_size=fb, precision=prec)  # warm-up (and compile) at this shape
+            warm_s = time.perf_counter() - t_warm
             cfg = OmegaConf.merge(base, OmegaConf.create(dict(
                 samples_dir=str(samples), out_dir=str(work / f"eval_{prec}_b{fb}"), reference=None, esmfold=None,
                 device=dev, workers=1, resume=False, progress=False, plots=False, sc_results="false",
                 mpnn=dict(num_seqs=a.num_seqs, batch_size=a.mpnn_batch),
-                fold=dict(batch_size=fb, precision=prec, save_refolds=True),
+                fold=dict(batch_size=fb, precision=prec, save_refolds=True, compile=a.compile,
+                          chunk_size=a.chunk_size or None),
                 diversity=dict(enabled=False))))
             t0 = time.perf_counter()
             summary = pipeline.evaluate(cfg, mpnn_model=None, fold_model=model)
@@ -316,7 +316,8 @@ def bench_pipeline(a) -> list[dict]:
             tm = runs[-1].timings
             stages = {k: round(tm.get(k, 0.0), 2) for k in ("mpnn", "fold", "compare")}
             rec = dict(n_backbones=a.n, length=a.length, num_seqs=a.num_seqs, precision=prec, fold_batch=fb,
-                       chunk_size=a.chunk_size, seconds=round(wall, 2), backbones_per_h=round(3600 * a.n / wall, 1),
+                       compile=a.compile, warmup_s=round(warm_s, 1), chunk_size=a.chunk_size, seconds=round(wall, 2),
+                       backbones_per_h=round(3600 * a.n / wall, 1),
                        stage_seconds=dict(stages, other=round(wall - sum(stages.values()), 2)),
                        fold_seqs_per_s=round(a.n * a.num_seqs / max(tm.get("fold", 0.0), 1e-9), 2),
                        mpnn_backbones_per_s=round(a.n / max(tm.get("mpnn", 0.0), 1e-9), 2),
@@ -383,12 +384,13 @@ def main() -> int:
     e = sub.add_parser("esmfold")
     e.add_argument("--lengths", nargs="+", type=int, default=[100, 200, 300])
     e.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
-    e.add_argument("--chunk-sizes", nargs="+", type=int, default=[0, 64], help="0 = no chunking")
+    e.add_argument("--chunk-sizes", nargs="+", type=int, default=[0, 64],
+                   help="0 = no chunking (before 2026-11-30 session 7, 0 kept the config's 128)")
     e.add_argument("--reps", type=int, default=5, help="timed batches per cell, each timed on its own")
     e.add_argument("--precisions", nargs="+", default=["fp32"],
                    choices=[p + c for p in ("fp32", "tf32", "bf16") for c in ("", "+compile")],
                    help="trunk precisions (eval.fold.PRECISIONS), each compared with fp32 on the same sequences; "
-                        "'+compile': the folding blocks through torch.compile (an experiment of this bench)")
+                        "'+compile': with fold.compile (the folding blocks through torch.compile)")
     e.add_argument("--noise-seqs", type=int, default=4,
                    help="sequences folded one at a time in fp32 for the noise floor (0 = none)")
     e.add_argument("--tiny", action="store_true", help="a tiny ESMFold on CPU (smoke test of this script)")
@@ -401,6 +403,7 @@ def main() -> int:
     q.add_argument("--precisions", nargs="+", choices=["fp32", "tf32", "bf16"], default=["fp32"])
     q.add_argument("--fold-batches", nargs="+", type=int, default=[4], help="fold.batch_size values")
     q.add_argument("--chunk-size", type=int, default=0, help="trunk chunking of the ESMFold model; 0 = none")
+    q.add_argument("--compile", action="store_true", help="fold.compile=true (warm-up, untimed, compiles)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--workdir", default=None, help="where backbones and eval outputs go (default: a temp dir)")
     q.add_argument("--tiny", action="store_true", help="a tiny ESMFold (CPU smoke test; MPNN is the real one)")

@@ -18,8 +18,8 @@ from .sc_results import SC_RESULTS_MODES, sc_results_mode
 
 __all__ = ["validate_config", "resolve_eval_device", "check_inputs"]
 
-_BOOL_KEYS = ("resume", "progress", "plots", "mpnn.enabled", "mpnn.ca_only", "fold.save_refolds", "novelty.refold",
-              "diversity.enabled")
+_BOOL_KEYS = ("resume", "progress", "plots", "mpnn.enabled", "mpnn.ca_only", "fold.save_refolds", "fold.compile",
+              "novelty.refold", "diversity.enabled")
 #: key: (lowest, highest, null allowed)
 _INT_KEYS = {"workers": (0, 4096, False), "seed": (0, 2**63 - 1, False), "mpnn.num_seqs": (1, 100_000, False),
              "mpnn.batch_size": (1, 100_000, False), "fold.batch_size": (1, 100_000, False),

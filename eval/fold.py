@@ -68,11 +68,12 @@ def resolve_esmfold(spec: str | None) -> Path | None:
 
 
 def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device = "cpu",
-                 chunk_size: int | None = 64, fp16_esm: bool | None = None, precision: str = "fp32"
-                 ) -> torch.nn.Module:
+                 chunk_size: int | None = 64, fp16_esm: bool | None = None, precision: str = "fp32",
+                 compile: bool = False) -> torch.nn.Module:
     """Load ``EsmForProteinFolding`` offline; raise :class:`ModelUnavailableError` with download instructions
-    when the weights are absent. ``chunk_size`` bounds trunk memory (axial attention chunking); ``precision``
-    is the trunk arithmetic (:data:`PRECISIONS`)."""
+    when the weights are absent. ``chunk_size`` bounds trunk memory (axial attention chunking; None = none);
+    ``precision`` is the trunk arithmetic (:data:`PRECISIONS`); ``compile`` compiles the folding blocks
+    (:func:`compile_folding_blocks`)."""
     path = resolve_esmfold(spec)
     if path is None:
         raise ModelUnavailableError(esmfold_help(spec))
@@ -88,7 +89,8 @@ def load_esmfold(spec: str | None = DEFAULT_ESMFOLD, device: str | torch.device 
         model = EsmForProteinFolding.from_pretrained(str(path), local_files_only=True, **vetted)
     except Exception as exc:
         raise ModelUnavailableError(f"cannot load ESMFold from {path}: {exc}\n" + esmfold_help(spec)) from exc
-    return prepare_esmfold(model, device=device, chunk_size=chunk_size, fp16_esm=fp16_esm, precision=precision)
+    return prepare_esmfold(model, device=device, chunk_size=chunk_size, fp16_esm=fp16_esm, precision=precision,
+                           compile=compile)
 
 
 def resolve_precision(precision: str | None) -> str:
@@ -112,10 +114,11 @@ def precision_note(precision: str, device: str | torch.device) -> str | None:
 
 
 def prepare_esmfold(model: torch.nn.Module, device: str | torch.device = "cpu", chunk_size: int | None = 64,
-                    fp16_esm: bool | None = None, precision: str = "fp32") -> torch.nn.Module:
-    """Move to ``device``, set eval mode and trunk chunking; the ESM language model runs in fp16 only on GPU.
+                    fp16_esm: bool | None = None, precision: str = "fp32", compile: bool = False) -> torch.nn.Module:
+    """Move to ``device``, set eval mode and trunk chunking (``chunk_size`` rows per attention call; None = no
+    chunking, whatever the checkpoint's config says); the ESM language model runs in fp16 only on GPU.
     ``precision`` (:data:`PRECISIONS`) is resolved for ``device`` and kept as ``model.fold_precision``, the
-    default of :func:`fold_sequences`."""
+    default of :func:`fold_sequences`. ``compile``: :func:`compile_folding_blocks`."""
     device = torch.device(device)
     resolved = resolve_precision(precision)
     note = precision_note(resolved, device)
@@ -125,10 +128,39 @@ def prepare_esmfold(model: torch.nn.Module, device: str | torch.device = "cpu", 
     if fp16_esm is None:
         fp16_esm = device.type == "cuda"
     model.esm = model.esm.half() if fp16_esm else model.esm.float()
-    if chunk_size and hasattr(model, "trunk"):
-        model.trunk.set_chunk_size(chunk_size)
+    if hasattr(model, "trunk"):
+        model.trunk.set_chunk_size(int(chunk_size) if chunk_size else None)
     model.fold_precision = resolved  # type: ignore[attr-defined]
+    if compile:
+        compile_folding_blocks(model)
     return model
+
+
+def compile_folding_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Put each of the trunk's folding blocks through ``torch.compile`` (in place; the originals are kept in
+    ``model.eager_blocks`` for :func:`uncompile_folding_blocks`). The 48 blocks share one compiled graph per
+    input shape: the first call at a new shape compiles (about 35-45 s for esmfold_v1 on an H200), a second shape
+    makes Dynamo recompile with dynamic sizes, and later shapes reuse that. Inductor's on-disk cache makes later
+    processes faster to warm up. Weights, outputs and the fold cache are unchanged (docs/evaluation_speed.md)."""
+    blocks = getattr(getattr(model, "trunk", None), "blocks", None)
+    if blocks is None:
+        raise ValueError("fold.compile needs an ESMFold model with trunk.blocks")
+    if getattr(model, "eager_blocks", None) is None:
+        model.eager_blocks = list(blocks)  # type: ignore[attr-defined]
+        for i, blk in enumerate(model.eager_blocks):
+            blocks[i] = torch.compile(blk)
+    return model
+
+
+def uncompile_folding_blocks(model: torch.nn.Module) -> bool:
+    """Undo :func:`compile_folding_blocks`; True when there was something to undo."""
+    eager = getattr(model, "eager_blocks", None)
+    if eager is None:
+        return False
+    for i, blk in enumerate(eager):
+        model.trunk.blocks[i] = blk
+    model.eager_blocks = None  # type: ignore[attr-defined]
+    return True
 
 
 @contextmanager
@@ -221,9 +253,21 @@ def fold_sequences(model: torch.nn.Module, seqs: list[str], batch_size: int = 4,
             aa[k, :len(q)] = torch.from_numpy(sequence_to_aatype(q))
             mask[k, :len(q)] = 1
         pos = torch.arange(L)[None].expand(len(chunk), L)
-        with fold_precision(model, precision):
-            res = model(aa.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                        num_recycles=num_recycles)
+        args = (aa.to(device),)
+        kwargs = dict(attention_mask=mask.to(device), position_ids=pos.to(device), num_recycles=num_recycles)
+        try:
+            with fold_precision(model, precision):
+                res = model(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compiler failure: one warning, then eager for the rest of the process
+            if getattr(model, "eager_blocks", None) is None:
+                raise
+            uncompile_folding_blocks(model)
+            print(f"[eval.fold] warning: fold.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                  "folding eagerly from here on", file=sys.stderr, flush=True)
+            with fold_precision(model, precision):
+                res = model(*args, **kwargs)
         xyz = res["positions"][-1].float().cpu().numpy()  # (B, L, 14, 3) atom14: N, CA, C, O first
         plddt = res["plddt"].float().cpu().numpy()  # (B, L, 37) in 0..1
         ptm = res["ptm"].float().cpu().numpy().reshape(-1)

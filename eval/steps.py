@@ -329,7 +329,7 @@ def fold_step(run: EvalRun, fold_model: Any = None) -> None:
         if todo and fold_model is None:
             try:
                 fold_model = load_esmfold(esm_spec, device=run.device, chunk_size=fc.get("chunk_size"),
-                                          precision=precision)
+                                          precision=precision, compile=bool(fc.get("compile", False)))
             except ModelUnavailableError as exc:
                 log(f"warning: {exc}")
                 run.status["esmfold"] = str(exc)
