@@ -291,19 +291,19 @@ class LocalTriangleAttention(nn.Module):
         k = min(self.k_neighbour + self.k_linear, N)
         return torch.topk(d, k, dim=-1, largest=False).indices
 
-    def _local_mha(self, mha: Attention, z: Tensor, idx: Tensor, bias: Tensor, key_mask: Tensor) -> Tensor:
-        """Row-wise attention of z[b, i, idx[b, i, :]] with per-key bias bias[b, i, idx, h]."""
+    def _local_mha(self, mha: Attention, z: Tensor, idx: Tensor, bias: Tensor, key_mask: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+        """Row-wise attention of z[b, i, idx[b, i, :]] with per-key bias bias[b, i, idx, h]: the update (B, N, K, D)
+        at the K chosen keys of every row, and z at those keys (what the update is added to)."""
         B, N, _, D = z.shape
         K = idx.shape[-1]
-        x = torch.gather(z, 2, idx[..., None].expand(B, N, K, D))
-        x = self.layer_norm(x)
+        zk = torch.gather(z, 2, idx[..., None].expand(B, N, K, D))
+        x = self.layer_norm(zk)
         km = torch.gather(key_mask.to(z.dtype), 2, idx)  # (B, N, K)
         mask_bias = (self.inf * (km - 1))[:, :, None, None, :]
         tb = torch.gather(bias, 2, idx[..., None].expand(B, N, K, bias.shape[-1]))  # (B, N, K, H)
         tb = tb.permute(0, 1, 3, 2)[:, :, :, None, :]  # (B, N, H, 1, K): depends on the key only
-        x = mha(x, x, [mask_bias, tb])
-        out = torch.zeros_like(z, dtype=x.dtype)  # under autocast x may be bf16 while z is float32
-        return out.scatter(2, idx[..., None].expand(B, N, K, D), x)
+        return mha(x, x, [mask_bias, tb]), zk
 
     def _gate(self, node_embed: Tensor) -> Tensor:
         """``to_gate`` of the outer product ``left_l (x) right_m`` (official: a (B, N, N, c_gate_s^2) tensor fed to a
@@ -327,9 +327,20 @@ class LocalTriangleAttention(nn.Module):
         z = z + self.tri_mul_out(z, edge_mask)
         z = z + self.tri_mul_in(z, edge_mask)
         idx = self.knn_indices(trans_ang, res_mask)
-        z = z + self._local_mha(self.mha_start, z, idx, bias, edge_mask)
-        zt = self._local_mha(self.mha_end, z.transpose(1, 2), idx, bias.transpose(1, 2), edge_mask.transpose(1, 2))
-        return z + zt.transpose(1, 2)
+        # Official: z + (a zero pair tensor with the update scattered in at the K keys). The same values are
+        # written here at the K keys only (z + update there, z elsewhere): an index_put without accumulation,
+        # which the compiler fuses, where a bf16 scatter falls back to a clone and an aten scatter. The keys of a
+        # row are distinct (top-k), so no position is written twice.
+        rows = torch.arange(B, device=idx.device)[:, None, None], torch.arange(N, device=idx.device)[None, :, None]
+        upd, zk = self._local_mha(self.mha_start, z, idx, bias, edge_mask)
+        z = self._put(z, (rows[0], rows[1], idx), zk + upd)
+        upd, zk = self._local_mha(self.mha_end, z.transpose(1, 2), idx, bias.transpose(1, 2), edge_mask.transpose(1, 2))
+        return self._put(z, (rows[0], idx, rows[1]), zk + upd)
+
+    @staticmethod
+    def _put(z: Tensor, index: tuple[Tensor, ...], values: Tensor) -> Tensor:
+        """z with ``values`` at ``index``, in the dtype ``z + update`` would have had (autocast mixes bf16/fp32)."""
+        return torch.index_put(z.to(values.dtype), index, values)
 
 
 class DistogramHead(nn.Module):
