@@ -67,8 +67,10 @@ class TriangleMultiplication(nn.Module):
         z = self.layer_norm_in(z)
         a = self.linear_a_p(z) * torch.sigmoid(self.linear_a_g(z)) * m
         b = self.linear_b_p(z) * torch.sigmoid(self.linear_b_g(z)) * m
-        a = a.movedim(-1, -3)  # (*, C, N, N)
-        b = b.movedim(-1, -3)
+        # (*, C, N, N), contiguous: a product needs one of its two last dims unit-stride, so a permuted view is
+        # copied inside the matmul anyway; made here, a compiler writes it from the kernel that computes a and b
+        a = a.movedim(-1, -3).contiguous()
+        b = b.movedim(-1, -3).contiguous()
         if self.outgoing:  # x_ij = sum_k a_ik b_jk
             p = torch.matmul(a, b.transpose(-1, -2))
         else:  # x_ij = sum_k a_ki b_kj
