@@ -127,8 +127,8 @@ def bench_esmfold(a) -> list[dict]:
                 ref = None
                 for cell_prec in precisions:
                     prec, compiled = cell_prec.split("+")[0], cell_prec.endswith("+compile")
-                    base = dict(length=n, batch=b, chunk_size=chunk, precision=cell_prec, params=n_params,
-                                repeats=a.reps)
+                    base = dict(length=n, batch=b, chunk_size=chunk, trunk_chunk_size=model.trunk.chunk_size,
+                                precision=cell_prec, params=n_params, repeats=a.reps)
                     try:
                         if ref is None and compiled:     # the fp32 reference is the plain model's
                             use_compiled(False)

@@ -154,6 +154,17 @@ def multigpu(ds: list[dict]) -> None:
           f"one GPU {cell(fixed1)} s, two GPUs {cell(fixed2)} s.")
 
 
+def _chunking(recs: list[dict]) -> str:
+    """The trunk chunking of an esmfold file. Records carry ``trunk_chunk_size`` (the model's) since session 7 of
+    2026-11-30; before that ``chunk_size`` 0 left esmfold_v1's config default, 128 rows, in place."""
+    eff = {r.get("trunk_chunk_size", "old") if r.get("chunk_size") == 0 else r.get("chunk_size") for r in recs}
+    if eff == {None}:
+        return "no trunk chunking"
+    if eff == {"old"}:
+        return "trunk chunking 128 (the config default: before session 7, `--chunk-sizes 0` did not turn it off)"
+    return "trunk chunking " + ", ".join(str(e) for e in sorted(eff, key=str))
+
+
 def esmfold(d: dict) -> None:
     """bench_eval.py esmfold: seqs/s per (length, batch[, precision]). Launch-bound*: the call costs < 1.5 × the
     batch-1 call. Files with precisions also get the error against the fp32 fold of the same sequences and the
@@ -161,7 +172,7 @@ def esmfold(d: dict) -> None:
     m, recs = d["meta"], [r for r in d["esmfold"] if "error" not in r]
     rep = recs[0].get("repeats", "?") if recs else "?"
     prec = any("precision" in r for r in d["esmfold"])
-    print(f"\n{m['device']}, {m['date'][:10]}, ESMFold (esmfold_v1 sizes, random weights), no trunk chunking; "
+    print(f"\n{m['device']}, {m['date'][:10]}, ESMFold (esmfold_v1 sizes, random weights), {_chunking(recs)}; "
           f"median (min–max) of {rep} timed batches\n")
     if prec:
         print("| length | batch | trunk precision | s / batch | seqs/s | peak GiB | CA vs fp32, Å: max (RMS) | "

@@ -62,7 +62,10 @@ def test_benchmark_tables_are_rendered_from_the_committed_json():
     out = subprocess.run([sys.executable, str(REPO / "bench" / "render_tables.py"), *map(str, files)],
                          capture_output=True, text=True, check=True).stdout
     for group in (["compile_matrix_h200x2_2026-11-30a.json", "compile_matrix_h200x2_2026-11-30b.json"],
-                  ["multigpu_h200x2_2026-11-30_d.json"], ["esmfold_precision_h200x2_2026-11-30.json"]):
+                  ["multigpu_h200x2_2026-11-30_d.json"], ["esmfold_precision_h200x2_2026-11-30.json"],
+                  ["compile_rows_h200x2_2026-11-30c.json", "compile_rows_h200x2_2026-11-30d.json"],
+                  ["multigpu_h200x2_2026-11-30_e.json", "multigpu_h200x2_2026-11-30_f.json"],
+                  ["esmfold_unchunked_h200x2_2026-11-30.json", "esmfold_compile_chunk128_h200x2_2026-11-30.json"]):
         out += subprocess.run([sys.executable, str(REPO / "bench" / "render_tables.py"), *(str(res / n) for n in group)],
                               capture_output=True, text=True, check=True).stdout   # tables of their own
     page = (REPO / "docs" / "benchmarks.md").read_text()
