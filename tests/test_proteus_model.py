@@ -212,3 +212,63 @@ def test_triangle_gate_is_the_official_outer_product_form():
         assert bool(((got - ref).abs() <= 2 * n * torch.finfo(torch.float64).eps * scale).all())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert m.float()._gate(x.float()).dtype == torch.bfloat16
+
+
+def test_single_key_attention_is_exactly_the_softmax_form():
+    """With one key (Proteus's template attentions), ``Attention`` skips the logits: softmax over one finite logit
+    is exactly 1, so the result must equal the full q/k/softmax form bit for bit, gated or not, masked or not,
+    in fp32 and under CPU bf16 autocast."""
+    import math
+
+    from models.proteus.layers import Attention
+
+    def full(m: Attention, q_x, kv_x, bias):
+        q = m.linear_q(q_x).unflatten(-1, (m.no_heads, -1)) / math.sqrt(m.c_hidden)
+        k = m.linear_k(kv_x).unflatten(-1, (m.no_heads, -1))
+        v = m.linear_v(kv_x).unflatten(-1, (m.no_heads, -1))
+        a = torch.softmax(torch.matmul(q.movedim(-2, -3), k.movedim(-3, -1)) + bias, dim=-1)
+        o = torch.matmul(a, v.movedim(-2, -3)).transpose(-2, -3)
+        if m.linear_g is not None:
+            o = o * torch.sigmoid(m.linear_g(q_x)).unflatten(-1, (m.no_heads, -1))
+        return m.linear_o(o.flatten(-2))
+
+    torch.manual_seed(0)
+    for gating in (True, False):
+        m = Attention(24, 16, 16, 8, 4, gating=gating)
+        q_x, kv_x = torch.randn(3, 7, 5, 24), torch.randn(3, 7, 1, 16)
+        for masked in (0.0, 1.0):
+            bias = torch.full((3, 1, 1, 1, 1), -1e9 * masked)
+            for autocast in (False, True):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    got, ref = m(q_x, kv_x, [bias]), full(m, q_x, kv_x, bias)
+                assert got.dtype == ref.dtype and torch.equal(got, ref), (gating, masked, autocast)
+
+
+def test_local_attention_update_is_the_scatter_into_zeros_form():
+    """``LocalTriangleAttention`` writes z + update at each row's K keys (an index_put); the official code adds
+    a zero pair tensor with the update scattered in. Same values bit for bit, padded rows included."""
+    from models.proteus.layers import LocalTriangleAttention
+
+    torch.manual_seed(1)
+    m = LocalTriangleAttention(c_s=24, c_z=12, c_rbf=8, c_gate_s=4, c_hidden=8, c_hidden_mul=8, no_heads=2,
+                               transition_n=2, k_neighbour=5)
+    B, N = 2, 11
+    s, z, x = torch.randn(B, N, 24), torch.randn(B, N, N, 12), 4 * torch.randn(B, N, 3)
+    res = torch.ones(B, N, dtype=torch.bool)
+    res[1, 8:] = False
+    em = (res[:, :, None] & res[:, None, :]).float()
+    with torch.no_grad():
+        got = m(s, z, x, em, res)
+        bias = m.to_bias(m.emb_rbf(torch.exp(-((torch.norm(x[:, :, None] - x[:, None], dim=-1)[..., None]
+                                                 - torch.linspace(0, 3.5, 8)) / 0.5) ** 2))
+                         * torch.sigmoid(m._gate(s)))
+        zz = z + m.tri_mul_out(z, em)
+        zz = zz + m.tri_mul_in(zz, em)
+        idx = m.knn_indices(x, res)
+        K = idx.shape[-1]
+        for start in (True, False):
+            zin, bb, mm = (zz, bias, em) if start else (zz.transpose(1, 2), bias.transpose(1, 2), em.transpose(1, 2))
+            upd, _ = m._local_mha(m.mha_start if start else m.mha_end, zin, idx, bb, mm)
+            put = torch.zeros_like(zin).scatter(2, idx[..., None].expand(B, N, K, 12), upd)
+            zz = zz + (put if start else put.transpose(1, 2))
+    assert torch.equal(got, zz)
