@@ -78,3 +78,37 @@ def test_compile_option_is_a_checked_boolean():
     for bad in ("yes", 1, None):
         with pytest.raises(BadInputError, match="fold.compile must be true or false"):
             validate_config({"fold": {"compile": bad}})
+
+
+def test_evaluate_with_fold_compile_loads_compiles_and_scores_like_eager(tmp_path, monkeypatch):
+    """``evaluate_backbones fold.compile=true fold.chunk_size=null``: the ESMFold loaded from disk gets compiled
+    blocks and the designability scores equal the eager run's within the rounding bound above."""
+    import csv
+
+    import eval.fold as fold_mod
+    from eval.pipeline import evaluate
+    from superdiff_protein.cli.evaluate import load_config
+    from test_eval_common import pdownb_chains, tiny_mpnn_checkpoint, write_sample_dir
+
+    chains = pdownb_chains(2)
+    ckpt = tiny_mpnn_checkpoint(tmp_path / "tiny_mpnn.pt")
+    esm_dir = tmp_path / "esmfold"
+    tiny_esmfold().save_pretrained(str(esm_dir))
+    compiled = []
+    real = fold_mod.compile_folding_blocks
+    monkeypatch.setattr(fold_mod, "compile_folding_blocks", lambda m: compiled.append(m) or real(m))
+    scores = {}
+    for flag in ("false", "true"):
+        sdir = write_sample_dir(tmp_path / f"samples_{flag}", chains)
+        cfg = load_config([f"samples_dir={sdir}", "mpnn.num_seqs=2", "workers=1", "progress=false",
+                           "fold.batch_size=2", "reference=null", f"esmfold={esm_dir}", f"mpnn.weights={ckpt}",
+                           f"fold.compile={flag}", "fold.chunk_size=null", "diversity.enabled=false"])
+        evaluate(cfg)
+        with open(sdir / "eval" / "metrics.csv", newline="") as fh:
+            scores[flag] = {r["path"].split("samples_")[-1].split("/", 1)[-1]: float(r["sc_rmsd"])
+                            for r in csv.DictReader(fh)}
+    assert len(compiled) == 1 and compiled[0].trunk.chunk_size is None
+    assert all(hasattr(b, "_orig_mod") for b in compiled[0].trunk.blocks)
+    assert scores["true"].keys() == scores["false"].keys() and len(scores["true"]) == 2
+    for k, v in scores["false"].items():
+        assert abs(scores["true"][k] - v) < ATOL_A, k
