@@ -141,9 +141,9 @@ def compile_folding_blocks(model: torch.nn.Module) -> torch.nn.Module:
     ``model.eager_blocks`` for :func:`uncompile_folding_blocks`). The 48 blocks share one compiled graph per
     input shape: the first call at a new shape compiles (about 35-45 s for esmfold_v1 on an H200), a second shape
     makes Dynamo recompile with dynamic sizes, and later shapes reuse that. Inductor's on-disk cache makes later
-    processes faster to warm up (``superdiff_protein.frames.compiling.compile_cache_dir``). Weights, outputs and the
+    processes faster to warm up (``superdiff_protein.runs.compile_cache``). Weights, outputs and the
     fold cache are unchanged (docs/evaluation_speed.md)."""
-    from superdiff_protein.frames.compiling import configure_compile_cache
+    from superdiff_protein.runs.compile_cache import configure_compile_cache
 
     blocks = getattr(getattr(model, "trunk", None), "blocks", None)
     if blocks is None:

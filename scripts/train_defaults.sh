@@ -8,7 +8,10 @@
 #                                                   # $OUT files came back to (files_at)
 #   bash scripts/train_defaults.sh status           # steps / training minutes done so far
 #   FINETUNE=1 bash scripts/train_defaults.sh chunk MINUTES   # the same, each run starting from its shipped
-#                                                   # models/checkpoints/default_<subset>.pt (init_from=)
+#                                                   # models/checkpoints/default_<subset>.pt (init_from=), or
+#                                                   # from FINETUNE_FROM=<model.pth> when that is set
+#   SUBSETS=all bash scripts/train_defaults.sh chunk MINUTES   # one run on every chain (data.subset=null):
+#                                                   # the pre-training of a two-phase recipe (docs/training.md)
 #   bash scripts/train_defaults.sh pack             # here: xz-compress data + resume state into .gpu_carry
 #                                                   # (then carry=[".gpu_carry"]: .gpu_data exceeds the 64 MiB carry)
 #   bash scripts/train_defaults.sh wheels           # here, once: hydra-core, omegaconf, antlr4 wheels into .whl
@@ -25,7 +28,8 @@ cd "$(dirname "$0")/.."
 
 RUNS_STATE=${RUNS_STATE:-.gpu_data/runs}
 RUNS_OUT=${RUNS_OUT:-runs/defaults}
-SUBSETS=(helix strand)
+# SUBSETS="helix strand" (default) or "all" (one run on both halves), for every command
+read -r -a SUBSETS <<<"${SUBSETS:-helix strand}"
 PY=${PYTHON:-python3}
 
 # The recipe (identical for both halves except data.subset).  Constant LR after warm-up + EMA: the step
@@ -33,6 +37,7 @@ PY=${PYTHON:-python3}
 # EXTRA (docs/training.md lists the exact values used for the shipped models).
 recipe() {
   local subset=$1 minutes=$2
+  [ "$subset" = all ] && subset=null
   echo model=small seed=0 "data.path=.gpu_data/pdownb.pt" "data.subset=${subset}" \
        data.max_length=160 data.batch_size=64 data.num_workers=4 \
        max_steps=200000 "max_minutes=${minutes}" resume=true "out_dir=${RUNS_STATE}/${subset}" \
@@ -78,7 +83,7 @@ chunk() {
     # shellcheck disable=SC2206
     args+=(${EXTRA:-})
     # FINETUNE=1: start each run from its shipped checkpoint (ignored by a run that resumes from last.ckpt)
-    if [ "${FINETUNE:-0}" = 1 ]; then args+=("init_from=models/checkpoints/default_${s}.pt"); fi
+    if [ "${FINETUNE:-0}" = 1 ]; then args+=("init_from=${FINETUNE_FROM:-models/checkpoints/default_${s}.pt}"); fi
     if [ "$ngpu" -gt 1 ]; then export CUDA_VISIBLE_DEVICES=$((i % ngpu)); fi
     i=$((i + 1))
     $PY -m superdiff_protein.cli.train "${args[@]}" >"${RUNS_STATE}/${s}/train.log" 2>&1 &

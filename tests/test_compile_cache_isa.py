@@ -1,4 +1,4 @@
-"""The project's Inductor cache folder is per CPU capability (``frames.compiling.compile_cache_dir``).
+"""The project's Inductor cache folder is per CPU capability (``superdiff_protein.runs.compile_cache``).
 
 torch 2.13's FX graph cache does not key on the vector capability: a CPU graph compiled under AVX-512 and loaded
 with ``ATEN_CPU_CAPABILITY=avx2`` returned wrong values (0.36 off on a softmax), and the reverse order corrupted
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from superdiff_protein.frames.compiling import compile_cache_dir, cpu_capability_tag
+from superdiff_protein.runs.compile_cache import compile_cache_dir, cpu_capability_tag
 
 PROBE = r"""
 import torch
-from superdiff_protein.frames.compiling import configure_compile_cache
+from superdiff_protein.runs.compile_cache import configure_compile_cache
 path = configure_compile_cache()
 torch.manual_seed(0)
 x, w = torch.randn(2, 22, 22, 32), torch.randn(32, 48)

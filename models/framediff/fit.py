@@ -208,9 +208,9 @@ def fit(cfg: dict, out: str | os.PathLike, start_time: Optional[float] = None) -
         if module.ema is not None:
             module.ema.load_state_dict(init)
     if tr.get("compile"):
-        from superdiff_protein.frames.compiling import configure_compile_cache
+        from superdiff_protein.runs.compile_cache import configure_compile_cache
 
-        configure_compile_cache()  # one Inductor cache per CPU capability (compiling.compile_cache_dir says why)
+        configure_compile_cache()  # one Inductor cache per CPU capability (runs/compile_cache.py says why)
         # in place (nn.Module.compile): the state_dict keys, checkpoints and the EMA copy stay as they are
         module.model.compile(dynamic=True)
     module.metrics_path = out / "metrics.csv"

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.step_graph import clone_tree
+from ..runs.compile_cache import compile_cache_dir, configure_compile_cache, cpu_capability_tag
 
 __all__ = ["COMPILE_CHOICES", "COMPILE_MODES", "CompileFallbackWarning", "CompileSession", "CompiledPredictor",
            "compile_cache_dir", "compile_models", "configure_compile_cache", "cpu_capability_tag", "resolve_compile"]
@@ -63,55 +64,8 @@ def resolve_compile(option: Any, device: torch.device | str) -> bool:
     return s == "true"
 
 
-def cpu_capability_tag() -> str:
-    """The CPU vector capability ATen runs with here (``avx512``, ``avx2``, ``default``, ...): the hardware's, or
-    lower when ``ATEN_CPU_CAPABILITY`` says so."""
-    try:
-        return str(torch.backends.cpu.get_cpu_capability()).lower()
-    except Exception:  # pragma: no cover - very old torch
-        return "unknown"
-
-
-def compile_cache_dir() -> Path:
-    """Inductor's cache directory: ``TORCHINDUCTOR_CACHE_DIR`` when set, else (set to)
-    ``$XDG_CACHE_HOME/superdiff_protein/inductor/<cpu capability>``.
-
-    One directory per CPU capability, because Inductor's FX graph cache does not key on it (torch 2.13): a CPU
-    graph generated under one vector width and loaded under another (``ATEN_CPU_CAPABILITY=avx2`` after a default
-    AVX-512 run, or a home directory shared by an AVX-512 and an AVX2 machine) gave NaNs or corrupted the heap
-    in tests/test_eval_fold_compile.py. A user-set ``TORCHINDUCTOR_CACHE_DIR`` is used as given."""
-    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = base / "superdiff_protein" / "inductor" / cpu_capability_tag()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    return path
-
-
-def configure_compile_cache() -> Path:
-    """Turn Inductor's FX graph cache on in :func:`compile_cache_dir` and raise Dynamo's recompile limit to
-    :data:`RECOMPILE_LIMIT`; call before the first ``torch.compile`` of a process. Returns the cache directory."""
-    return _configure_cache()
-
-
 def _configure_cache() -> Path:
-    path = compile_cache_dir()
-    try:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.fx_graph_cache = True
-    except Exception:  # pragma: no cover - very old torch
-        pass
-    try:
-        import torch._dynamo.config as dynamo_config
-
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo_config, name):
-                setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-    except Exception:  # pragma: no cover
-        pass
-    return path
+    return configure_compile_cache(RECOMPILE_LIMIT)
 
 
 @dataclasses.dataclass
