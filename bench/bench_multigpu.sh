@@ -8,7 +8,9 @@
 # carried) are installed first unless hydra already imports. biotite is not needed: generation only writes PDBs.
 # With compile=auto (the default, as users run it) each process compiles its networks inside the timer; the
 # per-device compile seconds are read from the logs ("compile: ... on cuda:K in X s") and recorded per repeat.
-# Env: LENGTH (100), DEVICE (cuda; cpu with gloo for a smoke run), COMPILE (auto | true | false), WHEELS, SKIP_INSTALL=1,
+# Env: LENGTH (100), DEVICE (cuda; cpu with gloo for a smoke run), COMPILE (auto | true | false), BATCH (16),
+#      EXTRA (more generate_backbones options, e.g. "compile_mode=step-graph rng=counter"), WHEELS, SKIP_INSTALL=1,
+#      WARM=1 (first run one untimed one-GPU job, so that every timed repeat finds a warm compile cache),
 #      MAX_SECONDS (start no repeat that would likely end past it; the JSON then says how many ran).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +29,11 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | tee "$WORK/gpus.txt" || true
 python3 bench/make_random_checkpoints.py "$WORK/ck" --count 2
 ARGS="models=[$WORK/ck/random_framediff_0.pth,$WORK/ck/random_framediff_1.pth] rule=or lengths=[${LENGTH:-100}] \
-samples_per_length=$SAMPLES batch_size=16 num_steps=$STEPS seed=0 device=${DEVICE:-cuda} precision=float32 plots=false progress=false \
-compile=${COMPILE:-auto}"
+samples_per_length=$SAMPLES batch_size=${BATCH:-16} num_steps=$STEPS seed=0 device=${DEVICE:-cuda} precision=float32 \
+plots=false progress=false compile=${COMPILE:-auto} ${EXTRA:-}"
+if [ -n "${WARM:-}" ]; then   # fill the compile cache with this job's shapes; not timed, not recorded
+  CUDA_VISIBLE_DEVICES=0 python3 -m superdiff_protein.cli.generate $ARGS out_dir="$WORK/warm" > "$WORK/warm.log" 2>&1
+fi
 start=$SECONDS; last=0
 for r in $(seq 1 "$REPEATS"); do
   if [ -n "${MAX_SECONDS:-}" ] && [ $((SECONDS - start + last * 12 / 10)) -gt "$MAX_SECONDS" ]; then
@@ -45,7 +50,7 @@ for r in $(seq 1 "$REPEATS"); do
   last=$((SECONDS - rs))
   echo "repeat $r: one GPU $(python3 -c "print(round($t1-$t0,1))") s, two GPUs $(python3 -c "print(round($t2-$t1,1))") s"
 done
-python3 - "$WORK" "$OUTDIR/multigpu.json" "$SAMPLES" "$STEPS" "${LENGTH:-100}" "$*" <<'PY'
+python3 - "$WORK" "$OUTDIR/multigpu.json" "$SAMPLES" "$STEPS" "${LENGTH:-100}" "$*" "${BATCH:-16}" "${COMPILE:-auto} ${EXTRA:-}" "${WARM:-}" <<'PY'
 import hashlib, json, re, statistics, sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,7 +102,8 @@ res = dict(meta=dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_avail
                      gpu_count=torch.cuda.device_count(), torch=torch.__version__,
                      date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      command=f"bash bench/bench_multigpu.sh {sys.argv[6]}".strip()),
-           samples=int(sys.argv[3]), steps=int(sys.argv[4]), length=int(sys.argv[5]), batch_size=16, models=2,
+           samples=int(sys.argv[3]), steps=int(sys.argv[4]), length=int(sys.argv[5]), batch_size=int(sys.argv[7]),
+           compile=sys.argv[8].strip(), warm_cache_job=bool(sys.argv[9]), models=2,
            rule="or", precision="float32", repeats=len(reps), summary=summary, records=reps)
 print(json.dumps(summary))
 out.write_text(json.dumps(res, indent=1))
