@@ -61,6 +61,11 @@ def test_default_cache_folder_names_the_cpu_capability(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache_dir() == tmp_path / "mine"   # a user's own folder is used as given
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert cache_dir() == os.path.abspath(default_cache_dir())   # torch writes its shared default into the variable
+    assert compile_cache_dir() == path and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)   # ... and we replace it
 
 
 def test_compiled_cpu_graphs_stay_right_when_the_capability_changes(tmp_path):

@@ -29,14 +29,40 @@ def compile_cache_dir() -> Path:
     One directory per CPU capability, because Inductor's FX graph cache does not key on it (torch 2.13): a CPU
     graph generated under one vector width and loaded under another (``ATEN_CPU_CAPABILITY=avx2`` after a default
     AVX-512 run, or a home directory shared by an AVX-512 and an AVX2 machine) gave wrong values or corrupted the
-    heap (tests/test_compile_cache_isa.py). A user-set ``TORCHINDUCTOR_CACHE_DIR`` is used as given."""
+    heap (tests/test_compile_cache_isa.py). A user-set ``TORCHINDUCTOR_CACHE_DIR`` is used as given, unless it is
+    torch's own shared default (``/tmp/torchinductor_<user>``), which torch itself writes into the variable."""
     env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if env:
+    shared = _torch_default_dir()
+    if env and os.path.abspath(env) != shared:
         return Path(env)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     path = base / "superdiff_protein" / "inductor" / cpu_capability_tag()
+    if env:
+        # torch writes its shared default into the variable the first time anything asks for its cache folder
+        # (imports of transformers do), so here it is torch's choice, not the user's: switch, and drop what
+        # Inductor already cached in memory for the old folder
+        _clear_inductor_caches()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
+
+
+def _torch_default_dir() -> str | None:
+    """torch's own default cache folder (``/tmp/torchinductor_<user>``), shared by every CPU capability."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # pragma: no cover - other torch layouts
+        return None
+
+
+def _clear_inductor_caches() -> None:
+    try:
+        from torch._inductor.utils import clear_caches
+
+        clear_caches()
+    except Exception:  # pragma: no cover
+        pass
 
 
 def configure_compile_cache(recompile_limit: int = 64) -> Path:
