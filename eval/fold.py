@@ -268,8 +268,9 @@ def fold_sequences(model: torch.nn.Module, seqs: list[str], batch_size: int = 4,
             if getattr(model, "eager_blocks", None) is None:
                 raise
             uncompile_folding_blocks(model)
-            print(f"[eval.fold] warning: fold.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                  "folding eagerly from here on", file=sys.stderr, flush=True)
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            print(f"[eval.fold] warning: fold.compile failed ({type(exc).__name__}: {first}); folding eagerly from "
+                  "here on", file=sys.stderr, flush=True)
             with fold_precision(model, precision):
                 res = model(*args, **kwargs)
         xyz = res["positions"][-1].float().cpu().numpy()  # (B, L, 14, 3) atom14: N, CA, C, O first

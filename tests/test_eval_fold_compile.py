@@ -112,3 +112,17 @@ def test_evaluate_with_fold_compile_loads_compiles_and_scores_like_eager(tmp_pat
     assert scores["true"].keys() == scores["false"].keys() and len(scores["true"]) == 2
     for k, v in scores["false"].items():
         assert abs(scores["true"][k] - v) < ATOL_A, k
+
+
+class _Mute(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError()
+
+
+def test_compile_failure_without_a_message_still_falls_back(capsys):
+    m = prepare_esmfold(tiny_esmfold(), "cpu", chunk_size=None)
+    ref = fold_sequences(m, SEQS[:1], batch_size=1)
+    m.eager_blocks = list(m.trunk.blocks)
+    m.trunk.blocks[0] = _Mute()
+    assert _max_diff(fold_sequences(m, SEQS[:1], batch_size=1), ref) == 0.0
+    assert "fold.compile failed (RuntimeError: )" in capsys.readouterr().err

@@ -30,10 +30,8 @@ Compiled and eager forwards differ by float32 rounding only (another fusion and 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -62,10 +60,6 @@ def resolve_compile(option: Any, device: torch.device | str) -> bool:
     if s == "auto":
         return torch.device(device).type == "cuda"
     return s == "true"
-
-
-def _configure_cache() -> Path:
-    return configure_compile_cache(RECOMPILE_LIMIT)
 
 
 @dataclasses.dataclass
@@ -133,7 +127,7 @@ class CompiledPredictor(nn.Module):
 
     def _compiled_fn(self):
         if self._compiled is None:
-            _configure_cache()
+            configure_compile_cache(RECOMPILE_LIMIT)
             # step-graph: the networks compile as in default mode; the sampler captures the whole step around them
             kw = {"mode": self.mode if self.mode == "reduce-overhead" else None} if self.backend == "inductor" else {}
             self.__dict__["_compiled"] = torch.compile(self.inner, backend=self.backend, dynamic=False, **kw)
