@@ -83,7 +83,8 @@ def module_times(net: torch.nn.Module, call, reps: int, dev: torch.device,
         acc[keys[id(mod)]] += open_.pop(id(mod))()
 
     keys = {}
-    for name, mod in (parts if parts is not None else _parts(net)):      # blocks summed: trunk.ipa_0..3 -> trunk.ipa; Sequential layers -> their parent
+    # blocks summed: trunk.ipa_0..3 -> trunk.ipa; Sequential layers -> their parent
+    for name, mod in (parts if parts is not None else _parts(net)):
         keys[id(mod)] = re.sub(r"_\d+$|\.\d+$", "", name).replace("network.", "", 1)
         hooks.append(mod.register_forward_pre_hook(pre))
         hooks.append(mod.register_forward_hook(post))
@@ -136,7 +137,7 @@ def profile_esmfold(a, dev: torch.device) -> dict:
     project's ``eval.fold.fold_sequences``, at ``--fold-precision``: per part and top kernels, eager and (with
     ``--compiled``) with every folding block compiled."""
     from bench_eval import esmfold_real_size
-    from eval.fold import fold_sequences, prepare_esmfold
+    from eval.fold import compile_folding_blocks, fold_sequences, prepare_esmfold
     import numpy as np
     model = prepare_esmfold(esmfold_real_size(dev.type, tiny=a.tiny_esmfold), dev, chunk_size=None,
                             precision=a.fold_precision)
@@ -148,8 +149,7 @@ def profile_esmfold(a, dev: torch.device) -> dict:
            "eager_kernels": top_kernels(call, a.calls, dev)}
     if a.compiled:
         t0 = time.perf_counter()
-        for i, blk in enumerate(list(model.trunk.blocks)):
-            model.trunk.blocks[i] = torch.compile(blk)
+        compile_folding_blocks(model)   # fold.compile's own path
         call()
         if dev.type == "cuda":
             torch.cuda.synchronize()
