@@ -36,9 +36,10 @@ PY=${PYTHON:-python3}
 # count a chunk reaches is set by the time budget.  Later phases (cosine decay, clash loss) come in through
 # EXTRA (docs/training.md lists the exact values used for the shipped models).
 recipe() {
-  local subset=$1 minutes=$2
-  [ "$subset" = all ] && subset=null
-  echo model=small seed=0 "data.path=.gpu_data/pdownb.pt" "data.subset=${subset}" \
+  local subset=$1 minutes=$2 data_subset=$1
+  # "all": every chain (data.subset=null); its state folder stays "all", where chunk/collect/pack look for it
+  [ "$subset" = all ] && data_subset=null
+  echo model=small seed=0 "data.path=.gpu_data/pdownb.pt" "data.subset=${data_subset}" \
        data.max_length=160 data.batch_size=64 data.num_workers=4 \
        max_steps=200000 "max_minutes=${minutes}" resume=true "out_dir=${RUNS_STATE}/${subset}" \
        experiment.learning_rate=0.0003 experiment.warmup_steps=300 experiment.ema_decay=0.999 \
