@@ -7,6 +7,7 @@
 #   bash scripts/train_defaults.sh collect DIR      # here, after each chunk: DIR = the folder the chunk's
 #                                                   # $OUT files came back to (files_at)
 #   bash scripts/train_defaults.sh status           # steps / training minutes done so far
+#   bash scripts/train_defaults.sh recipe [MINUTES] # print each run's base arguments (before EXTRA), start nothing
 #   FINETUNE=1 bash scripts/train_defaults.sh chunk MINUTES   # the same, each run starting from its shipped
 #                                                   # models/checkpoints/default_<subset>.pt (init_from=), or
 #                                                   # from FINETUNE_FROM=<model.pth> when that is set
@@ -185,7 +186,8 @@ case "${1:-}" in
   chunk) shift; chunk "$@" ;;
   collect) shift; collect "$@" ;;
   status) status ;;
+  recipe) shift; for s in "${SUBSETS[@]}"; do echo "${s}: $(recipe "$s" "${1:-8}")"; done ;;   # dry run: the arguments
   pack) pack ;;
   wheels) wheels ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
