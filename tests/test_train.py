@@ -462,9 +462,37 @@ def test_non_finite_loss_stops_at_the_next_metrics_row(dataset, tmp_path):
     assert not (tmp_path / "inf" / "model.pth").exists()
 
 
+def test_compiled_training_gets_one_batch_shape(dataset, tmp_path):
+    """``trainer.compile=true`` feeds the network one shape: full batches padded to ``data.max_length`` (so the
+    compiled graph is built once per grad mode, not per length). Without it, batches are padded to their longest
+    chain and the partial batch is kept."""
+    from models.framediff.datamodule import FrameDataModule
+
+    shapes = {}
+    for comp in ("false", "true"):
+        dm = FrameDataModule(_cfg(dataset, tmp_path, "data.batch_size=3", "data.max_length=300",
+                                  f"trainer.compile={comp}"))
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        batches = [next(it) for _ in range(8)]
+        shapes[comp] = {tuple(b["res_mask"].shape) for b in batches}
+        if comp == "true":
+            for b in batches:   # the padding is padding: masked, identity frames, zero coordinates
+                pad = ~b["res_mask"].bool()
+                assert pad.any() and (b["trans"][pad] == 0).all()
+                assert torch.equal(b["rotmats"][pad], torch.eye(3).expand(int(pad.sum()), 3, 3))
+    assert shapes["true"] == {(3, 300)}
+    assert len(shapes["false"]) > 1 and all(n < 300 for _, n in shapes["false"])
+    assert any(bs < 3 for bs, _ in shapes["false"])     # the partial batch, dropped when compiling
+    with pytest.raises(T.TrainError, match="max_tokens"):
+        dm = FrameDataModule(_cfg(dataset, tmp_path, "trainer.compile=true", "data.max_tokens=1000"))
+        dm.setup("fit")
+        dm.train_dataloader()
+
+
 @pytest.mark.slow
 def test_compiled_training_runs_and_exports_the_eager_keys(dataset, tmp_path):
-    """``trainer.compile=true`` (Inductor, dynamic shapes; minutes of compiling on 2 CPU cores) trains, and writes a
+    """``trainer.compile=true`` (Inductor, static shapes; minutes of compiling on 2 CPU cores) trains, and writes a
     model.pth with the eager key set. At step 0 the compiled network and its uncompiled EMA copy hold the same
     weights, so their fixed-noise evaluations agree to float32 rounding. (Later steps are not compared: Adam's
     normalised first steps turn rounding-level gradient differences into O(lr) updates; tests/test_compile.py

@@ -8,6 +8,7 @@ without interruption. Reading the file, cropping and padding: :mod:`superdiff_pr
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -47,9 +48,10 @@ class StepIndexedBatchSampler:
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, max_tokens: int | None = None, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, start_fn: Callable[[], int] = lambda: 0):
+                 num_replicas: int = 1, rank: int = 0, start_fn: Callable[[], int] = lambda: 0,
+                 drop_last: bool = False):
         self._inner = LengthBucketSampler(lengths, batch_size, max_tokens=max_tokens, seed=seed,
-                                          num_replicas=num_replicas, rank=rank)
+                                          num_replicas=num_replicas, rank=rank, drop_last=drop_last)
         self.start_fn = start_fn
         self._cache: dict[int, list[list[int]]] = {}
 
@@ -66,7 +68,8 @@ class StepIndexedBatchSampler:
         while True:
             n = len(self.epoch_batches(epoch))
             if n == 0:
-                raise TrainError("the dataset yields no batch")
+                raise TrainError("the dataset yields no batch (with trainer.compile=true only full batches are used: "
+                                 "it needs at least data.batch_size chains)")
             if k < n:
                 return epoch, k
             k -= n
@@ -110,11 +113,18 @@ class FrameDataModule(pl.LightningDataModule):
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         start = (lambda: int(trainer.global_step)) if trainer is not None else (lambda: 0)
+        # trainer.compile: one fixed batch shape (full batches, padded to max_length), so the compiled network is
+        # built once per grad mode; dynamic shapes recompile and, in torch 2.13, failed in the backward
+        static = bool(self.cfg.get("trainer", {}).get("compile"))
+        if static and d["max_tokens"] is not None:
+            raise TrainError("trainer.compile=true needs fixed batches: set data.max_tokens=null")
         sampler = StepIndexedBatchSampler(self.dataset.lengths, int(d["batch_size"]), max_tokens=d["max_tokens"],
-                                          seed=int(self.cfg["seed"]), num_replicas=world, rank=rank, start_fn=start)
+                                          seed=int(self.cfg["seed"]), num_replicas=world, rank=rank, start_fn=start,
+                                          drop_last=static)
         nw = int(d["num_workers"])
+        collate = functools.partial(collate_frames, pad_to=int(d["max_length"])) if static else collate_frames
         return torch.utils.data.DataLoader(EpochItems(self.dataset), batch_sampler=sampler,
-                                           collate_fn=collate_frames, num_workers=nw,
+                                           collate_fn=collate, num_workers=nw,
                                            pin_memory=torch.cuda.is_available(),
                                            persistent_workers=nw > 0)
 

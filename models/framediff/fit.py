@@ -212,7 +212,7 @@ def fit(cfg: dict, out: str | os.PathLike, start_time: Optional[float] = None) -
 
         configure_compile_cache()  # one Inductor cache per CPU capability (runs/compile_cache.py says why)
         # in place (nn.Module.compile): the state_dict keys, checkpoints and the EMA copy stay as they are
-        module.model.compile(dynamic=True)
+        module.model.compile(dynamic=False)   # static: the data module pads every batch to one shape
     module.metrics_path = out / "metrics.csv"
     n_eval = int(cfg["experiment"].get("eval_size") or 0)
     if n_eval > 0 and int(cfg["experiment"].get("eval_every") or 0) > 0:

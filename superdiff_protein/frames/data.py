@@ -168,13 +168,14 @@ class FrameDataset(torch.utils.data.Dataset):
         }
 
 
-def collate_frames(batch: list[dict]) -> dict:
-    """Pad a list of :class:`FrameDataset` items to the longest one.
+def collate_frames(batch: list[dict], pad_to: int | None = None) -> dict:
+    """Pad a list of :class:`FrameDataset` items to the longest one, or to ``pad_to`` residues if that is longer
+    (a fixed shape for every batch: what a compiled training step needs, docs/training.md).
 
     Padding: zeros everywhere, ``res_mask``/``atom_mask`` False/0, identity ``rotmats``,
     ``aatype`` 20 (X), ``ss`` 2 (coil).  ``name``/``index``/``length`` become lists / tensors.
     """
-    n_max = max(int(b["length"]) for b in batch)
+    n_max = max([int(b["length"]) for b in batch] + [int(pad_to or 0)])
     out: dict[str, Any] = {"name": [b["name"] for b in batch],
                            "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
                            "length": torch.tensor([b["length"] for b in batch], dtype=torch.long)}
