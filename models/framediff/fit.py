@@ -68,7 +68,9 @@ class SaveAndBudget(pl.Callback):
             self.save(trainer, module)
         mm = self.cfg.get("max_minutes")
         if mm is not None:
-            per_step = float(np.median(self.step_times)) if self.step_times else 1.0
+            # the fastest of the last few steps: compiling (trainer.compile: about a minute for each of the first
+            # two steps) and checkpoint saves are slow outliers that would otherwise stop a short chunk early
+            per_step = float(min(self.step_times[-5:])) if self.step_times else 1.0
             margin = 3 * per_step + 2 * self.save_seconds + 10.0
             if now - self.start_time + margin > 60 * float(mm):
                 self.stopped_for_time = True
