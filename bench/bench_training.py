@@ -11,6 +11,10 @@ the default models are trained (scripts/train_defaults.sh), so rounds usually pa
         --round "bf16-a@0:model=medium trainer.precision=bf16-mixed data.subset=helix" ... \\
         --out $OUT/bench_training.json
 
+With ``trainer.compile=true`` the first steps compile the network (about two minutes on an H200 for
+``model=small``): give such rounds ``--minutes 6`` or more. Each record has ``first_row_train_min``, the training
+minutes at the first metrics row, which holds the start-up and the compiling.
+
 Every configuration starts from the recipe of scripts/train_defaults.sh (batch 64, crops of 160, TF32). The
 results go to ``--out`` (JSON) and a markdown table on stdout. Not a test: nothing here asserts a speed.
 """
@@ -50,13 +54,17 @@ def _summary(metrics: Path, skip: int) -> dict:
 
     rows = [r for r in read_metrics(metrics) if r.get("residues_per_s") not in (None, "")]
     kept = rows[skip:]
+    # the first row's time includes start-up and, with trainer.compile, the compiling of the network
+    first = {"first_row_step": int(float(rows[0]["step"])), "first_row_train_min": float(rows[0]["train_min"])} \
+        if rows else {}
     if len(kept) < 2:
-        return {"rows": len(rows), "error": "too few metrics rows (raise --minutes)"}
+        return {"rows": len(rows), **first, "last_step": int(float(rows[-1]["step"])) if rows else 0,
+                "error": "too few metrics rows (raise --minutes)"}
     rps = [float(r["residues_per_s"]) for r in kept]
     cps = [float(r["chains_per_s"]) for r in kept]
     dstep = float(kept[-1]["step"]) - float(kept[0]["step"])
     dmin = float(kept[-1]["train_min"]) - float(kept[0]["train_min"])
-    return {"rows": len(rows), "rows_used": len(kept), "residues_per_s_median": statistics.median(rps),
+    return {"rows": len(rows), **first, "rows_used": len(kept), "residues_per_s_median": statistics.median(rps),
             "residues_per_s_min": min(rps), "residues_per_s_max": max(rps),
             "chains_per_s_median": statistics.median(cps),
             "steps_per_s": dstep / (60 * dmin) if dmin > 0 else None, "last_step": int(float(rows[-1]["step"]))}
@@ -87,7 +95,7 @@ def run_round(specs: list[str], minutes: float, data: str, skip: int, work: Path
         rec = {"name": name, "gpu": gpu, "overrides": over, "rc": rc, "minutes": minutes}
         if (out / "metrics.csv").is_file():
             rec.update(_summary(out / "metrics.csv", skip))
-        if rc != 0:
+        if rc != 0 or "error" in rec:
             rec["log_tail"] = (out / "train.log").read_text(errors="replace").splitlines()[-8:]
         res.append(rec)
     return res
