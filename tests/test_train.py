@@ -465,27 +465,33 @@ def test_non_finite_loss_stops_at_the_next_metrics_row(dataset, tmp_path):
 def test_compiled_training_gets_one_batch_shape(dataset, tmp_path):
     """``trainer.compile=true`` feeds the network one shape: full batches padded to ``data.max_length`` (so the
     compiled graph is built once per grad mode, not per length). Without it, batches are padded to their longest
-    chain and the partial batch is kept."""
+    chain and the partial batch is kept. The batch size is chosen so that every epoch has a partial batch."""
     from models.framediff.datamodule import FrameDataModule
 
+    pad_len = 1000      # longer than any test chain: no cropping, and every eager batch is shorter
+    probe = FrameDataModule(_cfg(dataset, tmp_path, f"data.max_length={pad_len}"))
+    probe.setup("fit")
+    n = len(probe.dataset)
+    assert n >= 3 and max(probe.dataset.lengths) < pad_len
+    bs = n // 2 + 1          # one pool per epoch (50 batches' worth): a full batch of bs and a partial one of n - bs
     shapes = {}
     for comp in ("false", "true"):
-        dm = FrameDataModule(_cfg(dataset, tmp_path, "data.batch_size=3", "data.max_length=300",
+        dm = FrameDataModule(_cfg(dataset, tmp_path, f"data.batch_size={bs}", f"data.max_length={pad_len}",
                                   f"trainer.compile={comp}"))
         dm.setup("fit")
         it = iter(dm.train_dataloader())
-        batches = [next(it) for _ in range(8)]
+        batches = [next(it) for _ in range(6)]
         shapes[comp] = {tuple(b["res_mask"].shape) for b in batches}
         if comp == "true":
             for b in batches:   # the padding is padding: masked, identity frames, zero coordinates
                 pad = ~b["res_mask"].bool()
                 assert pad.any() and (b["trans"][pad] == 0).all()
                 assert torch.equal(b["rotmats"][pad], torch.eye(3).expand(int(pad.sum()), 3, 3))
-    assert shapes["true"] == {(3, 300)}
-    assert len(shapes["false"]) > 1 and all(n < 300 for _, n in shapes["false"])
-    assert any(bs < 3 for bs, _ in shapes["false"])     # the partial batch, dropped when compiling
+    assert shapes["true"] == {(bs, pad_len)}
+    assert len(shapes["false"]) > 1 and all(L < pad_len for _, L in shapes["false"])
+    assert {b for b, _ in shapes["false"]} == {bs, n - bs}     # the partial batch, dropped when compiling
     with pytest.raises(T.TrainError, match="max_tokens"):
-        dm = FrameDataModule(_cfg(dataset, tmp_path, "trainer.compile=true", "data.max_tokens=1000"))
+        dm = FrameDataModule(_cfg(dataset, tmp_path, "trainer.compile=true", "data.max_tokens=100000"))
         dm.setup("fit")
         dm.train_dataloader()
 
