@@ -499,17 +499,24 @@ def test_compiled_training_gets_one_batch_shape(dataset, tmp_path):
 @pytest.mark.slow
 def test_compiled_training_runs_and_exports_the_eager_keys(dataset, tmp_path):
     """``trainer.compile=true`` (Inductor, static shapes; minutes of compiling on 2 CPU cores) trains, and writes a
-    model.pth with the eager key set. At step 0 the compiled network and its uncompiled EMA copy hold the same
-    weights, so their fixed-noise evaluations agree to float32 rounding. (Later steps are not compared: Adam's
-    normalised first steps turn rounding-level gradient differences into O(lr) updates; tests/test_compile.py
-    compares the gradients themselves.)"""
+    model.pth with the eager key set. It compiles two graphs, the no-grad self-conditioning pass and the training
+    pass, with no graph break: the fixed batch shape, the self-conditioning input always given, and the eager
+    evaluation keep it from compiling more (each graph costs about a minute on a GPU). At step 0 the network and
+    its EMA copy hold the same weights, so their fixed-noise evaluations agree to float32 rounding. (Later steps
+    are not compared: Adam's normalised first steps turn rounding-level gradient differences into O(lr) updates;
+    tests/test_compile.py compares the gradients themselves.)"""
+    from torch._dynamo.utils import counters
+
     from models.framediff.fit import fit
     from superdiff_protein.frames.checkpoints import load_checkpoint_file
 
     keys = {}
     for comp in ("false", "true"):
         out = tmp_path / comp
+        counters.clear()
         fit(_cfg(dataset, out, "max_steps=10", f"trainer.compile={comp}"), out)
+        if comp == "true":
+            assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["stats"])
         rows = _rows(out)
         assert all(np.isfinite(v) for _, v in _col(rows, "loss")) and _col(rows, "loss")
         keys[comp] = sorted(load_checkpoint_file(out / "model.pth")["model"])

@@ -245,7 +245,10 @@ class FrameDiffusionModule(pl.LightningModule):
         for name, net in nets:
             was = net.training
             net.eval()
-            ls = self.compute_loss(net, batch, self._generator(0, salt=1), t=tt, self_condition=False)
+            # eager even under trainer.compile: the evaluation batch's shape and eval mode would each cost a
+            # compile of their own (about a minute on a GPU) for a call made once every eval_every steps
+            with torch.compiler.set_stance("force_eager"):
+                ls = self.compute_loss(net, batch, self._generator(0, salt=1), t=tt, self_condition=False)
             net.train(was)
             res[f"{name}_loss"] = float(ls["loss"])
             res[f"{name}_rot_loss"] = float(ls["rot_loss"])
