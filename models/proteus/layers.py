@@ -16,6 +16,14 @@ from . import _rigid
 from models.framediff.network import EdgeTransition as _FrameDiffEdgeTransition
 
 
+def _fused_linear(x: Tensor, lins: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+    """Linears of the same input as one product with the concatenated weights, split back. Each output is the same
+    dot product as the separate layer's, so only the GEMM's blocking (rounding) can differ. The layers must all have
+    a bias or all have none."""
+    b = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
+    return F.linear(x, torch.cat([lin.weight for lin in lins]), b).split([lin.out_features for lin in lins], dim=-1)
+
+
 class Attention(nn.Module):
     """AlphaFold-style multi-head attention (keys ``linear_q/k/v/o[/g]``) with additive biases."""
 
@@ -29,11 +37,7 @@ class Attention(nn.Module):
         self.linear_o = nn.Linear(c_hidden * no_heads, c_q)
         self.linear_g = nn.Linear(c_q, c_hidden * no_heads) if gating else None
 
-    @staticmethod
-    def _fused(x: Tensor, lins: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
-        """Bias-free linears of the same input as one product, split back: each output is the same dot product,
-        so only the GEMM's blocking (rounding) can differ from separate calls."""
-        return F.linear(x, torch.cat([lin.weight for lin in lins])).split([lin.out_features for lin in lins], -1)
+    _fused = staticmethod(_fused_linear)
 
     def forward(self, q_x: Tensor, kv_x: Tensor, biases: list[Tensor] | None = None) -> Tensor:
         """q_x (*, Q, C_q), kv_x (*, K, C_k), biases broadcast to (*, H, Q, K) -> (*, Q, C_q)."""
@@ -106,10 +110,7 @@ class TriangleMultiplication(nn.Module):
         result agrees to rounding, not bit for bit. One pass over the (*, N, N, C) input instead of five, and one
         wide GEMM instead of five narrow ones (the pair linears were the largest item left in the compiled bf16
         profile). The weights stay separate modules, so the official state_dict keys are unchanged."""
-        lins = (self.linear_a_p, self.linear_a_g, self.linear_b_p, self.linear_b_g, self.linear_g)
-        w = torch.cat([lin.weight for lin in lins])
-        b = torch.cat([lin.bias for lin in lins])
-        return F.linear(z, w, b).split([lin.out_features for lin in lins], dim=-1)
+        return _fused_linear(z, (self.linear_a_p, self.linear_a_g, self.linear_b_p, self.linear_b_g, self.linear_g))
 
 
 class PairTransition(nn.Module):
