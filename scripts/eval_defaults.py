@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     from superdiff_protein.frames.generate_config import TIME_GRIDS
 
     p.add_argument("--time-grid", default="uniform", choices=list(TIME_GRIDS))
-    p.add_argument("--min-t", type=float, default=0.01, help="last time of the reverse process (shipped: 0.01)")
+    p.add_argument("--min-t", type=float, default=None,
+                   help="last time of the reverse process (default: generate_backbones' own default)")
     p.add_argument("--models", nargs=2, default=MODELS, metavar=("HELIX", "STRAND"),
                    help="the two models (registry names or model.pth paths; default: the embedded defaults)")
     p.add_argument("--seed", type=int, default=0)
@@ -206,6 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args(argv)
+    if args.min_t is None:
+        from superdiff_protein.frames.generate_config import GenerateConfig
+        args.min_t = GenerateConfig().min_t
     from superdiff_protein.cli.runtime import tune_malloc
 
     tune_malloc()  # as the CLIs do: big freed blocks are reused, not unmapped (docs/benchmarks.md)

@@ -46,7 +46,7 @@ gen_one() {  # name overrides...
   local t0=$(date +%s)
   echo "[fkc_card] $(date -u +%H:%M:%S) start $name: $*" >&2
   OMP_NUM_THREADS=1 python -m superdiff_protein.cli.generate "$@" lengths=[$LENGTH] samples_per_length=$N \
-      batch_size=$N num_steps=100 time_grid=uniform seed=0 device=cpu progress=false out_dir="$d" >"$OUT/logs/$name.log" 2>&1
+      batch_size=$N num_steps=100 time_grid=uniform min_t=0.01 seed=0 device=cpu progress=false out_dir="$d" >"$OUT/logs/$name.log" 2>&1
   echo -e "$name\t$(( $(date +%s) - t0 ))\t$*" >>"$OUT/times.tsv"
   echo "[fkc_card] $(date -u +%H:%M:%S) done $name ($(( $(date +%s) - t0 )) s)" >&2
 }

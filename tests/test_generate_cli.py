@@ -134,7 +134,7 @@ def test_end_to_end_outputs_are_complete_and_valid(tmp_path):
         np.testing.assert_allclose(tr["kappa"][-1, 0], kap, atol=1e-5)
         np.testing.assert_allclose(tr["logq"][-1].sum(0), [float(row["logq.exact-helix"]),
                                                          float(row["logq.exact-strand"])], rtol=1e-5)
-        assert tr["t"][0] == 1.0 and abs(tr["t"][-1] - 0.01) < 1e-12
+        assert tr["t"][0] == 1.0 and abs(tr["t"][-1] - cfg["min_t"]) < 1e-12
     for L in (12, 16):
         for png in ("kappa_traces.png", "logq_traces.png"):
             assert (out / f"length_{L}" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
