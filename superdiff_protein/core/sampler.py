@@ -53,6 +53,7 @@ from torch import Tensor
 
 from .counter_rng import counter_normal, seeds_tensor
 from .fkc import UnsafeNoiseWarning, is_fkc
+from .guidance import Guide, apply_guide
 from .kappa import KappaRule
 from .protocol import ModelOutput, check_compatible
 from .jacobian import (bilinear_forms, eval_models, noise_cancelling_directions, oblique_and_corrections,
@@ -264,7 +265,8 @@ class Sampler:
     :func:`superpose` is that loop plus the traces and the NaN check."""
 
     def __init__(self, space: ProductSpace, models: Sequence[Any], rule: KappaRule, config: SamplerConfig,
-                 mask: Tensor | None = None, check_models: bool = True, warn_stacklevel: int = 2):
+                 mask: Tensor | None = None, check_models: bool = True, warn_stacklevel: int = 2,
+                 guide: Guide | None = None):
         config.validate()
         models = list(models)
         if not models:
@@ -291,6 +293,10 @@ class Sampler:
         self.total = float(sum(self.dtaus)) if config.time_grid == "framediff" else float(self.ts[0] - self.ts[-1])
         # FKC rules (core/fkc.py): drift c g^2 sum b_i s_i with c = (1 + eta^2)/2, i.e. kappa = b c / c_s
         self.fkc = is_fkc(rule)
+        if guide is not None and self.fkc:
+            raise ValueError(f"a guide changes the drift that the {rule.name} rule's importance weights assume; "
+                             "guidance works with the or, and, average and single rules (core/guidance.py)")
+        self.guide = guide   # an extra drift (core/guidance.py); None: the superposition alone
         self.kappa_scale = (1.0 + eta * eta) / (2.0 * self.cs) if self.fkc else 1.0
         if self.fkc:
             probe = torch.zeros(1, len(models), dtype=torch.float64)
@@ -366,9 +372,12 @@ class Sampler:
         probes = self._probes(x, gens, state) if self.use_lap else None
         outs, graphs, lap_q = eval_models(self.models, x, tb, self.mask, state.model_states, self.space,
                                           self.use_lap or self.and_corr, probes, keep_graphs=self.and_corr)
-        A_c, b_c, fixed_c, D_c, g2_c, w_c = self._linear_model(x, tb, dtau, outs, graphs, lap_q, noise,
-                                                               len(probes) if probes else 0)
+        A_c, b_c, fixed_c, D_c, g2_c, w_c, S_c = self._linear_model(x, tb, dtau, outs, graphs, lap_q, noise,
+                                                                    len(probes) if probes else 0)
         del graphs
+        if self.guide is not None:   # the guide sees a provisional kappa; its move then enters b before the rule
+            fixed_c, b_c = apply_guide(self.guide, self.space, x, tb, dtau, self.cs, g2_c, S_c, D_c,
+                                       self._kappa(state, A_c, b_c, dtau), fixed_c, b_c, self.mask)
         kappa = self._kappa(state, A_c, b_c, dtau)
         dlogw = None
         if self.fkc:      # weights from this step's Gram matrix and div f (before kappa's eta scaling)
@@ -470,7 +479,7 @@ class Sampler:
                 gs = gram if not split else torch.stack(
                     [torch.stack([sp.inner(s[:, i], s[:, j], mask) for j in range(M)], -1) for i in range(M)], -2)
                 w_c[k] = (gs, divf)
-        return A_c, b_c, fixed_c, D_c, g2_c, w_c
+        return A_c, b_c, fixed_c, D_c, g2_c, w_c, S_c
 
     def _kappa(self, state: SamplerState, A_c, b_c, dtau: float) -> Tensor:
         """(B, C, M) kappa from the rule, per sample (joint) or per sample and component."""
@@ -508,6 +517,7 @@ def superpose(
     check_models: bool = True,
     noise_fn: Callable[[int, Tensor, State], Mapping[str, Tensor] | None] | None = None,
     smc: SMCConfig | None = None,
+    guide: Guide | None = None,
 ) -> SampleResult:
     """Sample ``len(seeds)`` states from the superposition of ``models`` under ``rule``.
 
@@ -519,8 +529,9 @@ def superpose(
     draw it from the per-sample streams; used to replay official trajectories with recorded noise.
     ``smc`` (FKC rules only): groups of particles, ESS-triggered resampling (core/smc.py); an FKC rule
     without it carries weights only.
+    ``guide`` (optional): an extra drift (core/guidance.py); it changes the sampled distribution.
     """
-    sampler = Sampler(space, models, rule, config, mask, check_models, warn_stacklevel=3)
+    sampler = Sampler(space, models, rule, config, mask, check_models, warn_stacklevel=3, guide=guide)
     if smc is not None and not sampler.fkc:
         raise ValueError(f"smc resampling needs a rule with importance weights (product, anneal, geometric), "
                          f"not {rule.name!r}")

@@ -47,6 +47,8 @@ def step_graph_unsupported(sampler: Any, smc_or_noise: bool = False) -> str | No
         return f"it needs a CUDA device, not {sampler.device.type}"
     if sampler.fkc or smc_or_noise:
         return "importance weights, resampling or injected noise change the batch between steps"
+    if getattr(sampler, "guide", None) is not None:
+        return "a guide is host code the graph does not hold"
     if sampler.use_lap or sampler.and_corr:
         return "Hutchinson probes and the AND correction take vector-Jacobian products (autograd)"
     return None

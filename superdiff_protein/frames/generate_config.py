@@ -34,7 +34,7 @@ from .compiling import COMPILE_CHOICES, COMPILE_MODES
 from .plan import parse_shard, torchrun_world
 
 __all__ = ["GenerateError", "GenerationFailed", "GenerateConfig", "Options", "ExactOptions", "SMCOptions", "CONFIG_DIR",
-           "CONFIG_NAME", "RULES", "smc_config",
+           "CONFIG_NAME", "RULES", "smc_config", "ClashGuidanceOptions",
            "SCHEMA_NAME", "MAX_LENGTH", "MAX_SAMPLES", "TIME_GRIDS", "FIELDS", "SAMPLE_KEYS", "load_config",
            "parse_lengths", "validate", "canonical", "canon_precision", "sampler_config", "resolve_device",
            "register_schema", "strip_hydra", "option_tree"]
@@ -191,6 +191,24 @@ def _smc(v: Any, key: str) -> dict:
 _smc.kind = "smc"  # type: ignore[attr-defined]
 
 
+def _guidance(v: Any, key: str) -> dict:
+    d = asdict(v) if is_dataclass(v) and not isinstance(v, type) else dict(v or {})
+    names = [f.name for f in fields(ClashGuidanceOptions)]
+    bad = set(d) - set(names)
+    if bad:
+        raise GenerateError(f"clash_guidance: unknown option(s) {sorted(bad)} (valid: {', '.join(names)})")
+    dflt = ClashGuidanceOptions()
+    return {"weight": _number(lambda f: 0.0 <= f <= 1.0, "must lie in [0, 1]")(
+                d.get("weight", dflt.weight), "clash_guidance.weight"),
+            "t_max": _number(lambda f: 0.0 < f <= 1.0, "must lie in (0, 1]")(
+                d.get("t_max", dflt.t_max), "clash_guidance.t_max"),
+            "distance": _number(lambda f: 0.0 < f <= 20.0, "must lie in (0, 20] Angstrom")(
+                d.get("distance", dflt.distance), "clash_guidance.distance")}
+
+
+_guidance.kind = "clash_guidance"  # type: ignore[attr-defined]
+
+
 def _out_dir(v: Any, key: str) -> Path:
     if v is None or str(v).strip() == "":
         raise GenerateError("out_dir: an output directory is required")
@@ -230,6 +248,16 @@ class SMCOptions:
     ess_threshold: float = 0.5        # resample a group when ESS < threshold * K (1.0: every step)
     t_max: float = 1.0                # resample only while t_min <= t <= t_max
     t_min: float = 0.0
+
+
+@dataclass
+class ClashGuidanceOptions:
+    """Clash guidance (frames/guidance.py): a push apart of CA pairs closer than ``distance`` at |i - j| >= 3 in the
+    predicted clean structure, at ``t <= t_max``. Off at ``weight = 0``; it changes the sampled distribution."""
+
+    weight: float = 0.0               # fraction of the overlap corrected per step (0.5 resolves an isolated pair)
+    t_max: float = 0.5                # guide only at t <= t_max
+    distance: float = 4.0             # Angstrom
 
 
 @dataclass
@@ -280,6 +308,8 @@ class GenerateConfig:
     smc: SMCOptions = field(default_factory=SMCOptions, metadata=_opt(_smc, sample=True, added=True))
     init_logq: str = field(default="prior", metadata=_opt(_choice("prior", "model"), sample=True, added=True))
     rng: str = field(default="stream", metadata=_opt(_choice("stream", "counter"), sample=True, added=True))
+    clash_guidance: ClashGuidanceOptions = field(default_factory=ClashGuidanceOptions,
+                                                 metadata=_opt(_guidance, sample=True, added=True))
     shard: Any = field(default=None, metadata=_opt(_keep))              # "i/n"; resolved in validate
 
 
@@ -337,7 +367,7 @@ def load_config(overrides: Mapping[str, Any] | None = None, preset: str | None =
             raise GenerateError(f"unknown preset {preset!r}; available: {avail}")
         base.update(strip_hydra(OmegaConf.to_container(OmegaConf.load(pf), resolve=False)))
     for k, v in (overrides or {}).items():
-        if k in ("exact", "smc") and isinstance(v, Mapping):
+        if k in ("exact", "smc", "clash_guidance") and isinstance(v, Mapping):
             base[k] = {**(base.get(k) or {}), **dict(v)}
         else:
             base[k] = v
@@ -452,6 +482,9 @@ def validate(c: Mapping[str, Any]) -> Options:
         raise GenerateError("bias_convention=official is defined for rule=or only (the official code's AND bias is "
                             "another scheme, not implemented); drop it, or use bias_convention=algorithm1, with which "
                             "AND drives log q_i - log q_1 to l_i - l_1")
+    if vals["clash_guidance"]["weight"] > 0 and vals["rule"] in ("product", "anneal", "geometric"):
+        raise GenerateError(f"clash_guidance changes the drift that rule={vals['rule']}'s importance weights assume; "
+                            "use it with rule=or, and, average or single, or set clash_guidance.weight=0")
     K = vals["smc"]["group_size"]
     if K > 1 and vals["rule"] not in ("product", "anneal", "geometric"):
         raise GenerateError(f"smc.group_size={K} needs a rule with importance weights (product, anneal, geometric), "
@@ -512,6 +545,8 @@ def _canon_value(f, v: Any, auto_precision: str | None) -> Any:
                      (int(vv) if kk == "group_size" else str(vv))) for kk, vv in v.items()}
     if kind == "exact" and isinstance(v, Mapping):
         return {kk: (float(vv) if kk == "trans_std" else int(vv)) for kk, vv in v.items()}
+    if kind == "clash_guidance" and isinstance(v, Mapping):
+        return {kk: float(vv) for kk, vv in v.items()}
     return v
 
 

@@ -41,6 +41,7 @@ from .generate_config import (FIELDS, GenerateConfig, GenerateError, GenerationF
 from .compiling import compile_models, resolve_compile
 from . import fkc_run
 from .geometry import backbone_atoms_from_frames
+from .guidance import ClashGuide
 from .model_loading import angstrom_per_unit, auto_precision, load_model_spec, model_labels, space_for, supports_padding
 from .pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
 from .plan import sample_seed, shard_batches
@@ -217,6 +218,10 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
         f"length={L} sample={i} seed={seed}",
         f"final={source} model={mlab}",
     ]
+    g = opts.clash_guidance
+    if g["weight"] > 0:
+        remarks.insert(4, f"guided: clash_guidance weight={_fmt(g['weight'])} t_max={_fmt(g['t_max'])} "
+                          f"distance={_fmt(g['distance'])}")
     try:
         text = format_backbone_pdb(atoms, remarks=remarks)
     except PDBWriteError as e:
@@ -369,6 +374,7 @@ def _run(config: Mapping[str, Any], opts: Options, t_start: float) -> GenerateSu
     resolved["lengths"] = list(opts.lengths)
     resolved["exact"] = dict(opts.exact)
     resolved["smc"] = dict(opts.smc)
+    resolved["clash_guidance"] = dict(opts.clash_guidance)
     # under torchrun each rank runs on its own cuda:LOCAL_RANK, so the shared file records the device type
     resolved["device"] = opts.device.type if opts.distributed else _device_name(opts.device)
     auto = auto_precision(models)
@@ -443,6 +449,14 @@ def _generate_into(out_dir: Path, opts: Options, models: list, labels: list[str]
                            warnings=warned)
 
 
+def _guide(opts: Options, space) -> ClashGuide | None:
+    """The clash guide of ``opts.clash_guidance`` (None when its weight is 0)."""
+    g = opts.clash_guidance
+    if not g["weight"] > 0:
+        return None
+    return ClashGuide(space, angstrom_per_unit(space), weight=g["weight"], t_max=g["t_max"], d0=g["distance"])
+
+
 def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Options, models: list, labels: list[str],
                space, rule, scfg, comps: list[str], scale: float, warned: list[str], pbar, generated: int) -> list:
     """Sample one batch and write its samples; ``[((length, index), row)]``. Nothing of the batch is written
@@ -467,7 +481,7 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
         try:
             res = superpose(space, models, rule, scfg, seeds, {"rot": (N,), "trans": (N, 3)}, mask=mask,
                             save_trajectory=opts.save_traj, callback=cb, check_models=False,
-                            smc=smc_config(opts) if fkc_run.is_fkc_run(opts) else None)
+                            smc=smc_config(opts) if fkc_run.is_fkc_run(opts) else None, guide=_guide(opts, space))
         except SamplingError as e:
             names = ", ".join(f"length {L} sample {i}" for L, i in batch)
             raise GenerationFailed(f"sampling failed in the batch of [{names}]: {e}; nothing of this "
