@@ -198,7 +198,7 @@ def _guidance(v: Any, key: str) -> dict:
     if bad:
         raise GenerateError(f"clash_guidance: unknown option(s) {sorted(bad)} (valid: {', '.join(names)})")
     dflt = ClashGuidanceOptions()
-    return {"weight": _number(lambda f: 0.0 <= f <= 1.0, "must lie in [0, 1]")(
+    return {"weight": _number(lambda f: 0.0 <= f <= 4.0, "must lie in [0, 4]")(
                 d.get("weight", dflt.weight), "clash_guidance.weight"),
             "t_max": _number(lambda f: 0.0 < f <= 1.0, "must lie in (0, 1]")(
                 d.get("t_max", dflt.t_max), "clash_guidance.t_max"),

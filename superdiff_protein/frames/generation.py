@@ -145,14 +145,18 @@ def _final_predictions(res, models: list, mstar: list[int], mask: Tensor | None,
 
 
 def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labels: list[str],
-                  scale: float) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
-    """Frames (Angstrom), psi, model label and source (prediction/state) of sample ``b``."""
+                  scale: float, guide: ClashGuide | None = None) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
+    """Frames (Angstrom), psi, model label and source (prediction/state) of sample ``b``; with a guide, the
+    prediction is the guided one (:meth:`ClashGuide.finalize`)."""
     ex = res.extras[mstar] if res.extras else {}
     psi = ex.get("psi")
     psi = psi[b, :L].to(torch.float64) if psi is not None else None
     if mstar in preds:
         R, T = preds[mstar]
-        return R[b, :L].to(torch.float64), T[b, :L].to(torch.float64), psi, labels[mstar], "prediction"
+        T = T[b, :L].to(torch.float64)
+        if guide is not None:
+            T, _ = guide.finalize(T)
+        return R[b, :L].to(torch.float64), T, psi, labels[mstar], "prediction"
     return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, psi,
             labels[mstar], "state")
 
@@ -470,6 +474,7 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
         mask = torch.zeros(B, N, dtype=torch.float64, device=opts.device)
         for b, L in enumerate(Ls):
             mask[b, :L] = 1
+    guide = _guide(opts, space)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as wl:
         warnings.simplefilter("always")
@@ -481,7 +486,7 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
         try:
             res = superpose(space, models, rule, scfg, seeds, {"rot": (N,), "trans": (N, 3)}, mask=mask,
                             save_trajectory=opts.save_traj, callback=cb, check_models=False,
-                            smc=smc_config(opts) if fkc_run.is_fkc_run(opts) else None, guide=_guide(opts, space))
+                            smc=smc_config(opts) if fkc_run.is_fkc_run(opts) else None, guide=guide)
         except SamplingError as e:
             names = ", ".join(f"length {L} sample {i}" for L, i in batch)
             raise GenerationFailed(f"sampling failed in the batch of [{names}]: {e}; nothing of this "
@@ -494,7 +499,7 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
         raise GenerationFailed(f"the final prediction failed ({type(e).__name__}: {e}); nothing of this "
                                "batch was written") from None
     dt = (time.perf_counter() - t0) / B
-    finals = [_final_frames(res, b, L, mstar[b], preds, labels, scale) for b, (L, _) in enumerate(batch)]
+    finals = [_final_frames(res, b, L, mstar[b], preds, labels, scale, guide) for b, (L, _) in enumerate(batch)]
     for b, (L, i) in enumerate(batch):
         if not all(bool(torch.isfinite(v).all()) for v in finals[b][:2]):
             raise GenerationFailed(f"length {L} sample {i}: the final structure is not finite; nothing "

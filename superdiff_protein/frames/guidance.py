@@ -14,6 +14,12 @@ guidance.Guide` that, at ``t <= t_max``, corrects the clean structure the models
   structure as firmly as the model pulls it towards its own, at every ``t``, and ``weight`` is a fraction of
   the overlap, not a force constant that needs tuning per time.
 
+The final structure of a guided run (``final=prediction``) is the chosen model's prediction, corrected until
+no pair is closer than ``d0`` while every consecutive CA-CA distance keeps the prediction's own value
+(:meth:`ClashGuide.finalize`; each residue moves rigidly with its CA). Without it the network's last prediction
+pulls many of the pairs the guide separated back together; a one-shot correction ``x0 - weight grad E`` (the
+guided score's Tweedie estimate) resolves them but moves single CAs off the chain's own bond lengths.
+
 The network's Jacobian is not used (no backward pass): the push acts on ``x_t`` through the identity. Only the
 translations are guided; rotations follow from the models. This changes the sampled distribution
 (core/guidance.py), so it is off by default and recorded with each run.
@@ -77,6 +83,33 @@ class ClashGuide:
         self._scale = float(self.angstrom_per_unit)
         self._sched = comp.schedule
 
+    def correct(self, X: Tensor, mask: Tensor | None = None) -> Tensor:
+        """One correction of a clean CA trace: ``X - weight * grad E(X)`` (Angstrom, (B, N, 3))."""
+        _, grad = clash_energy_grad(X, mask, self.d0, self.min_sep)
+        return X - self.weight * grad
+
+    def finalize(self, X: Tensor, max_iters: int = 200, lr: float = 0.25, tol: float = 0.05) -> tuple[Tensor, int]:
+        """The final CA trace (Angstrom, (N, 3)) of a guided run: ``X`` moved by gradient steps on the clash energy
+        plus ``1/2 sum_i (|X_i+1 - X_i| - b_i)^2``, which holds each consecutive CA-CA distance at the input's own
+        ``b_i``, until no pair is closer than ``d0 - tol`` (or ``max_iters``; the two terms balance at a small
+        residual overlap, so ``d0`` itself is approached, not reached). Returns the trace and the iterations
+        taken. ``lr = 0.25``: each term alone would be resolved at 0.5; half of that keeps the two from
+        oscillating against each other."""
+        X = X[None]
+        b0 = (X[:, 1:] - X[:, :-1]).norm(dim=-1)
+        for it in range(max_iters):
+            energy, grad = clash_energy_grad(X, None, self.d0, self.min_sep)
+            if float(energy.max()) <= 0.5 * tol * tol:       # every overlap o has o^2 / 2 <= E
+                return X[0], it
+            v = X[:, 1:] - X[:, :-1]
+            b = v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            pull = (b - b0[..., None]) / b * v                              # d E_bond / d X_{i+1}
+            grad = grad.clone()
+            grad[:, 1:] += pull
+            grad[:, :-1] -= pull
+            X = X - lr * grad
+        return X[0], max_iters
+
     def __call__(self, x: State, t: Tensor, scores: Mapping[str, Tensor], kappa: Tensor,
                  mask: Tensor | None) -> dict[str, Tensor]:
         xt = x[self.component]                                              # (B, N, 3) scaled units
@@ -87,7 +120,7 @@ class ClashGuide:
         alpha = torch.exp(0.5 * lab)[:, None, None]
         var = (-torch.expm1(lab))[:, None, None]
         x0 = (xt + var * s_mix) / alpha
-        _, grad = clash_energy_grad(x0 * self._scale, mask, self.d0, self.min_sep)
-        corr = -self.weight * grad / self._scale                            # correction of x0, scaled units
+        X0 = x0 * self._scale
+        corr = (self.correct(X0, mask) - X0) / self._scale                 # correction of x0, scaled units
         on = (t <= self.t_max).to(xt.dtype)[:, None, None]
         return {self.component: on * alpha / var * corr}
