@@ -170,13 +170,18 @@ def _exact(v: Any, key: str) -> dict:
 _exact.kind = "exact"  # type: ignore[attr-defined]
 
 
-def _smc(v: Any, key: str) -> dict:
+def _group(v: Any, cls: type, key: str) -> tuple[dict, Any]:
+    """An option group (a dataclass or a mapping) as a dict whose keys are all ``cls``'s fields; and the defaults."""
     d = asdict(v) if is_dataclass(v) and not isinstance(v, type) else dict(v or {})
-    names = [f.name for f in fields(SMCOptions)]
+    names = [f.name for f in fields(cls)]
     bad = set(d) - set(names)
     if bad:
-        raise GenerateError(f"smc: unknown option(s) {sorted(bad)} (valid: {', '.join(names)})")
-    dflt = SMCOptions()
+        raise GenerateError(f"{key}: unknown option(s) {sorted(bad)} (valid: {', '.join(names)})")
+    return d, cls()
+
+
+def _smc(v: Any, key: str) -> dict:
+    d, dflt = _group(v, SMCOptions, "smc")
     out = {"group_size": _integer(1, 100_000)(d.get("group_size", dflt.group_size), "smc.group_size"),
            "resample": _choice(*RESAMPLING_SCHEMES)(d.get("resample", dflt.resample), "smc.resample"),
            "ess_threshold": _number(lambda f: 0.0 <= f <= 1.0, "must lie in [0, 1]")(
@@ -192,12 +197,7 @@ _smc.kind = "smc"  # type: ignore[attr-defined]
 
 
 def _guidance(v: Any, key: str) -> dict:
-    d = asdict(v) if is_dataclass(v) and not isinstance(v, type) else dict(v or {})
-    names = [f.name for f in fields(ClashGuidanceOptions)]
-    bad = set(d) - set(names)
-    if bad:
-        raise GenerateError(f"clash_guidance: unknown option(s) {sorted(bad)} (valid: {', '.join(names)})")
-    dflt = ClashGuidanceOptions()
+    d, dflt = _group(v, ClashGuidanceOptions, "clash_guidance")
     return {"weight": _number(lambda f: 0.0 <= f <= 4.0, "must lie in [0, 4]")(
                 d.get("weight", dflt.weight), "clash_guidance.weight"),
             "t_max": _number(lambda f: 0.0 < f <= 1.0, "must lie in (0, 1]")(
