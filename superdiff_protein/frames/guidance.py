@@ -61,7 +61,7 @@ def clash_energy_grad(X: Tensor, mask: Tensor | None, d0: float, min_sep: int) -
 
 @dataclass
 class ClashGuide:
-    """The clash guide (module docstring). ``weight`` in (0, 1]: fraction of the gradient step on the
+    """The clash guide (module docstring). ``weight`` in (0, 4]: fraction of the gradient step on the
     predicted structure per step (0.5 resolves an isolated overlap); ``t_max``: guide only at ``t <= t_max``
     (the topology forms earlier; late guidance keeps the models' global choices); ``d0`` in Angstrom: the
     closest allowed CA distance at ``|i - j| >= min_sep`` (the clash metric counts pairs below 3.0 Angstrom)."""
@@ -104,7 +104,6 @@ class ClashGuide:
             v = X[:, 1:] - X[:, :-1]
             b = v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
             pull = (b - b0[..., None]) / b * v                              # d E_bond / d X_{i+1}
-            grad = grad.clone()
             grad[:, 1:] += pull
             grad[:, :-1] -= pull
             X = X - lr * grad
@@ -112,6 +111,9 @@ class ClashGuide:
 
     def __call__(self, x: State, t: Tensor, scores: Mapping[str, Tensor], kappa: Tensor,
                  mask: Tensor | None) -> dict[str, Tensor]:
+        on = (t <= self.t_max).to(x[self.component].dtype)[:, None, None]
+        if not bool(on.any()):                                              # before t_max: no work on the step
+            return {}
         xt = x[self.component]                                              # (B, N, 3) scaled units
         s = scores[self.component]                                          # (B, M, N, 3)
         k = kappa[:, self._ci].to(s.dtype)                                  # (B, M)
@@ -122,5 +124,4 @@ class ClashGuide:
         x0 = (xt + var * s_mix) / alpha
         X0 = x0 * self._scale
         corr = (self.correct(X0, mask) - X0) / self._scale                 # correction of x0, scaled units
-        on = (t <= self.t_max).to(xt.dtype)[:, None, None]
         return {self.component: on * alpha / var * corr}
