@@ -18,6 +18,9 @@ CHAIN_BREAK = 4.2
 #: CA-CA clash: two CAs at least ``CA_CLASH_SEP`` apart in sequence closer than this (A).
 CA_CLASH_DIST = 3.0
 CA_CLASH_SEP = 3
+#: Peptide C(i)-N(i+1) bond window counted as ideal: Engh & Huber's 1.329 A +- 0.1 A (about 7 of their standard
+#: deviations, 0.014 A): it flags broken links, not refinement-level strain.
+C_N_WINDOW = (1.229, 1.429)
 #: Backbone heavy-atom clash: N/CA/C/O atoms of residues >= ``BB_CLASH_SEP`` apart closer than this (A).
 #: Chosen below the shortest N-H...O=C hydrogen-bond N-O distance (~2.6 A) so H-bonds never count.
 BB_CLASH_DIST = 2.2
@@ -138,6 +141,8 @@ def geometry_metrics(coords: np.ndarray) -> dict[str, float | int]:
     * ``ca_ca_mean``, ``ca_ca_std``, ``ca_ca_max``: consecutive CA-CA distances (A);
     * ``ca_ca_valid_frac``: fraction of consecutive CA-CA distances within :data:`CA_CA_WINDOW`;
     * ``n_chain_breaks``: consecutive CA-CA distances above :data:`CHAIN_BREAK`;
+    * ``c_n_mean``, ``c_n_valid_frac``: peptide C(i)-N(i+1) bond lengths (A) and the fraction within
+      :data:`C_N_WINDOW` (NaN when the backbone has only CA atoms);
     * ``n_ca_clashes``: CA pairs with ``|i-j| >= CA_CLASH_SEP`` closer than :data:`CA_CLASH_DIST`;
     * ``n_bb_clashes``: backbone heavy-atom pairs of residues with ``|i-j| >= BB_CLASH_SEP`` closer than
       :data:`BB_CLASH_DIST` (NaN when the backbone has only CA atoms);
@@ -163,6 +168,11 @@ def geometry_metrics(coords: np.ndarray) -> dict[str, float | int]:
     else:
         out.update(ca_ca_mean=float("nan"), ca_ca_std=float("nan"), ca_ca_max=float("nan"),
                    ca_ca_valid_frac=float("nan"), n_chain_breaks=0)
+    cn = np.linalg.norm(x[:-1, 2] - x[1:, 0], axis=-1) if L >= 2 else np.zeros(0)
+    cn = cn[np.isfinite(cn)]
+    out.update(c_n_mean=float(cn.mean()) if len(cn) else float("nan"),
+               c_n_valid_frac=float(((cn >= C_N_WINDOW[0]) & (cn <= C_N_WINDOW[1])).mean()) if len(cn)
+               else float("nan"))
     idx = np.arange(L)
     sep = np.abs(idx[:, None] - idx[None, :])
     dca = np.linalg.norm(ca[:, None] - ca[None, :], axis=-1)

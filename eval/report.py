@@ -24,7 +24,7 @@ METRIC_COLUMNS = [
     "helix_frac", "strand_frac", "coil_frac",
     "sc_rmsd", "sc_tm", "plddt", "designable", "sc_rmsd_mean", "sc_best_seq",
     "mpnn_ll", "mpnn_ll_best", "mpnn_model",
-    "ca_ca_mean", "ca_ca_std", "ca_ca_max", "ca_ca_valid_frac", "n_chain_breaks",
+    "ca_ca_mean", "ca_ca_std", "ca_ca_max", "ca_ca_valid_frac", "n_chain_breaks", "c_n_mean", "c_n_valid_frac",
     "n_ca_clashes", "n_bb_clashes", "radius_of_gyration", "full_backbone", "cluster",
 ]
 
@@ -69,8 +69,8 @@ def build_rows(samples: list[Sample], div: dict) -> list[dict]:
         r["error"] = "; ".join(errors) if errors else None
         st = sec.get("structure", {})
         for k in ("length", "helix_frac", "strand_frac", "coil_frac", "ca_ca_mean", "ca_ca_std", "ca_ca_max",
-                  "ca_ca_valid_frac", "n_chain_breaks", "n_ca_clashes", "n_bb_clashes", "radius_of_gyration",
-                  "full_backbone"):
+                  "ca_ca_valid_frac", "n_chain_breaks", "c_n_mean", "c_n_valid_frac", "n_ca_clashes", "n_bb_clashes",
+                  "radius_of_gyration", "full_backbone"):
             r[k] = st.get(k)
         mp = sec.get("mpnn", {})
         for k in ("mpnn_ll", "mpnn_ll_best", "mpnn_model"):

@@ -3,12 +3,12 @@ as a corrected clean prediction, exact density tracking along a guided path, AND
 generate_backbones."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import yaml
 
+from eval.io import read_backbone
+from eval.metrics import geometry_metrics
 from models.analytic import gaussian_mixture_model
 from superdiff_protein.core.fkc import ProductRule
 from superdiff_protein.core.kappa import AndRule, OrRule
@@ -59,37 +59,6 @@ def test_near_neighbours_are_exempt_and_a_half_step_resolves_an_isolated_overlap
     d04 = float(torch.linalg.norm(X1[0, 0] - X1[0, 4]))
     assert abs(d04 - 4.0) <= rounding_tol(F64, 4.0)
     assert float(grad[0, 1:4].abs().max()) == 0.0
-
-
-def _hairpin(n=20, gap=2.5):
-    """Two antiparallel strands (CA 3.8 A apart along the chain) whose closest CAs are ``gap`` apart."""
-    half = n // 2
-    X = torch.zeros(n, 3, dtype=F64)
-    X[:half, 0] = torch.arange(half, dtype=F64) * 3.8
-    X[half:, 0] = X[:half, 0].flip(0)
-    X[half:, 1] = gap
-    X[half, 1] = gap / 2 + 1.9 * math.sqrt(3)          # the turn: keeps |X_half - X_half-1| = 3.8 ...
-    X[half, 0] += 1.9                                  # ... roughly; finalize keeps whatever the input has
-    return X
-
-
-def test_finalize_resolves_clashes_and_keeps_the_chain_own_bond_lengths():
-    X = _hairpin()
-    E0, _ = clash_energy_grad(X[None], None, 4.0, 3)
-    assert float(E0) > 1.0
-    guide = ClashGuide(SE3Diffuser().space, 10.0, weight=0.5)
-    Y, iters = guide.finalize(X)
-    assert 0 < iters < 200
-    D = torch.cdist(Y, Y)
-    far = (torch.arange(20)[:, None] - torch.arange(20)[None]).abs() >= 3
-    assert float(D[far].min()) >= 4.0 - 0.05                         # the stopping tolerance
-    # bond lengths: held by a restraint, not a constraint, so they end within a convergence error of the input's
-    # (the restraint's residual balances the last clash gradient, < 0.05 A here), far below the 3.6-4.0 A window
-    b0, b1 = (X[1:] - X[:-1]).norm(dim=-1), (Y[1:] - Y[:-1]).norm(dim=-1)
-    assert float((b1 - b0).abs().max()) < 0.05
-    # a trace without clashes is returned as it is
-    Z, it0 = guide.finalize(Y)
-    assert it0 == 0 and torch.equal(Z, Y)
 
 
 # ------------------------------------------------------------------------------ the guide as a corrected prediction
@@ -210,6 +179,9 @@ def test_generate_records_guidance_and_weight_zero_is_the_unguided_run(tmp_path)
     assert s.generated == 2
     text = (tmp_path / "g" / "length_12" / "sample_0.pdb").read_text()
     assert "guided: clash_guidance weight=0.5 t_max=1 distance=4" in text
+    assert "final=prediction model=exact-helix refined" in text or "final=prediction model=exact-strand refined" in text
+    g = geometry_metrics(read_backbone(tmp_path / "g" / "length_12" / "sample_0.pdb").atoms)
+    assert g["c_n_valid_frac"] == 1.0 and g["n_ca_clashes"] == 0
     cfg = yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())
     assert cfg["clash_guidance"] == {"weight": 0.5, "t_max": 1.0, "distance": 4.0}
     with pytest.raises(Exception, match="other settings"):            # a resume with another weight is refused

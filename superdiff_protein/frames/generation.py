@@ -147,16 +147,17 @@ def _final_predictions(res, models: list, mstar: list[int], mask: Tensor | None,
 def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labels: list[str],
                   scale: float, guide: ClashGuide | None = None) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
     """Frames (Angstrom), psi, model label and source (prediction/state) of sample ``b``; with a guide, the
-    prediction is the guided one (:meth:`ClashGuide.finalize`)."""
+    prediction is refined (:meth:`ClashGuide.finalize`)."""
     ex = res.extras[mstar] if res.extras else {}
     psi = ex.get("psi")
     psi = psi[b, :L].to(torch.float64) if psi is not None else None
     if mstar in preds:
         R, T = preds[mstar]
-        T = T[b, :L].to(torch.float64)
+        R, T = R[b, :L].to(torch.float64), T[b, :L].to(torch.float64)
         if guide is not None:
-            T, _ = guide.finalize(T)
-        return R[b, :L].to(torch.float64), T, psi, labels[mstar], "prediction"
+            fin = guide.finalize(R, T, psi)
+            R, T, psi = fin.rot, fin.trans, fin.psi
+        return R, T, psi, labels[mstar], "prediction"
     return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, psi,
             labels[mstar], "state")
 
@@ -226,6 +227,8 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
     if g["weight"] > 0:
         remarks.insert(4, f"guided: clash_guidance weight={_fmt(g['weight'])} t_max={_fmt(g['t_max'])} "
                           f"distance={_fmt(g['distance'])}")
+        if source == "prediction":
+            remarks[-1] += " refined (ideal trans peptides, no CA pair closer than distance)"
     try:
         text = format_backbone_pdb(atoms, remarks=remarks)
     except PDBWriteError as e:

@@ -14,11 +14,12 @@ guidance.Guide` that, at ``t <= t_max``, corrects the clean structure the models
   structure as firmly as the model pulls it towards its own, at every ``t``, and ``weight`` is a fraction of
   the overlap, not a force constant that needs tuning per time.
 
-The final structure of a guided run (``final=prediction``) is the chosen model's prediction, corrected until
-no pair is closer than ``d0`` while every consecutive CA-CA distance keeps the prediction's own value
-(:meth:`ClashGuide.finalize`; each residue moves rigidly with its CA). Without it the network's last prediction
-pulls many of the pairs the guide separated back together; a one-shot correction ``x0 - weight grad E`` (the
-guided score's Tweedie estimate) resolves them but moves single CAs off the chain's own bond lengths.
+The final structure of a guided run (``final=prediction``) is the chosen model's prediction, refined
+(:meth:`ClashGuide.finalize`, :mod:`~superdiff_protein.frames.refine`): each residue moved rigidly to ideal
+trans-peptide links and until no CA pair is closer than ``d0``. Without it the network's last prediction pulls
+many of the pairs the guide separated back together; a one-shot correction ``x0 - weight grad E`` (the guided
+score's Tweedie estimate) resolves them but moves single CAs off the chain's bond lengths, and moving CAs alone
+stretches the peptide C-N bonds.
 
 The network's Jacobian is not used (no backward pass): the push acts on ``x_t`` through the identity. Only the
 translations are guided; rotations follow from the models. This changes the sampled distribution
@@ -33,30 +34,10 @@ import torch
 from torch import Tensor
 
 from ..core.spaces import ProductSpace, State
+from .clash import clash_energy_grad
+from .refine import RefineResult, refine_backbone
 
 __all__ = ["ClashGuide", "clash_energy_grad"]
-
-
-def clash_energy_grad(X: Tensor, mask: Tensor | None, d0: float, min_sep: int) -> tuple[Tensor, Tensor]:
-    """``(E, dE/dX)`` of ``E = 1/2 sum_{i<j, j-i>=min_sep} (d0 - |X_i - X_j|)_+^2`` per sample.
-
-    ``X`` (B, N, 3) in Angstrom, ``mask`` (B, N) real residues or None. The gradient is (B, N, 3); its sum over
-    residues is zero (pair forces), so the centre of mass does not move. Cost O(B N^2), no (B, N, N, 3) tensor.
-    """
-    B, N, _ = X.shape
-    d = torch.cdist(X, X)                                                   # (B, N, N)
-    idx = torch.arange(N, device=X.device)
-    far = (idx[:, None] - idx[None, :]).abs() >= min_sep
-    pair = far[None].expand(B, N, N)
-    if mask is not None:
-        m = mask.to(torch.bool)
-        pair = pair & m[:, :, None] & m[:, None, :]
-    over = torch.where(pair, torch.clamp(d0 - d, min=0.0), torch.zeros_like(d))
-    energy = 0.25 * (over * over).sum((1, 2))                               # each pair is counted twice
-    w = over / d.clamp_min(1e-6)                                           # (B, N, N), symmetric
-    # dE/dX_i = -sum_j w_ij (X_i - X_j)
-    grad = -(w.sum(2, keepdim=True) * X - w @ X)
-    return energy, grad
 
 
 @dataclass
@@ -88,26 +69,11 @@ class ClashGuide:
         _, grad = clash_energy_grad(X, mask, self.d0, self.min_sep)
         return X - self.weight * grad
 
-    def finalize(self, X: Tensor, max_iters: int = 200, lr: float = 0.25, tol: float = 0.05) -> tuple[Tensor, int]:
-        """The final CA trace (Angstrom, (N, 3)) of a guided run: ``X`` moved by gradient steps on the clash energy
-        plus ``1/2 sum_i (|X_i+1 - X_i| - b_i)^2``, which holds each consecutive CA-CA distance at the input's own
-        ``b_i``, until no pair is closer than ``d0 - tol`` (or ``max_iters``; the two terms balance at a small
-        residual overlap, so ``d0`` itself is approached, not reached). Returns the trace and the iterations
-        taken. ``lr = 0.25``: each term alone would be resolved at 0.5; half of that keeps the two from
-        oscillating against each other."""
-        X = X[None]
-        b0 = (X[:, 1:] - X[:, :-1]).norm(dim=-1)
-        for it in range(max_iters):
-            energy, grad = clash_energy_grad(X, None, self.d0, self.min_sep)
-            if float(energy.max()) <= 0.5 * tol * tol:       # every overlap o has o^2 / 2 <= E
-                return X[0], it
-            v = X[:, 1:] - X[:, :-1]
-            b = v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            pull = (b - b0[..., None]) / b * v                              # d E_bond / d X_{i+1}
-            grad[:, 1:] += pull
-            grad[:, :-1] -= pull
-            X = X - lr * grad
-        return X[0], max_iters
+    def finalize(self, rot: Tensor, trans: Tensor, psi: Tensor | None = None) -> RefineResult:
+        """The final backbone of a guided run: frames ``rot`` (N, 3, 3), ``trans`` (N, 3) Angstrom and ``psi``
+        (N, 2) or None, refined by :func:`~superdiff_protein.frames.refine.refine_backbone` with this guide's
+        ``d0`` and ``min_sep``: every residue moved rigidly to ideal trans-peptide links and out of CA clashes."""
+        return refine_backbone(rot, trans, psi, d0=self.d0, min_sep=self.min_sep)
 
     def __call__(self, x: State, t: Tensor, scores: Mapping[str, Tensor], kappa: Tensor,
                  mask: Tensor | None) -> dict[str, Tensor]:
