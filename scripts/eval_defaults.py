@@ -124,6 +124,8 @@ def summarise(rows: list[dict], groups: list[dict], sub_rows: list[dict], helix_
     L = [_f(r["length"]) for r in rows]
     valid = [_f(r["ca_ca_valid_frac"]) for r in rows]
     pooled = sum(v * (l - 1) for v, l in zip(valid, L)) / sum(l - 1 for l in L)
+    cn = [_f(r.get("c_n_valid_frac")) for r in rows]
+    cn_pooled = sum(v * (l - 1) for v, l in zip(cn, L)) / sum(l - 1 for l in L)
     clashes = [_f(r["n_ca_clashes"]) for r in rows]
     h = [_f(r["helix_frac"]) for r in rows]
     e = [_f(r["strand_frac"]) for r in rows]
@@ -132,7 +134,7 @@ def summarise(rows: list[dict], groups: list[dict], sub_rows: list[dict], helix_
     fm = [r.get("final_model") for r in rows]
     multi = any(r.get("rule") in ("or", "and") for r in rows)  # average: kappa fixed, no "largest"
     return {
-        "n": n, "ca_ca": pooled,
+        "n": n, "ca_ca": pooled, "c_n": cn_pooled,
         "clash_frac": sum(x > 0 for x in clashes) / n, "clashes": sum(clashes) / n,
         "clash_free": sum(x == 0 for x in clashes) / n,
         "bb_clashes": _mse([_f(r["n_bb_clashes"]) for r in rows])[0],
@@ -164,14 +166,15 @@ def markdown(res: dict[str, dict], args) -> str:
            f"seed {args.seed}; "
            f"novelty and ProteinMPNN on samples 0-{args.subset_n - 1} of length {args.subset_length}.", "",
            "| setting | n | CA–CA in 3.6–4.0 Å | clash-free samples | CA clashes / sample | helix | strand | coil "
-           "| largest final κ: helix model | pairwise TM | clusters (TM 0.5) | novelty max TM | ProteinMPNN log-lik |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| largest final κ: helix model | pairwise TM | clusters (TM 0.5) | novelty max TM | ProteinMPNN log-lik "
+           "| C–N in 1.23–1.43 Å | backbone-atom clashes / sample |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, s in res.items():
         fh = "–" if s["final_helix"] is None else f"{100 * s['final_helix']:.0f} %"
         out.append(f"| {LABELS[k]} | {s['n']} | {100 * s['ca_ca']:.1f} % | {100 * s['clash_free']:.0f} % | "
                    f"{s['clashes']:.1f} | {_pm(s['helix'])} | {_pm(s['strand'])} | {_pm(s['coil'])} | {fh} | "
                    f"{s['pairwise_tm']:.2f} | {s['clusters']}/{s['n']} | {_pm(s['novelty'])} ({s['n_sub']}) | "
-                   f"{_pm(s['mpnn'])} ({s['n_sub']}) |")
+                   f"{_pm(s['mpnn'])} ({s['n_sub']}) | {100 * s['c_n']:.1f} % | {s['bb_clashes']:.1f} |")
     out += ["", "| setting | helix-like | strand-like | mixed | both ≥ 0.1 |", "| --- | --- | --- | --- | --- |"]
     for k, s in res.items():
         c = s["classes"]

@@ -50,6 +50,7 @@ def _check_refined(r, d0=4.0):
     # O from the recomputed psi lies in the peptide plane, trans to the next N (O-C-N-CA dihedral ~ 0)
     o_dih = dihedral_angle(a[:-1, 3], a[:-1, 2], a[1:, 0], a[1:, 1])
     assert float(o_dih.abs().max()) < math.radians(5)
+    assert r.converged and "links ideal" in r.summary()
     return a
 
 
@@ -113,11 +114,21 @@ def test_refinement_is_equivariant_under_rigid_motions(chains):
     _check_refined(r2)
 
 
+def test_an_unfinished_refinement_says_so(chains):
+    bb = chains[0]
+    R, T, psi = _frames(bb)
+    g = torch.Generator().manual_seed(2)
+    r = refine_backbone(so3_exp(0.3 * torch.randn(T.shape[0], 3, generator=g, dtype=F64)) @ R, T, psi, max_iters=3,
+                        chunk=3)
+    assert not r.converged and r.peptide_max_dev > TOL
+    assert "NOT converged in 3 evaluations" in r.summary()
+
+
 def test_single_residue_and_no_psi():
     R = torch.eye(3, dtype=F64)[None]
     T = torch.zeros(1, 3, dtype=F64)
     r = refine_backbone(R, T, None)
-    assert r.iters == 0 and torch.equal(r.trans, T) and torch.equal(r.rot, R)
+    assert r.iters == 0 and r.converged and torch.equal(r.trans, T) and torch.equal(r.rot, R)
     assert torch.allclose(r.psi, torch.tensor([[0.0, -1.0]], dtype=F64))
 
 

@@ -145,21 +145,23 @@ def _final_predictions(res, models: list, mstar: list[int], mask: Tensor | None,
 
 
 def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labels: list[str],
-                  scale: float, guide: ClashGuide | None = None) -> tuple[Tensor, Tensor, Tensor | None, str, str]:
-    """Frames (Angstrom), psi, model label and source (prediction/state) of sample ``b``; with a guide, the
-    prediction is refined (:meth:`ClashGuide.finalize`)."""
+                  scale: float, guide: ClashGuide | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor | None, str, str, str]:
+    """Frames (Angstrom), psi, model label, source (prediction/state) and refinement note of sample ``b``; with a
+    guide, the prediction is refined (:meth:`ClashGuide.finalize`) and the note says how that went."""
     ex = res.extras[mstar] if res.extras else {}
     psi = ex.get("psi")
     psi = psi[b, :L].to(torch.float64) if psi is not None else None
     if mstar in preds:
         R, T = preds[mstar]
         R, T = R[b, :L].to(torch.float64), T[b, :L].to(torch.float64)
+        note = ""
         if guide is not None:
             fin = guide.finalize(R, T, psi)
-            R, T, psi = fin.rot, fin.trans, fin.psi
-        return R, T, psi, labels[mstar], "prediction"
+            R, T, psi, note = fin.rot, fin.trans, fin.psi, fin.summary()
+        return R, T, psi, labels[mstar], "prediction", note
     return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, psi,
-            labels[mstar], "state")
+            labels[mstar], "state", "")
 
 
 def _atoms(rot: Tensor, trans: Tensor, psi: Tensor | None) -> np.ndarray:
@@ -209,7 +211,7 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
     """Write sample ``b`` of a batch (traces, trajectory, then the PDB that marks it complete); its row."""
     files = rundir.sample_files(L, i, opts.layout)
     (out_dir / files["pdb"]).parent.mkdir(parents=True, exist_ok=True)
-    rot, trans, psi, mlab, source = final
+    rot, trans, psi, mlab, source, note = final
     atoms = _atoms(rot, trans, psi)
     settings = _setting_cells(opts, labels)
     conv = f" bias_convention={settings['bias_convention']}" if "bias_convention" in settings else ""
@@ -227,8 +229,10 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
     if g["weight"] > 0:
         remarks.insert(4, f"guided: clash_guidance weight={_fmt(g['weight'])} t_max={_fmt(g['t_max'])} "
                           f"distance={_fmt(g['distance'])}")
-        if source == "prediction":
-            remarks[-1] += " refined (ideal trans peptides, no CA pair closer than distance)"
+        if note:
+            remarks.append(note)
+            if "NOT converged" in note:
+                _log(f"warning: length {L} sample {i}: {note}")
     try:
         text = format_backbone_pdb(atoms, remarks=remarks)
     except PDBWriteError as e:

@@ -76,8 +76,9 @@ def peptide_targets() -> PeptideTargets:
 class RefineResult:
     """A refined backbone: frames ``rot`` (N, 3, 3), ``trans`` (N, 3) Angstrom, ``psi`` (N, 2) as (sin, cos), with
     ``iters`` (L-BFGS function evaluations), ``peptide_max_dev`` (largest link-distance error, Angstrom),
-    ``min_far_ca`` (closest CA pair at ``|i - j| >= min_sep``, Angstrom; inf if none) and ``ca_rmsd`` (CA
-    displacement, Angstrom, no superposition)."""
+    ``min_far_ca`` (closest CA pair at ``|i - j| >= min_sep``, Angstrom; inf if none), ``ca_rmsd`` (CA
+    displacement, Angstrom, no superposition) and ``converged`` (every stopping criterion met). A chain whose
+    segments pass through each other cannot be untangled by local moves; it ends unconverged, and says so."""
 
     rot: Tensor
     trans: Tensor
@@ -86,6 +87,15 @@ class RefineResult:
     peptide_max_dev: float
     min_far_ca: float
     ca_rmsd: float
+    converged: bool = True
+
+    def summary(self) -> str:
+        """One line for a PDB remark or a log: what the refinement did, and how far it is off if it stopped early."""
+        head = f"refined: CA moved {self.ca_rmsd:.2f} A rms"
+        if self.converged:
+            return head + ", links ideal, no clashes"
+        return (head + f", NOT converged in {self.iters} evaluations: largest link error {self.peptide_max_dev:.2f} A, "
+                f"closest far CA pair {self.min_far_ca:.2f} A")
 
 
 def _link_distances(atoms: Tensor) -> Tensor:
@@ -183,7 +193,7 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
         e.backward()
         return e
 
-    iters = 0
+    iters, converged = 0, N <= 1
     with torch.enable_grad():
         while N > 1 and iters < max_iters:
             with torch.no_grad():          # the atom neighbour list, with a margin, renewed every chunk
@@ -198,8 +208,9 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
                 dev = float((_link_distances(a) - target).abs().max())
                 full = _atom_pairs(_with_planar_o(a), bb_d0)
                 bb_over = float(_atom_overlap(_with_planar_o(a), bb_d0, full).max()) if len(full[0]) else 0.0
-                if (dev <= tol and _min_far(T, min_sep) >= d0 - tol and bb_over <= tol
-                        and _omega_dev(a) <= math.radians(omega_tol_deg)):
+                converged = (dev <= tol and _min_far(T, min_sep) >= d0 - tol and bb_over <= tol
+                             and _omega_dev(a) <= math.radians(omega_tol_deg))
+                if converged:
                     break
     with torch.no_grad():
         R, T = frames()
@@ -213,4 +224,4 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
             new_psi, dev = last, 0.0
         return RefineResult(rot=R, trans=T + centre, psi=new_psi, iters=iters, peptide_max_dev=dev,
                             min_far_ca=_min_far(T, min_sep),
-                            ca_rmsd=float((T - T0).pow(2).sum(-1).mean().sqrt()))
+                            ca_rmsd=float((T - T0).pow(2).sum(-1).mean().sqrt()), converged=converged)
