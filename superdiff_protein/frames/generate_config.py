@@ -310,6 +310,7 @@ class GenerateConfig:
     rng: str = field(default="stream", metadata=_opt(_choice("stream", "counter"), sample=True, added=True))
     clash_guidance: ClashGuidanceOptions = field(default_factory=ClashGuidanceOptions,
                                                  metadata=_opt(_guidance, sample=True, added=True))
+    refine: bool = field(default=False, metadata=_opt(_boolean, sample=True, added=True))
     shard: Any = field(default=None, metadata=_opt(_keep))              # "i/n"; resolved in validate
 
 

@@ -42,6 +42,7 @@ from .compiling import compile_models, resolve_compile
 from . import fkc_run
 from .geometry import backbone_atoms_from_frames
 from .guidance import ClashGuide
+from .refine import refine_backbone
 from .model_loading import angstrom_per_unit, auto_precision, load_model_spec, model_labels, space_for, supports_padding
 from .pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
 from .plan import sample_seed, shard_batches
@@ -145,23 +146,26 @@ def _final_predictions(res, models: list, mstar: list[int], mask: Tensor | None,
 
 
 def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labels: list[str],
-                  scale: float, guide: ClashGuide | None = None
+                  scale: float, guide: ClashGuide | None = None, refine: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor | None, str, str, str]:
-    """Frames (Angstrom), psi, model label, source (prediction/state) and refinement note of sample ``b``; with a
-    guide, the prediction is refined (:meth:`ClashGuide.finalize`) and the note says how that went."""
+    """Frames (Angstrom), psi, model label, source (prediction/state) and refinement note of sample ``b``. A guided
+    prediction is refined with the guide's distance (:meth:`ClashGuide.finalize`); with ``refine`` any final
+    frames are (:func:`~superdiff_protein.frames.refine.refine_backbone`); the note says how that went."""
     ex = res.extras[mstar] if res.extras else {}
     psi = ex.get("psi")
     psi = psi[b, :L].to(torch.float64) if psi is not None else None
     if mstar in preds:
         R, T = preds[mstar]
-        R, T = R[b, :L].to(torch.float64), T[b, :L].to(torch.float64)
-        note = ""
-        if guide is not None:
-            fin = guide.finalize(R, T, psi)
-            R, T, psi, note = fin.rot, fin.trans, fin.psi, fin.summary()
-        return R, T, psi, labels[mstar], "prediction", note
-    return (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, psi,
-            labels[mstar], "state", "")
+        R, T, source = R[b, :L].to(torch.float64), T[b, :L].to(torch.float64), "prediction"
+    else:
+        R, T, source = res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, "state"
+    if guide is not None and source == "prediction":
+        fin = guide.finalize(R, T, psi)
+    elif refine:
+        fin = refine_backbone(R, T, psi)
+    else:
+        return R, T, psi, labels[mstar], source, ""
+    return fin.rot, fin.trans, fin.psi, labels[mstar], source, fin.summary()
 
 
 def _atoms(rot: Tensor, trans: Tensor, psi: Tensor | None) -> np.ndarray:
@@ -229,10 +233,11 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
     if g["weight"] > 0:
         remarks.insert(4, f"guided: clash_guidance weight={_fmt(g['weight'])} t_max={_fmt(g['t_max'])} "
                           f"distance={_fmt(g['distance'])}")
-        if note:
-            remarks.append(note)
-            if "NOT converged" in note:
-                _log(f"warning: length {L} sample {i}: {note}")
+
+    if note:
+        remarks.append(note)
+        if "NOT converged" in note:
+            _log(f"warning: length {L} sample {i}: {note}")
     try:
         text = format_backbone_pdb(atoms, remarks=remarks)
     except PDBWriteError as e:
@@ -506,7 +511,8 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
         raise GenerationFailed(f"the final prediction failed ({type(e).__name__}: {e}); nothing of this "
                                "batch was written") from None
     dt = (time.perf_counter() - t0) / B
-    finals = [_final_frames(res, b, L, mstar[b], preds, labels, scale, guide) for b, (L, _) in enumerate(batch)]
+    finals = [_final_frames(res, b, L, mstar[b], preds, labels, scale, guide, opts.refine)
+              for b, (L, _) in enumerate(batch)]
     for b, (L, i) in enumerate(batch):
         if not all(bool(torch.isfinite(v).all()) for v in finals[b][:2]):
             raise GenerationFailed(f"length {L} sample {i}: the final structure is not finite; nothing "
