@@ -1,4 +1,4 @@
-"""Backbone refinement: rigid residues moved to ideal trans-peptide geometry and out of CA clashes.
+"""Backbone refinement: rigid residues moved to ideal trans-peptide geometry and out of clashes.
 
 The embedded models place each residue as a rigid frame, so N-CA-C inside a residue is always ideal; what they get
 wrong is the link between residues. On the unguided defaults the median peptide C-N bond is 1.18 Angstrom (ideal
@@ -9,8 +9,11 @@ wrong is the link between residues. On the unguided defaults the median peptide 
   CA_i-CA_i+1 against those of a planar trans peptide built on the residues' own ideal geometry
   (:func:`peptide_targets`). With the residues rigid, these four distances fix the whole peptide unit (bond
   lengths, both bond angles and omega = 180 degrees), leaving phi and psi free;
+* planarity: the signed volume of CA_i->C_i, C_i->N_i+1, N_i+1->CA_i+1, squared (the distances alone barely
+  sense omega near 180 degrees);
 * the clash term of :func:`~superdiff_protein.frames.clash.clash_energy`: CA pairs at ``|i - j| >= min_sep``
-  pushed to at least ``d0`` apart.
+  pushed to at least ``d0`` apart; and backbone atoms (N, CA, C, O) of residues two or more apart pushed to at
+  least ``bb_d0`` apart (a neighbour list, renewed every chunk of evaluations).
 
 Minimised by L-BFGS in float64 (autograd through the frames). Psi is then read from the moved atoms
 (N_i, CA_i, C_i, N_i+1), so the carbonyl O lies in the peptide plane, trans to the next N; the last residue keeps
@@ -26,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ..core.so3 import so3_exp
-from .geometry import IDEAL_BACKBONE_LOCAL, backbone_atoms_from_frames, dihedral_angle
 from .clash import clash_energy
+from .geometry import IDEAL_BACKBONE_LOCAL, backbone_atoms_from_frames, dihedral_angle
 
 __all__ = ["PEPTIDE_C_N", "PEPTIDE_CA_C_N_DEG", "PEPTIDE_C_N_CA_DEG", "PeptideTargets", "RefineResult",
            "peptide_targets", "refine_backbone"]
@@ -200,8 +203,6 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
                 pairs = _atom_pairs(_with_planar_o(backbone_atoms_from_frames(*frames(), psi0)), bb_d0 + 2.0)
             opt.step(closure)
             done, iters = iters, int(opt.state[w]["func_evals"])
-            if iters - done <= 1:                         # L-BFGS's own tolerances met: nothing left to gain
-                break
             with torch.no_grad():
                 R, T = frames()
                 a = backbone_atoms_from_frames(R, T, psi0)
@@ -210,8 +211,8 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
                 bb_over = float(_atom_overlap(_with_planar_o(a), bb_d0, full).max()) if len(full[0]) else 0.0
                 converged = (dev <= tol and _min_far(T, min_sep) >= d0 - tol and bb_over <= tol
                              and _omega_dev(a) <= math.radians(omega_tol_deg))
-                if converged:
-                    break
+            if converged or iters - done <= 1:            # done, or L-BFGS's own tolerances met: nothing to gain
+                break
     with torch.no_grad():
         R, T = frames()
         a = backbone_atoms_from_frames(R, T, psi0)
