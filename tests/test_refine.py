@@ -180,11 +180,16 @@ def test_generate_refine_option_is_recorded_and_refused_on_resume(tmp_path):
     g = geometry_metrics(read_backbone(out / "length_12" / "sample_0.pdb").atoms)
     assert g["c_n_valid_frac"] == 1.0 and g["n_ca_clashes"] == 0 and g["n_bb_clashes"] == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["refine"] is True
-    # final=state is refined too; after 6 steps the exact models' state is still noise (CA-CA ~25 A), which the
-    # refinement cannot make a chain of in 500 evaluations: the remark says so rather than passing it off
+    # final=state is refined too. After 6 steps the exact models' state is still noise (CA-CA ~25 A); the refinement
+    # may or may not make a chain of it in 500 evaluations (seen both ways across CPUs); a remark that does not say
+    # "NOT converged" must hold
     generate(out_dir=str(tmp_path / "state"), refine=True, final="state", **TINY)
-    text = (tmp_path / "state" / "length_12" / "sample_0.pdb").read_text()
-    assert "refined: CA moved" in text and "NOT converged" in text
+    for pdb in sorted((tmp_path / "state" / "length_12").glob("sample_*.pdb")):
+        text = pdb.read_text()
+        assert "refined: CA moved" in text
+        g = geometry_metrics(read_backbone(pdb).atoms)
+        ideal = g["c_n_valid_frac"] == 1.0 and g["ca_ca_valid_frac"] == 1.0 and g["n_ca_clashes"] == 0
+        assert "NOT converged" in text or ideal, (pdb.name, g)     # a converged refinement is ideal by the eval too
     with pytest.raises(Exception, match="other settings"):
         generate(out_dir=str(tmp_path / "prediction"), refine=False, **TINY)
     with pytest.raises(GenerateError, match="refine"):
