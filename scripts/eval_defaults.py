@@ -46,7 +46,7 @@ def _generate(out: Path, name: str, args) -> Path:
     # generate() resumes: complete samples of an interrupted run are kept
     generate(models=list(args.models), lengths=args.lengths, samples_per_length=args.n, batch_size=args.n,
              num_steps=args.steps, time_grid=args.time_grid, min_t=args.min_t, seed=args.seed, out_dir=str(d),
-             progress=False, clash_guidance={"weight": args.clash_guidance},
+             progress=False, clash_guidance={"weight": args.clash_guidance}, refine=args.refine,
              **SETTINGS[name])
     return d
 
@@ -162,7 +162,8 @@ def markdown(res: dict[str, dict], args) -> str:
     out = [f"Models: {' and '.join(map(str, args.models))}. "
            f"Samples: lengths {args.lengths} x {args.n} per setting, {args.steps} steps ({args.time_grid} grid), "
            f"min_t {args.min_t}, "
-           + (f"clash_guidance.weight {args.clash_guidance} (guided), " if args.clash_guidance > 0 else "") +
+           + (f"clash_guidance.weight {args.clash_guidance} (guided), " if args.clash_guidance > 0 else "")
+           + ("refine=true, " if args.refine else "") +
            f"seed {args.seed}; "
            f"novelty and ProteinMPNN on samples 0-{args.subset_n - 1} of length {args.subset_length}.", "",
            "| setting | n | CA–CA in 3.6–4.0 Å | clash-free samples | CA clashes / sample | helix | strand | coil "
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clash-guidance", type=float, default=0.0, metavar="WEIGHT",
                    help="generate_backbones' clash_guidance.weight (default 0: off)")
+    p.add_argument("--refine", action="store_true", help="generate_backbones' refine=true (refine written backbones)")
     p.add_argument("--subset-n", type=int, default=4)
     p.add_argument("--subset-length", type=int, default=100)
     p.add_argument("--no-mpnn", action="store_true")
