@@ -163,16 +163,18 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
                     bb_d0: float = 2.7, max_iters: int = 500, tol: float = 0.01, omega_tol_deg: float = 2.0,
                     chunk: int = 25) -> RefineResult:
     """Refine one chain's frames (module docstring). ``rot`` (N, 3, 3), ``trans`` (N, 3) in Angstrom, ``psi``
-    (N, 2) or None (O placed at psi = pi for the last residue). Works in float64; returns float64 tensors.
+    (N, 2) or None (O placed at psi = pi for the last residue), on any device. Works in float64 on the CPU and
+    returns float64 CPU tensors.
     Stops when every link distance is within ``tol`` Angstrom of its target, every omega within ``omega_tol_deg``
     of 180 degrees, no counted CA pair is closer than ``d0 - tol`` and no backbone atom pair of residues two or more
     apart closer than ``bb_d0 - tol`` (checked every ``chunk`` L-BFGS function evaluations), or after about
     ``max_iters`` evaluations (then the result is the point reached, and its fields say how close it got)."""
-    R0 = rot.detach().to(torch.float64)
-    centre = trans.detach().to(torch.float64).mean(0)
-    T0 = trans.detach().to(torch.float64) - centre      # small coordinates: less cancellation in cdist
+    cpu = torch.device("cpu")                         # a few hundred atoms: CPU float64, whatever the model ran on
+    R0 = rot.detach().to(cpu, torch.float64)
+    centre = trans.detach().to(cpu, torch.float64).mean(0)
+    T0 = trans.detach().to(cpu, torch.float64) - centre  # small coordinates: less cancellation in cdist
     N = T0.shape[0]
-    psi0 = None if psi is None else psi.detach().to(torch.float64)
+    psi0 = None if psi is None else psi.detach().to(cpu, torch.float64)
     tgt = peptide_targets()
     target = torch.tensor([tgt.c_n, tgt.ca_n, tgt.c_ca, tgt.ca_ca], dtype=torch.float64)
     w = torch.zeros(N, 3, dtype=torch.float64, requires_grad=True)
