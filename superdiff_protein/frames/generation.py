@@ -42,7 +42,7 @@ from .compiling import compile_models, resolve_compile
 from . import fkc_run
 from .geometry import backbone_atoms_from_frames
 from .guidance import ClashGuide
-from .refine import refine_backbone
+from .refine import RefineResult, refine_backbone
 from .model_loading import angstrom_per_unit, auto_precision, load_model_spec, model_labels, space_for, supports_padding
 from .pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
 from .plan import sample_seed, shard_batches
@@ -147,10 +147,10 @@ def _final_predictions(res, models: list, mstar: list[int], mask: Tensor | None,
 
 def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labels: list[str],
                   scale: float, guide: ClashGuide | None = None, refine: bool = False
-                  ) -> tuple[Tensor, Tensor, Tensor | None, str, str, str]:
-    """Frames (Angstrom), psi, model label, source (prediction/state) and refinement note of sample ``b``. A guided
-    prediction is refined with the guide's distance (:meth:`ClashGuide.finalize`); with ``refine`` any final
-    frames are (:func:`~superdiff_protein.frames.refine.refine_backbone`); the note says how that went."""
+                  ) -> tuple[Tensor, Tensor, Tensor | None, str, str, RefineResult | None]:
+    """Frames (Angstrom), psi, model label, source (prediction/state) and refinement (None if none) of sample
+    ``b``. A guided prediction is refined with the guide's distance (:meth:`ClashGuide.finalize`); with ``refine``
+    any finite final frames are (:func:`~superdiff_protein.frames.refine.refine_backbone`)."""
     ex = res.extras[mstar] if res.extras else {}
     psi = ex.get("psi")
     psi = psi[b, :L].to(torch.float64) if psi is not None else None
@@ -159,13 +159,14 @@ def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labe
         R, T, source = R[b, :L].to(torch.float64), T[b, :L].to(torch.float64), "prediction"
     else:
         R, T, source = res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, "state"
-    if guide is not None and source == "prediction":
+    finite = bool(torch.isfinite(R).all()) and bool(torch.isfinite(T).all())   # else the caller reports it
+    if finite and guide is not None and source == "prediction":
         fin = guide.finalize(R, T, psi)
-    elif refine:
+    elif finite and refine:
         fin = refine_backbone(R, T, psi)
     else:
-        return R, T, psi, labels[mstar], source, ""
-    return fin.rot, fin.trans, fin.psi, labels[mstar], source, fin.summary()
+        return R, T, psi, labels[mstar], source, None
+    return fin.rot, fin.trans, fin.psi, labels[mstar], source, fin
 
 
 def _atoms(rot: Tensor, trans: Tensor, psi: Tensor | None) -> np.ndarray:
@@ -215,7 +216,7 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
     """Write sample ``b`` of a batch (traces, trajectory, then the PDB that marks it complete); its row."""
     files = rundir.sample_files(L, i, opts.layout)
     (out_dir / files["pdb"]).parent.mkdir(parents=True, exist_ok=True)
-    rot, trans, psi, mlab, source, note = final
+    rot, trans, psi, mlab, source, refined = final
     atoms = _atoms(rot, trans, psi)
     settings = _setting_cells(opts, labels)
     conv = f" bias_convention={settings['bias_convention']}" if "bias_convention" in settings else ""
@@ -233,11 +234,10 @@ def _write_sample(out_dir: Path, res, b: int, L: int, i: int, seed: int, opts: O
     if g["weight"] > 0:
         remarks.insert(4, f"guided: clash_guidance weight={_fmt(g['weight'])} t_max={_fmt(g['t_max'])} "
                           f"distance={_fmt(g['distance'])}")
-
-    if note:
-        remarks.append(note)
-        if "NOT converged" in note:
-            _log(f"warning: length {L} sample {i}: {note}")
+    if refined is not None:
+        remarks.append(refined.summary())
+        if not refined.converged:
+            _log(f"warning: length {L} sample {i}: {refined.summary()}")
     try:
         text = format_backbone_pdb(atoms, remarks=remarks)
     except PDBWriteError as e:
