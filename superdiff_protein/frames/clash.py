@@ -8,16 +8,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["clash_energy", "clash_energy_grad"]
+__all__ = ["clash_energy", "clash_energy_grad", "far_pairs"]
+
+
+def far_pairs(n: int, min_sep: int, device: torch.device | None = None) -> Tensor:
+    """(n, n) bool: residue pairs at least ``min_sep`` apart in sequence (the pairs a clash counts)."""
+    idx = torch.arange(n, device=device)
+    return (idx[:, None] - idx[None, :]).abs() >= min_sep
 
 
 def _overlap(X: Tensor, mask: Tensor | None, d0: float, min_sep: int) -> tuple[Tensor, Tensor]:
     """``(d0 - d_ij)_+`` on the counted pairs (0 elsewhere) and the distances ``d``, both (B, N, N)."""
     B, N, _ = X.shape
     d = torch.cdist(X, X)                                                   # (B, N, N)
-    idx = torch.arange(N, device=X.device)
-    far = (idx[:, None] - idx[None, :]).abs() >= min_sep
-    pair = far[None].expand(B, N, N)
+    pair = far_pairs(N, min_sep, X.device)[None].expand(B, N, N)
     if mask is not None:
         m = mask.to(torch.bool)
         pair = pair & m[:, :, None] & m[:, None, :]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..core.so3 import so3_exp
-from .clash import clash_energy
+from .clash import clash_energy, far_pairs
 from .geometry import IDEAL_BACKBONE_LOCAL, backbone_atoms_from_frames, dihedral_angle
 
 __all__ = ["PEPTIDE_C_N", "PEPTIDE_CA_C_N_DEG", "PEPTIDE_C_N_CA_DEG", "PeptideTargets", "RefineResult",
@@ -124,9 +124,7 @@ def _omega_dev(atoms: Tensor) -> float:
 
 
 def _min_far(ca: Tensor, min_sep: int) -> float:
-    n = ca.shape[0]
-    idx = torch.arange(n)
-    far = (idx[:, None] - idx[None, :]).abs() >= min_sep
+    far = far_pairs(ca.shape[0], min_sep, ca.device)
     return float(torch.cdist(ca, ca)[far].min()) if bool(far.any()) else math.inf
 
 
@@ -209,8 +207,9 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
                 R, T = frames()
                 a = backbone_atoms_from_frames(R, T, psi0)
                 dev = float((_link_distances(a) - target).abs().max())
-                full = _atom_pairs(_with_planar_o(a), bb_d0)
-                bb_over = float(_atom_overlap(_with_planar_o(a), bb_d0, full).max()) if len(full[0]) else 0.0
+                ao = _with_planar_o(a)
+                full = _atom_pairs(ao, bb_d0)
+                bb_over = float(_atom_overlap(ao, bb_d0, full).max()) if len(full[0]) else 0.0
                 converged = (dev <= tol and _min_far(T, min_sep) >= d0 - tol and bb_over <= tol
                              and _omega_dev(a) <= math.radians(omega_tol_deg))
             if converged or iters - done <= 1:            # done, or L-BFGS's own tolerances met: nothing to gain
