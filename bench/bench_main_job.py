@@ -84,6 +84,25 @@ def forward_ms(reps: int = 10, batch: int = 10, length: int = 100) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _cpu_model() -> str:
+    """Vendor, family/model and vector width of this CPU, from /proc/cpuinfo ('' elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line:
+            k, v = (x.strip() for x in line.split(":", 1))
+            info.setdefault(k, v)
+        elif info:
+            break
+    flags = info.get("flags", "").split()
+    vec = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return (f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')} "
+            f"({info.get('model name', '?')}), {vec}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -97,7 +116,7 @@ def main() -> int:
     import torch
 
     meta = {"label": a.label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "host": platform.node(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "env": env_over, "overrides": a.overrides,
             "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                   text=True).stdout.strip()}
