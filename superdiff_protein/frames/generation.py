@@ -42,7 +42,7 @@ from .compiling import compile_models, resolve_compile
 from . import fkc_run
 from .geometry import backbone_atoms_from_frames
 from .guidance import ClashGuide
-from .refine import RefineResult, refine_backbone
+from .refine import RefineResult, refine_backbones
 from .model_loading import angstrom_per_unit, auto_precision, load_model_spec, model_labels, space_for, supports_padding
 from .pdb_io import PDBWriteError, format_backbone_pdb, write_trajectory_pdb
 from .plan import sample_seed, shard_batches
@@ -145,28 +145,43 @@ def _final_predictions(res, models: list, mstar: list[int], mask: Tensor | None,
     return out
 
 
-def _final_frames(res, b: int, L: int, mstar: int, preds: dict[int, tuple], labels: list[str],
+def _final_frames(res, batch: Sequence[tuple[int, int]], mstar: list[int], preds: dict[int, tuple], labels: list[str],
                   scale: float, guide: ClashGuide | None = None, refine: bool = False
-                  ) -> tuple[Tensor, Tensor, Tensor | None, str, str, RefineResult | None]:
-    """Frames (Angstrom), psi, model label, source (prediction/state) and refinement (None if none) of sample
-    ``b``. A guided prediction is refined with the guide's distance (:meth:`ClashGuide.finalize`); with ``refine``
-    any finite final frames are (:func:`~superdiff_protein.frames.refine.refine_backbone`)."""
-    ex = res.extras[mstar] if res.extras else {}
-    psi = ex.get("psi")
-    psi = psi[b, :L].to(torch.float64) if psi is not None else None
-    if mstar in preds:
-        R, T = preds[mstar]
-        R, T, source = R[b, :L].to(torch.float64), T[b, :L].to(torch.float64), "prediction"
-    else:
-        R, T, source = res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale, "state"
-    finite = bool(torch.isfinite(R).all()) and bool(torch.isfinite(T).all())   # else the caller reports it
-    if finite and guide is not None and source == "prediction":
-        fin = guide.finalize(R, T, psi)
-    elif finite and refine:
-        fin = refine_backbone(R, T, psi)
-    else:
-        return R, T, psi, labels[mstar], source, None
-    return fin.rot, fin.trans, fin.psi, labels[mstar], source, fin
+                  ) -> list[tuple[Tensor, Tensor, Tensor | None, str, str, RefineResult | None]]:
+    """Per sample ``b`` of the batch: frames (Angstrom), psi, model label, source (prediction/state) and
+    refinement (None if none). A guided prediction is refined with the guide's distance
+    (:meth:`ClashGuide.finalize_many`); with ``refine`` any finite final frames are
+    (:func:`~superdiff_protein.frames.refine.refine_backbones`). Each group is refined in one batched call; a
+    sample's result does not depend on the others."""
+    raw, guided, plain = [], [], []
+    for b, (L, _) in enumerate(batch):
+        m = mstar[b]
+        ex = res.extras[m] if res.extras else {}
+        psi = ex.get("psi")
+        psi = psi[b, :L].to(torch.float64) if psi is not None else None
+        if m in preds:
+            R, T = preds[m]
+            R, T, source = R[b, :L].to(torch.float64), T[b, :L].to(torch.float64), "prediction"
+        else:
+            R, T, source = (res.x["rot"][b, :L].to(torch.float64), res.x["trans"][b, :L].to(torch.float64) * scale,
+                            "state")
+        raw.append((R, T, psi, labels[m], source))
+        finite = bool(torch.isfinite(R).all()) and bool(torch.isfinite(T).all())   # else the caller reports it
+        if finite and guide is not None and source == "prediction":
+            guided.append(b)
+        elif finite and refine:
+            plain.append(b)
+    fins: dict[int, RefineResult] = {}
+    if guided:
+        assert guide is not None
+        fins.update(zip(guided, guide.finalize_many([raw[b][:3] for b in guided])))
+    if plain:
+        fins.update(zip(plain, refine_backbones([raw[b][:3] for b in plain])))
+    out = []
+    for b, (R, T, psi, lab, source) in enumerate(raw):
+        fin = fins.get(b)
+        out.append((R, T, psi, lab, source, None) if fin is None else (fin.rot, fin.trans, fin.psi, lab, source, fin))
+    return out
 
 
 def _atoms(rot: Tensor, trans: Tensor, psi: Tensor | None) -> np.ndarray:
@@ -511,8 +526,7 @@ def _run_batch(out_dir: Path, batch: list[tuple[int, int]], pad: bool, opts: Opt
         raise GenerationFailed(f"the final prediction failed ({type(e).__name__}: {e}); nothing of this "
                                "batch was written") from None
     dt = (time.perf_counter() - t0) / B
-    finals = [_final_frames(res, b, L, mstar[b], preds, labels, scale, guide, opts.refine)
-              for b, (L, _) in enumerate(batch)]
+    finals = _final_frames(res, batch, mstar, preds, labels, scale, guide, opts.refine)
     for b, (L, i) in enumerate(batch):
         if not all(bool(torch.isfinite(v).all()) for v in finals[b][:2]):
             raise GenerationFailed(f"length {L} sample {i}: the final structure is not finite; nothing "

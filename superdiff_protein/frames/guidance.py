@@ -28,14 +28,14 @@ translations are guided; rotations follow from the models. This changes the samp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..core.spaces import ProductSpace, State
 from .clash import clash_energy_grad
-from .refine import RefineResult, refine_backbone
+from .refine import RefineResult, refine_backbone, refine_backbones
 
 __all__ = ["ClashGuide", "clash_energy_grad"]
 
@@ -74,6 +74,11 @@ class ClashGuide:
         (N, 2) or None, refined by :func:`~superdiff_protein.frames.refine.refine_backbone` with this guide's
         ``d0`` and ``min_sep``: every residue moved rigidly to ideal trans-peptide links and out of CA clashes."""
         return refine_backbone(rot, trans, psi, d0=self.d0, min_sep=self.min_sep)
+
+    def finalize_many(self, chains: Sequence[tuple[Tensor, Tensor, Tensor | None]]) -> list[RefineResult]:
+        """:meth:`finalize` of several chains ``(rot, trans, psi)`` in one batched refinement
+        (:func:`~superdiff_protein.frames.refine.refine_backbones`); each result is bitwise its ``finalize``."""
+        return refine_backbones(chains, d0=self.d0, min_sep=self.min_sep)
 
     def __call__(self, x: State, t: Tensor, scores: Mapping[str, Tensor], kappa: Tensor,
                  mask: Tensor | None) -> dict[str, Tensor]:

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ..core.so3 import so3_exp
-from .clash import clash_energy, far_pairs
+from .batch_lbfgs import minimize_rows
+from .clash import far_pairs
 from .geometry import IDEAL_BACKBONE_LOCAL, backbone_atoms_from_frames, dihedral_angle
+from .refine_energy import ChainBatch, batch_atoms, batch_energy, batch_frames
 
 __all__ = ["PEPTIDE_C_N", "PEPTIDE_CA_C_N_DEG", "PEPTIDE_C_N_CA_DEG", "PeptideTargets", "RefineResult",
-           "peptide_targets", "refine_backbone"]
+           "peptide_targets", "refine_backbone", "refine_backbones"]
 
 #: Engh & Huber (1991) peptide bond length (Angstrom) and the two bond angles at it (degrees).
 PEPTIDE_C_N = 1.329
@@ -165,65 +167,84 @@ def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0
     returns float64 CPU tensors.
     Stops when every link distance is within ``tol`` Angstrom of its target, every omega within ``omega_tol_deg``
     of 180 degrees, no counted CA pair is closer than ``d0 - tol`` and no backbone atom pair of residues two or more
-    apart closer than ``bb_d0 - tol`` (checked every ``chunk`` L-BFGS function evaluations), or after about
-    ``max_iters`` evaluations (then the result is the point reached, and its fields say how close it got)."""
+    apart closer than ``bb_d0 - tol`` (checked every ``chunk`` L-BFGS function evaluations), or after
+    ``max_iters`` evaluations (then the result is the point reached, and its fields say how close it got).
+    The same as :func:`refine_backbones` of this one chain, which gives it bitwise in any batch."""
+    return refine_backbones([(rot, trans, psi)], d0=d0, min_sep=min_sep, bb_d0=bb_d0, max_iters=max_iters, tol=tol,
+                            omega_tol_deg=omega_tol_deg, chunk=chunk)[0]
+
+
+def refine_backbones(chains: Sequence[tuple[Tensor, Tensor, Tensor | None]], *, d0: float = 4.0, min_sep: int = 3,
+                     bb_d0: float = 2.7, max_iters: int = 500, tol: float = 0.01, omega_tol_deg: float = 2.0,
+                     chunk: int = 25) -> list[RefineResult]:
+    """Refine several chains ``(rot, trans, psi)`` at once (as :func:`refine_backbone` each): one vectorised
+    L-BFGS (:func:`~superdiff_protein.frames.batch_lbfgs.minimize_rows`) with per-chain history, line search,
+    neighbour list and stop. Each chain's result is bitwise the one it gets alone, whatever the other chains
+    (their number, lengths, contents or order): the energy (:mod:`~superdiff_protein.frames.refine_energy`) uses
+    only elementwise arithmetic and per-chain sums in index order."""
     cpu = torch.device("cpu")                         # a few hundred atoms: CPU float64, whatever the model ran on
-    R0 = rot.detach().to(cpu, torch.float64)
-    centre = trans.detach().to(cpu, torch.float64).mean(0)
-    T0 = trans.detach().to(cpu, torch.float64) - centre  # small coordinates: less cancellation in cdist
-    N = T0.shape[0]
-    psi0 = None if psi is None else psi.detach().to(cpu, torch.float64)
+    prep = []
+    for rot, trans, psi in chains:
+        R0 = rot.detach().to(cpu, torch.float64)
+        T = trans.detach().to(cpu, torch.float64)
+        centre = T.mean(0)
+        prep.append((R0, T - centre, None if psi is None else psi.detach().to(cpu, torch.float64), centre))
     tgt = peptide_targets()
     target = torch.tensor([tgt.c_n, tgt.ca_n, tgt.c_ca, tgt.ca_ca], dtype=torch.float64)
-    w = torch.zeros(N, 3, dtype=torch.float64, requires_grad=True)
-    dT = torch.zeros(N, 3, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, dT], lr=1.0, max_iter=chunk, max_eval=chunk, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    work = [k for k, p in enumerate(prep) if p[1].shape[0] > 1]
+    x = evals = None
+    conv = torch.zeros(len(work), dtype=torch.bool)
+    if work:
+        cb = ChainBatch.build([prep[k][:3] for k in work], min_sep)
+        lists: list[tuple[Tensor, Tensor]] = [(torch.zeros(0, dtype=torch.long),) * 2 for _ in work]
 
-    def frames() -> tuple[Tensor, Tensor]:
-        return so3_exp(w) @ R0, T0 + dT                   # rotate each residue about its own CA
+        def atoms(rows: list[int], xr: Tensor) -> list[Tensor]:
+            a = batch_atoms(xr, cb.rows(torch.tensor(rows)))
+            return [a[r, :cb.lengths[b]] for r, b in enumerate(rows)]
 
-    def energy() -> Tensor:
-        R, T = frames()
-        a = backbone_atoms_from_frames(R, T, psi0)
-        e = (_link_distances(a) - target).pow(2).sum() + _planarity(a).pow(2).sum()
-        e = e + 0.5 * _atom_overlap(_with_planar_o(a), bb_d0, pairs).pow(2).sum()
-        return e + clash_energy(a[None, :, 1], None, d0, min_sep).sum()
+        def renew(rows: list[int], xr: Tensor) -> None:          # the atom neighbour list, with a margin
+            for b, a in zip(rows, atoms(rows, xr)):
+                lists[b] = _atom_pairs(_with_planar_o(a), bb_d0 + 2.0)
+            cb.set_pairs(lists)
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        e = energy()
-        e.backward()
-        return e
-
-    iters, converged = 0, N <= 1
-    with torch.enable_grad():
-        while N > 1 and iters < max_iters:
-            with torch.no_grad():          # the atom neighbour list, with a margin, renewed every chunk
-                pairs = _atom_pairs(_with_planar_o(backbone_atoms_from_frames(*frames(), psi0)), bb_d0 + 2.0)
-            opt.step(closure)
-            done, iters = iters, int(opt.state[w]["func_evals"])
-            with torch.no_grad():
-                R, T = frames()
-                a = backbone_atoms_from_frames(R, T, psi0)
-                dev = float((_link_distances(a) - target).abs().max())
+        def check(rows: list[int], xr: Tensor) -> list[bool]:
+            out = []
+            for a in atoms(rows, xr):
                 ao = _with_planar_o(a)
                 full = _atom_pairs(ao, bb_d0)
                 bb_over = float(_atom_overlap(ao, bb_d0, full).max()) if len(full[0]) else 0.0
-                converged = (dev <= tol and _min_far(T, min_sep) >= d0 - tol and bb_over <= tol
-                             and _omega_dev(a) <= math.radians(omega_tol_deg))
-            if converged or iters - done <= 1:            # done, or L-BFGS's own tolerances met: nothing to gain
-                break
-    with torch.no_grad():
-        R, T = frames()
-        a = backbone_atoms_from_frames(R, T, psi0)
+                out.append(float((_link_distances(a) - target).abs().max()) <= tol
+                           and _min_far(a[:, 1], min_sep) >= d0 - tol and bb_over <= tol
+                           and _omega_dev(a) <= math.radians(omega_tol_deg))
+            return out
+
+        def fun(xr: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                xr = xr.detach().requires_grad_(True)
+                e = batch_energy(xr, cb.rows(rows), (tgt.c_n, tgt.ca_n, tgt.c_ca, tgt.ca_ca), d0, bb_d0)
+                (g,) = torch.autograd.grad(e.sum(), xr)
+            return e.detach(), g
+
+        P = max(cb.lengths)
+        res = minimize_rows(fun, torch.zeros(len(work), 6 * P, dtype=torch.float64), max_evals=max_iters,
+                            chunk=chunk, renew=renew, check=check)
+        x, evals, conv = res.x, res.evals, res.converged
+        Rb, Tb = batch_frames(x, cb)
+    out: list[RefineResult] = []
+    for k, (R0, T0, psi0, centre) in enumerate(prep):
+        N = T0.shape[0]
         last = psi0[-1:] if psi0 is not None else torch.tensor([[0.0, -1.0]], dtype=torch.float64)
-        if N > 1:
-            ang = dihedral_angle(a[:-1, 0], a[:-1, 1], a[:-1, 2], a[1:, 0])
-            new_psi = torch.cat([torch.stack([torch.sin(ang), torch.cos(ang)], -1), last], 0)
-            dev = float((_link_distances(a) - target).abs().max())
-        else:
-            new_psi, dev = last, 0.0
-        return RefineResult(rot=R, trans=T + centre, psi=new_psi, iters=iters, peptide_max_dev=dev,
-                            min_far_ca=_min_far(T, min_sep),
-                            ca_rmsd=float((T - T0).pow(2).sum(-1).mean().sqrt()), converged=converged)
+        if N <= 1:
+            out.append(RefineResult(rot=R0, trans=T0 + centre, psi=last, iters=0, peptide_max_dev=0.0,
+                                    min_far_ca=math.inf, ca_rmsd=0.0, converged=True))
+            continue
+        b = work.index(k)
+        R, T = Rb[b, :N], Tb[b, :N]
+        a = backbone_atoms_from_frames(R, T, psi0)
+        ang = dihedral_angle(a[:-1, 0], a[:-1, 1], a[:-1, 2], a[1:, 0])
+        new_psi = torch.cat([torch.stack([torch.sin(ang), torch.cos(ang)], -1), last], 0)
+        out.append(RefineResult(rot=R, trans=T + centre, psi=new_psi, iters=int(evals[b]),
+                                peptide_max_dev=float((_link_distances(a) - target).abs().max()),
+                                min_far_ca=_min_far(T, min_sep), ca_rmsd=float((T - T0).pow(2).sum(-1).mean().sqrt()),
+                                converged=bool(conv[b])))
+    return out
