@@ -11,18 +11,22 @@ wrong is the link between residues. On the unguided defaults the median peptide 
   lengths, both bond angles and omega = 180 degrees), leaving phi and psi free;
 * planarity: the signed volume of CA_i->C_i, C_i->N_i+1, N_i+1->CA_i+1, squared (the distances alone barely
   sense omega near 180 degrees);
-* the clash term of :func:`~superdiff_protein.frames.clash.clash_energy`: CA pairs at ``|i - j| >= min_sep``
+* the clash energy of :func:`~superdiff_protein.frames.clash.clash_energy`: CA pairs at ``|i - j| >= min_sep``
   pushed to at least ``d0`` apart; and backbone atoms (N, CA, C, O) of residues two or more apart pushed to at
-  least ``bb_d0`` apart (a neighbour list, renewed every chunk of evaluations).
+  least ``bb_d0`` apart (both over neighbour lists with a margin, renewed every chunk of evaluations; the stopping
+  check looks at every pair).
 
-Minimised by L-BFGS in float64 (autograd through the frames). Psi is then read from the moved atoms
-(N_i, CA_i, C_i, N_i+1), so the carbonyl O lies in the peptide plane, trans to the next N; the last residue keeps
+Minimised by L-BFGS in float64 (autograd through the frames). :func:`refine_backbones` refines many chains in one
+vectorised L-BFGS (:mod:`~superdiff_protein.frames.batch_lbfgs`, energy in :mod:`~superdiff_protein.frames.
+refine_energy`); each chain's result is bitwise the one it gets alone, and :func:`refine_backbone` is the batch of
+one. Psi is then read from the moved atoms (N_i, CA_i, C_i, N_i+1), so the carbonyl O lies in the peptide plane, trans to the next N; the last residue keeps
 the psi it was given. A refinement moves CAs by a few tenths of an Angstrom on typical samples (more where it has
 to undo clashes), and this is reported with each call, not hidden.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -110,15 +114,6 @@ def _link_distances(atoms: Tensor) -> Tensor:
     return torch.stack([(a - b).norm(dim=-1) for a, b in pairs], -1)
 
 
-def _planarity(atoms: Tensor) -> Tensor:
-    """(N-1,) signed volume (Angstrom^3) spanned by CA_i->C_i, C_i->N_i+1, N_i+1->CA_i+1: zero for a planar
-    peptide, about 2.9 sin(omega - 180 deg) near trans. The four link distances barely sense omega near 180
-    degrees (CA-CA changes only to second order), so planarity is restrained on its own."""
-    n, ca, c = atoms[:, 0], atoms[:, 1], atoms[:, 2]
-    a, b, d = c[:-1] - ca[:-1], n[1:] - c[:-1], ca[1:] - n[1:]
-    return (torch.linalg.cross(a, b, dim=-1) * d).sum(-1)
-
-
 def _omega_dev(atoms: Tensor) -> float:
     """Largest ``|omega - 180 deg|`` (radians) of a backbone (N, 4, 3)."""
     om = dihedral_angle(atoms[:-1, 1], atoms[:-1, 2], atoms[1:, 0], atoms[1:, 1])
@@ -152,11 +147,34 @@ def _atom_pairs(a: Tensor, cutoff: float, sep: int = 2) -> tuple[Tensor, Tensor]
     return i, j
 
 
+def _ca_pairs(ca: Tensor, cutoff: float, min_sep: int) -> tuple[Tensor, Tensor]:
+    """Residue indices ``(i, j)``, ``j - i >= min_sep``, of CA pairs closer than ``cutoff``: the neighbour list
+    of the CA clash term."""
+    near = (torch.cdist(ca, ca) < cutoff) & torch.triu(far_pairs(ca.shape[0], min_sep), 1)
+    i, j = near.nonzero(as_tuple=True)
+    return i, j
+
+
 def _atom_overlap(a: Tensor, bb_d0: float, pairs: tuple[Tensor, Tensor]) -> Tensor:
     """``(bb_d0 - d)_+`` over the listed backbone atom pairs."""
     flat = a.reshape(-1, 3)
     i, j = pairs
     return torch.clamp(bb_d0 - (flat[i] - flat[j]).norm(dim=-1), min=0.0)
+
+
+_CA_MARGIN = 3.0     # Angstrom beyond d0 (CA pairs) and bb_d0 (atom pairs) that the neighbour lists look
+_ATOM_MARGIN = 2.0   # (renewed every chunk; the convergence check uses every pair)
+
+
+@contextmanager
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and on a loaded host, far more)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def refine_backbone(rot: Tensor, trans: Tensor, psi: Tensor | None = None, *, d0: float = 4.0, min_sep: int = 3,
@@ -196,16 +214,19 @@ def refine_backbones(chains: Sequence[tuple[Tensor, Tensor, Tensor | None]], *, 
     conv = torch.zeros(len(work), dtype=torch.bool)
     if work:
         cb = ChainBatch.build([prep[k][:3] for k in work], min_sep)
-        lists: list[tuple[Tensor, Tensor]] = [(torch.zeros(0, dtype=torch.long),) * 2 for _ in work]
+        empty = (torch.zeros(0, dtype=torch.long),) * 2
+        ca_lists: list[tuple[Tensor, Tensor]] = [empty for _ in work]
+        atom_lists: list[tuple[Tensor, Tensor]] = [empty for _ in work]
 
         def atoms(rows: list[int], xr: Tensor) -> list[Tensor]:
             a = batch_atoms(xr, cb.rows(torch.tensor(rows)))
             return [a[r, :cb.lengths[b]] for r, b in enumerate(rows)]
 
-        def renew(rows: list[int], xr: Tensor) -> None:          # the atom neighbour list, with a margin
+        def renew(rows: list[int], xr: Tensor) -> None:          # the neighbour lists, with a margin
             for b, a in zip(rows, atoms(rows, xr)):
-                lists[b] = _atom_pairs(_with_planar_o(a), bb_d0 + 2.0)
-            cb.set_pairs(lists)
+                ca_lists[b] = _ca_pairs(a[:, 1], d0 + _CA_MARGIN, min_sep)
+                atom_lists[b] = _atom_pairs(_with_planar_o(a), bb_d0 + _ATOM_MARGIN)
+            cb.set_pairs(ca_lists, atom_lists)
 
         def check(rows: list[int], xr: Tensor) -> list[bool]:
             out = []
@@ -226,8 +247,9 @@ def refine_backbones(chains: Sequence[tuple[Tensor, Tensor, Tensor | None]], *, 
             return e.detach(), g
 
         P = max(cb.lengths)
-        res = minimize_rows(fun, torch.zeros(len(work), 6 * P, dtype=torch.float64), max_evals=max_iters,
-                            chunk=chunk, renew=renew, check=check)
+        with _one_thread():
+            res = minimize_rows(fun, torch.zeros(len(work), 6 * P, dtype=torch.float64), max_evals=max_iters,
+                                chunk=chunk, renew=renew, check=check)
         x, evals, conv = res.x, res.evals, res.converged
         Rb, Tb = batch_frames(x, cb)
     out: list[RefineResult] = []

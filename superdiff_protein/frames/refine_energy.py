@@ -5,8 +5,9 @@ Chains are padded to a common length P with a residue mask; the parameters of ch
 a rotation vector ``w`` and a translation ``dT`` per residue. Every tensor that carries a gradient has the shape
 (b, P) (or (b, P-1) for links, (b, K) for atom pairs), one tensor per Cartesian component: 3x3 products and dot
 products are written out as elementwise sums, sums over residues or pairs use :func:`~superdiff_protein.frames.
-batch_lbfgs.rowsum` (index order, unchanged by padding), and nothing is broadcast across chains, so no kernel
-(matmul, cdist, a broadcast's reduction in the backward pass) ever blocks its work by the batch's shape. Masked
+batch_lbfgs.rowsum` (index order, unchanged by padding), and nothing is broadcast, so no kernel (matmul, cdist, a
+broadcast's reduction in the backward pass) ever blocks its work by the batch's shape. The clash terms use
+per-chain pair lists (gather; the backward's scatter-add runs through each row in index order). Masked
 entries are replaced before every square root, so padding gets exactly zero gradient and never a NaN.
 
 The residue rotation is ``Q(w) R0`` with ``Q`` the rotation of the quaternion ``(1, w/2)`` (a Cayley map: a
@@ -69,9 +70,10 @@ def _quat(w: Vec) -> list[list[Tensor]]:
 class ChainBatch:
     """The fixed data of a batch of chains, padded to P residues: ``R0`` (B, P, 3, 3) and ``T0`` (B, P, 3) start
     frames (padding: identity, far apart on a line), ``uN``, ``uC``, ``uO`` (B, P, 3) = ``R0`` times the local N, C
-    and psi-placed O, ``mask`` (B, P) real residues, ``last`` (B, P) the last real residue, ``lengths``, the CA
-    pair mask ``far`` (B, P, P) of the clash term, and the atom pair list ``pi``, ``pj``, ``pm`` (B, K) (flat
-    atom indices 4 * residue + (N, CA, C, O); ``pm`` False on padding)."""
+    and psi-placed O, ``mask`` (B, P) real residues, ``last`` (B, P) the last real residue, ``lengths``; the
+    neighbour lists (renewed by the caller): CA pairs ``ci``, ``cj``, ``cm`` (B, Kc) of the clash term (residue
+    indices), atom pairs ``pi``, ``pj``, ``pm`` (B, K) (flat atom indices 4 * residue + (N, CA, C, O)); the masks
+    are False on padding."""
 
     R0: Tensor
     T0: Tensor
@@ -81,7 +83,9 @@ class ChainBatch:
     mask: Tensor
     last: Tensor
     lengths: list[int]
-    far: Tensor
+    ci: Tensor
+    cj: Tensor
+    cm: Tensor
     pi: Tensor
     pj: Tensor
     pm: Tensor
@@ -110,28 +114,38 @@ class ChainBatch:
             return torch.stack(_mv(Rl, loc), -1)
 
         n, c = IDEAL_BACKBONE_LOCAL["N"], IDEAL_BACKBONE_LOCAL["C"]
-        idx = torch.arange(P)
-        far = ((idx[:, None] - idx[None, :]).abs() >= min_sep) & mask[:, :, None] & mask[:, None, :]
-        one = torch.ones(B, 1, dtype=torch.long)
+        one, no = torch.ones(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.bool)
         return cls(R0=R0, T0=T0, uN=rotated(n), uC=rotated(c),
                    uO=rotated((oloc[..., 0], oloc[..., 1], oloc[..., 2])), mask=mask, last=last, lengths=lengths,
-                   far=far, pi=0 * one, pj=one, pm=torch.zeros(B, 1, dtype=torch.bool))
+                   ci=0 * one, cj=one, cm=no, pi=0 * one, pj=one, pm=no)
 
-    def set_pairs(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        """The atom pair lists of all chains ((i, j) flat atom indices each), padded with the masked pair (0, 1)."""
-        K = max(1, max(len(i) for i, _ in pairs))
-        B = len(pairs)
-        self.pi = torch.zeros(B, K, dtype=torch.long)
-        self.pj = torch.ones(B, K, dtype=torch.long)
-        self.pm = torch.zeros(B, K, dtype=torch.bool)
-        for b, (i, j) in enumerate(pairs):
-            self.pi[b, :len(i)], self.pj[b, :len(j)], self.pm[b, :len(i)] = i, j, True
+    def set_pairs(self, ca_pairs: list[tuple[Tensor, Tensor]], atom_pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """The CA and atom pair lists of all chains ((i, j) each), padded with the masked pair (0, 1)."""
+        self.ci, self.cj, self.cm = _pad_pairs(ca_pairs)
+        self.pi, self.pj, self.pm = _pad_pairs(atom_pairs)
+        self._cache: tuple | None = None
 
     def rows(self, rows: Tensor) -> "ChainBatch":
-        """The chains ``rows`` (LongTensor) as a batch of their own (same padding)."""
-        sel = {k: getattr(self, k)[rows] for k in ("R0", "T0", "uN", "uC", "uO", "mask", "last", "far", "pi", "pj",
-                                                  "pm")}
-        return replace(self, lengths=[self.lengths[r] for r in rows.tolist()], **sel)
+        """The chains ``rows`` (LongTensor) as a batch of their own (same padding; cached until the lists change)."""
+        key = tuple(rows.tolist())
+        cache = getattr(self, "_cache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        sel = {k: getattr(self, k)[rows] for k in ("R0", "T0", "uN", "uC", "uO", "mask", "last", "ci", "cj", "cm",
+                                                  "pi", "pj", "pm")}
+        sub = replace(self, lengths=[self.lengths[r] for r in key], **sel)
+        self._cache = (key, sub)
+        return sub
+
+
+def _pad_pairs(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    K = max(1, max(len(i) for i, _ in pairs))
+    B = len(pairs)
+    pi, pj = torch.zeros(B, K, dtype=torch.long), torch.ones(B, K, dtype=torch.long)
+    pm = torch.zeros(B, K, dtype=torch.bool)
+    for b, (i, j) in enumerate(pairs):
+        pi[b, :len(i)], pj[b, :len(j)], pm[b, :len(i)] = i, j, True
+    return pi, pj, pm
 
 
 def _split(v: Tensor) -> Vec:
@@ -164,30 +178,12 @@ def batch_atoms(x: Tensor, cb: ChainBatch) -> Tensor:
     return torch.stack([torch.stack(a, -1) for a in _atoms(x, cb)], -2)
 
 
-class _CAClash(torch.autograd.Function):
-    """``E_b = 1/2 sum_{i<j, far} (d0 - |X_i - X_j|)_+^2`` per chain with its analytic gradient, so that no
-    broadcast (whose backward reduction is blocked by the tensor's shape) enters autograd."""
-
-    @staticmethod
-    def forward(ctx, cx: Tensor, cy: Tensor, cz: Tensor, far: Tensor, d0: float) -> Tensor:  # type: ignore[override]
-        dx, dy, dz = (c[:, :, None] - c[:, None, :] for c in (cx, cy, cz))
-        d = torch.sqrt(torch.where(far, dx * dx + dy * dy + dz * dz, torch.ones_like(dx)).clamp_min(1e-30))
-        over = torch.where(far, torch.clamp(d0 - d, min=0.0), torch.zeros_like(d))
-        w = over / d
-        ctx.save_for_backward(-rowsum(w * dx), -rowsum(w * dy), -rowsum(w * dz))
-        return 0.25 * rowsum(rowsum(over * over))          # each pair counted twice
-
-    @staticmethod
-    def backward(ctx, gE: Tensor):  # type: ignore[override]
-        gx, gy, gz = ctx.saved_tensors
-        return gE[:, None] * gx, gE[:, None] * gy, gE[:, None] * gz, None, None
-
-
 def batch_energy(x: Tensor, cb: ChainBatch, target: tuple[float, float, float, float], d0: float,
                  bb_d0: float) -> Tensor:
     """The refinement energy of every chain, (B,), at ``x`` (B, 6P): link distances against ``target`` (C-N,
     CA-N, C-CA, CA-CA), planarity, ``1/2 (bb_d0 - d)_+^2`` over the atom pair list (O of every residue but the
-    last on the outer bisector of CA-C-N) and the CA clash at ``d0`` (frames/refine.py's module docstring)."""
+    last on the outer bisector of CA-C-N) and ``1/2 (d0 - d)_+^2`` over the CA pair list (frames/refine.py's module
+    docstring)."""
     N, CA, C, Opsi = _atoms(x, cb)
     lm = cb.mask[:, 1:]                                   # links i -> i+1 inside the chain
     Ni, CAi, Ci = _cut(N, None, -1), _cut(CA, None, -1), _cut(C, None, -1)
@@ -212,4 +208,6 @@ def batch_energy(x: Tensor, cb: ChainBatch, target: tuple[float, float, float, f
     diff = tuple(torch.gather(flat[k], 1, cb.pi) - torch.gather(flat[k], 1, cb.pj) for k in range(3))
     over = torch.where(cb.pm, torch.clamp(bb_d0 - _norm(diff, cb.pm), min=0.0), torch.zeros_like(diff[0]))
     e_atom = rowsum(over * over)
-    return (e_link + 0.5 * e_atom) + _CAClash.apply(CA[0], CA[1], CA[2], cb.far, d0)
+    cd = tuple(torch.gather(CA[k], 1, cb.ci) - torch.gather(CA[k], 1, cb.cj) for k in range(3))
+    cover = torch.where(cb.cm, torch.clamp(d0 - _norm(cd, cb.cm), min=0.0), torch.zeros_like(cd[0]))
+    return (e_link + 0.5 * e_atom) + 0.5 * rowsum(cover * cover)
