@@ -334,7 +334,9 @@ def _tiny_framediff_checkpoint(path: Path, seed: int, model_conf: dict | None = 
     from models.framediff.network import FrameDiffScoreNetwork
 
     g = torch.Generator().manual_seed(seed)
-    net = FrameDiffScoreNetwork(FrameDiffConfig.from_dict(SMALL_FRAMEDIFF))
+    with torch.random.fork_rng(devices=[]):       # the default init draws from the global RNG: pin it, so the
+        torch.manual_seed(seed)                   # weights do not depend on which tests ran before in this worker
+        net = FrameDiffScoreNetwork(FrameDiffConfig.from_dict(SMALL_FRAMEDIFF))
     with torch.no_grad():
         for name, p in net.named_parameters():
             std = 0.3 / math.sqrt(p.shape[1]) if p.ndim >= 2 else 0.1
@@ -355,10 +357,13 @@ def framediff_ckpts(tmp_path_factory):
 def test_framediff_checkpoints_end_to_end_and_batch_size_invariance(tmp_path, framediff_ckpts):
     a, b = framediff_ckpts
     outs = []
+    # float64: a float32 network's batched products are not bit-identical across batch sizes, and for about one
+    # random init in six (global RNG seeds 0-5, session 13) a last-bit difference reached a printed coordinate.
+    # In float64 such a difference stays ~1e-13 A, far below the PDB's 1e-3 A, so equal bytes is a fair test.
     for bs in (1, 3):
         out = tmp_path / f"bs{bs}"
         r = run_cli(f"models=[{a},{b}]", "rule=or", "lengths=[10]", "samples_per_length=3", f"batch_size={bs}",
-                    "seed=5", f"out_dir={out}", *SMALL)
+                    "seed=5", f"out_dir={out}", "precision=float64", *SMALL)
         assert r.returncode == 0, r.stderr
         outs.append(out)
     pdbs = _pdb_bytes(outs[0])
