@@ -94,6 +94,28 @@ def test_edge_transition_fast_path_matches_concatenation():
         close(fast, ref, float64_tol(fast32, fast), f"edge transition {layers} layers")
 
 
+@pytest.mark.parametrize("chunk", [1, 20, 27, 40])
+def test_edge_transition_cpu_pair_blocks_match_one_pass(monkeypatch, chunk):
+    """The CPU path runs pairs in blocks of rows (CPU_PAIR_CHUNK pairs): any block size, including blocks that
+    do not divide the rows and a single pair's row, gives the one-pass result to rounding."""
+    import models.framediff.network as net_mod
+
+    g = torch.Generator().manual_seed(5)
+    et = EdgeTransition(24, 10, 12, num_layers=2).double()
+    with torch.no_grad():
+        for p in et.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.4)
+        node = torch.randn(3, 9, 24, generator=g, dtype=torch.float64)
+        edge = torch.randn(3, 9, 9, 10, generator=g, dtype=torch.float64)
+        monkeypatch.setattr(net_mod, "CPU_PAIR_CHUNK", 1 << 40)
+        whole = et(node, edge)
+        whole32 = copy.deepcopy(et).float()(node.float(), edge.float())
+        monkeypatch.setattr(net_mod, "CPU_PAIR_CHUNK", chunk)
+        blocked = et(node, edge)
+    assert whole.abs().max() > 0.1
+    close(blocked, whole, float64_tol(whole32, whole), f"pair blocks of {chunk}")
+
+
 def test_lookups_equal_dense_features():
     g = torch.Generator().manual_seed(4)
     w_idx = torch.randn(5, 8, generator=g, dtype=torch.float64)
