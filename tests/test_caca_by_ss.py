@@ -1,20 +1,14 @@
 """scripts/caca_by_ss.py: consecutive CA–CA in range per secondary-structure class of the pair."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from script_loader import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("caca_by_ss", REPO / "scripts" / "caca_by_ss.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("caca_by_ss")
 
 
 def test_pair_counts_classes_and_bounds():

@@ -1,7 +1,6 @@
 """scripts/cap_half.py: the capped-half dataset copies of the issue 17 data experiments."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,13 @@ import torch
 
 from superdiff_protein.errors import UserError
 
+from script_loader import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cap_half", REPO / "scripts" / "cap_half.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("cap_half")
 
 
 def _data(n: int = 40, seed: int = 0) -> dict:

@@ -395,7 +395,9 @@ class EdgeTransition(nn.Module):
         h_i = F.linear(x, w[:, ce:ce + cx].contiguous(), first.bias)
         h_j = F.linear(x, w[:, ce + cx:].contiguous())
         b, n = edge.shape[:2]
-        rows = n if edge.device.type != "cpu" else max(1, CPU_PAIR_CHUNK // max(n, 1))
+        # GPUs and Inductor (which fuses the layers itself) take the whole tensor in one pass
+        blocked = edge.device.type == "cpu" and not _is_compiling()
+        rows = max(1, CPU_PAIR_CHUNK // max(n, 1)) if blocked else n
         if rows >= n:   # one block per batch row is the whole tensor: no copies
             return self._pair_mlp(edge, w_e, h_i[:, :, None], h_j[:, None], x[:, :, None], x[:, None])
         out = edge.new_empty(b, n, n, self.final_layer.out_features)
