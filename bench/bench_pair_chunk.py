@@ -3,8 +3,9 @@
 ``models.framediff.network.CPU_PAIR_CHUNK`` sets how many (i, j) pairs the CPU no-grad edge transition runs
 through its MLP at a time (``0`` here: all at once, the code before blocking). For each repeat, every size is
 timed once, in turn (so drift of a shared host spreads over all of them); each timing is the mean of ``--calls``
-forwards of ``default-helix`` at ``--batch`` x ``--length`` after one warm-up call. Also checks that every size
-gives the same output as the unblocked one, to float32 rounding.
+forwards of ``default-helix`` at ``--batch`` x ``--length`` after one warm-up call. Also prints the largest
+difference of each size's translation score from the first size's (float32 rounding at most; 0 where the blocks
+give the same bits).
 
     python bench/bench_pair_chunk.py --sizes 0 512 1024 2048 4096 8192 --repeats 5 --out bench/results/pair_chunk_cpu.json
 """
