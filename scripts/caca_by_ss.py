@@ -1,7 +1,7 @@
 """Consecutive CA–CA distances in range (3.6–4.0 Å), split by the secondary structure of each pair (issue 17).
 
 A pair (i, i+1) is "helix" when P-SEA calls both residues helix, "strand" when it calls both strand, and "other"
-otherwise (coil, and the ends of elements). The model card uses it to separate a model's per-class accuracy from
+otherwise (coil, and the ends of elements); the range is ``eval.metrics.CA_CA_WINDOW``. The model card uses it to separate a model's per-class accuracy from
 its composition: the embedded helix model draws helices almost perfectly and coil much less well, so a model with
 less helix loses CA–CA even at the same per-class rates.
 
@@ -19,12 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.metrics import secondary_structure  # noqa: E402
+from eval.metrics import CA_CA_WINDOW, secondary_structure  # noqa: E402
 from superdiff_protein.errors import UserError  # noqa: E402
 from superdiff_protein.runs.structures import read_backbone  # noqa: E402
 
 CLASSES = ("helix", "strand", "other")
-LOW, HIGH = 3.6, 4.0
 
 
 def pair_counts(ca: np.ndarray, sse: str) -> dict[str, tuple[int, int]]:
@@ -33,7 +32,7 @@ def pair_counts(ca: np.ndarray, sse: str) -> dict[str, tuple[int, int]]:
     if len(sse) != len(ca):
         raise ValueError(f"{len(sse)} SS labels for {len(ca)} residues")
     d = np.linalg.norm(ca[1:] - ca[:-1], axis=-1)
-    ok = (d >= LOW) & (d <= HIGH)            # NaN (missing CA) compares false: out of range
+    ok = (d >= CA_CA_WINDOW[0]) & (d <= CA_CA_WINDOW[1])   # NaN (missing CA) compares false: out of range
     a = np.frombuffer(sse.encode(), dtype="S1")
     same = a[:-1] == a[1:]
     cls = np.where(same & (a[:-1] == b"a"), 0, np.where(same & (a[:-1] == b"b"), 1, 2))
