@@ -1,9 +1,9 @@
 """Consecutive CA–CA distances in range (3.6–4.0 Å), split by the secondary structure of each pair (issue 17).
 
 A pair (i, i+1) is "helix" when P-SEA calls both residues helix, "strand" when it calls both strand, and "other"
-otherwise (coil, and the ends of elements); the range is ``eval.metrics.CA_CA_WINDOW``. The model card uses it to separate a model's per-class accuracy from
-its composition: the embedded helix model draws helices almost perfectly and coil much less well, so a model with
-less helix loses CA–CA even at the same per-class rates.
+otherwise (coil, and the ends of elements); the range is ``eval.metrics.CA_CA_WINDOW``. The model card uses it to
+separate a model's per-class accuracy from its composition: the embedded helix model draws helices almost
+perfectly and coil much less well, so a model with less helix loses CA–CA even at the same per-class rates.
 
     python scripts/caca_by_ss.py runs/eval_ship_s0/samples/helix runs/eval_s15a_s0/samples/helix
 
