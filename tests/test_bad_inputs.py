@@ -225,6 +225,8 @@ CASES = [
     (T, ["out_dir=/dev/null/x"], ["'/dev/null' is not a directory"], {}),
     (T, ["experiment.learning_rate=nan"], ["experiment.learning_rate must be a finite number"], {}),
     (T, ["experiment.learning_rate=0"], ["experiment.learning_rate must be > 0"], {}),
+    (T, ["experiment.bond_loss_weight=-1"], ["experiment.bond_loss_weight must be >= 0"], {}),
+    (T, ["experiment.bond_loss_t_filter=2"], ["bond_loss_t_filter in [0, 1]"], {}),
     (T, ["max_steps=1.5"], ["max_steps must be an integer"], {}),
     (T, ["data.min_t=abc"], ["data.min_t must be a number"], {}),
     (T, ["trainer.accelerator=gpu"], ["no CUDA GPU is available"], {"cuda_absent": True}),

@@ -441,6 +441,58 @@ def test_ca_clash_loss_zero_on_truth_and_pushes_clashing_pairs_apart():
         assert torch.allclose(on["loss"], off["loss"] + expect, atol=1e-5)
 
 
+def test_ca_bond_loss_is_the_mean_squared_bond_error_and_gated_by_t():
+    from superdiff_protein.frames.se3 import SE3Diffuser
+
+    rot, trans, psi, mask, _ = _fake_batch()
+    assert float(L.ca_bond_loss(trans, trans, mask).abs().max()) == 0.0   # the truth costs nothing
+    # stretch every bond of a straight chain by the same 0.3 A: the loss is exactly 0.3^2, in any frame
+    n = trans.shape[1]
+    line = torch.zeros(3, n, 3)
+    line[..., 0] = 3.8 * torch.arange(n, dtype=torch.float32)
+    stretched = line * (4.1 / 3.8)
+    q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0]
+    val = L.ca_bond_loss(stretched @ q.T + 5.0, line, mask)
+    assert torch.allclose(val, torch.full_like(val, 0.09), rtol=1e-4)
+    # a residue absent on either side removes its two bonds from the mean, not the value
+    m2 = mask.clone()
+    m2[:, 3] = 0
+    assert torch.allclose(L.ca_bond_loss(stretched, line, m2), val, rtol=1e-4)
+    # gradient descent shortens an overlong bond, and stays finite when two CAs coincide
+    bad = line.clone()
+    bad[:, 5:] += torch.tensor([0.5, 0.0, 0.0])
+    bad.requires_grad_(True)
+    L.ca_bond_loss(bad, line, mask).sum().backward()
+    d0 = (bad[:, 5] - bad[:, 4]).norm(dim=-1)
+    moved = bad.detach() - 0.5 * bad.grad
+    assert ((moved[:, 5] - moved[:, 4]).norm(dim=-1) < d0 - 1e-3)[mask[:, 5] > 0].all()
+    same = line.clone()
+    same[:, 1] = same[:, 0]
+    same.requires_grad_(True)
+    L.ca_bond_loss(same, line, mask).sum().backward()
+    assert torch.isfinite(same.grad).all()
+
+    # wired into framediff_loss only when bond_loss_weight > 0, gated by bond_loss_t_filter
+    cfg = T.compose_config(["model=tiny"])
+    exp = dict(cfg["experiment"])
+    assert float(exp["bond_loss_weight"]) == 0.0 and float(exp["bond_loss_t_filter"]) == 0.1
+    d = SE3Diffuser.from_conf(cfg)
+    gt = {"rotmats": rot, "trans": trans, "psi": psi, "psi_mask": mask.bool()}
+    pred = trans + 0.2 * torch.randn(trans.shape, generator=torch.Generator().manual_seed(2))
+    for tv in (0.05, 0.5):
+        t = torch.full((3,), tv)
+        noised = d.forward_marginal(rot, trans, t, mask, generator=torch.Generator().manual_seed(3))
+        prs, pts = d.scores_from_prediction(noised.rotmats_t, noised.trans_t, rot, pred, t, mask)
+        off = L.framediff_loss(rot, pred, psi, prs.float(), pts.float(), gt, noised, t, mask, exp)
+        assert "bond_loss" not in off
+        on = L.framediff_loss(rot, pred, psi, prs.float(), pts.float(), gt, noised, t, mask,
+                              dict(exp, bond_loss_weight=3.0, bond_loss_t_filter=0.1))
+        expect = 3.0 * L.ca_bond_loss(pred, trans, mask) * (tv < 0.1)
+        assert torch.allclose(on["bond_loss"], expect, atol=1e-6)
+        assert torch.allclose(on["loss"], off["loss"] + expect, atol=1e-5)
+        assert (expect > 0).all() == (tv < 0.1)
+
+
 def test_non_finite_loss_stops_at_the_next_metrics_row(dataset, tmp_path):
     """Per-step losses stay on the device; the first metrics row (or save) after a NaN stops the run with a
     one-line TrainError, and no diverged model.pth is written."""

@@ -143,6 +143,8 @@ def _finalize_config(cfg: dict) -> dict:
         raise TrainError("experiment.export_weights=ema needs experiment.ema_decay")
     if float(e.get("clash_loss_weight") or 0.0) < 0 or float(e.get("clash_dist", 3.8)) <= 0:
         raise TrainError("experiment.clash_loss_weight must be >= 0 and experiment.clash_dist > 0")
+    if float(e.get("bond_loss_weight") or 0.0) < 0 or not 0.0 <= float(e.get("bond_loss_t_filter", 0.1)) <= 1.0:
+        raise TrainError("experiment.bond_loss_weight must be >= 0 and experiment.bond_loss_t_filter in [0, 1]")
     if int(cfg["max_steps"]) < 1:
         raise TrainError("max_steps must be >= 1")
     if cfg.get("max_minutes") is not None and float(cfg["max_minutes"]) <= 0:
