@@ -14,7 +14,7 @@ from typing import Any
 __all__ = ["METRIC_ORDER", "read_metrics", "append_metrics", "truncate_metrics", "plot_metrics"]
 
 METRIC_ORDER = ["step", "epoch", "train_min", "loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss",
-                 "clash_loss", "grad_norm", "lr", "chains_per_s", "residues_per_s", "eval_loss", "eval_rot_loss",
+                 "clash_loss", "bond_loss", "grad_norm", "lr", "chains_per_s", "residues_per_s", "eval_loss", "eval_rot_loss",
                  "eval_trans_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"]
 
 
@@ -97,7 +97,7 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = (
-        (("loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss", "clash_loss"),
+        (("loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss", "clash_loss", "bond_loss"),
          "training loss (mean over log_every steps)"),
         (("eval_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"), "fixed-noise evaluation loss"),
     )
