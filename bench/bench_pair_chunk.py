@@ -1,6 +1,6 @@
 """CPU no-grad forward of an embedded default network against the pair-block size of its edge transitions.
 
-``models.framediff.network.CPU_PAIR_CHUNK`` sets how many (i, j) pairs the CPU no-grad edge transition runs
+``models.framediff.fast_paths.CPU_PAIR_CHUNK`` sets how many (i, j) pairs the CPU no-grad edge transition runs
 through its MLP at a time (``0`` here: all at once, the code before blocking). For each repeat, every size is
 timed once, in turn (so drift of a shared host spreads over all of them); each timing is the mean of ``--calls``
 forwards of ``default-helix`` at ``--batch`` x ``--length`` after one warm-up call. Also prints the largest
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_main_job import _cpu_model  # noqa: E402
 
-import models.framediff.network as net_mod  # noqa: E402
+import models.framediff.fast_paths as net_mod  # noqa: E402
 from superdiff_protein.cli.runtime import tune_malloc  # noqa: E402
 from superdiff_protein.frames.geometry import so3_exp  # noqa: E402
 from superdiff_protein.frames.registry import load_model  # noqa: E402

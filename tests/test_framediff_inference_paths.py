@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from models.framediff import FrameDiffConfig, FrameDiffScoreNetwork
-from models.framediff.network import EdgeTransition, _distogram_linear, _rel_index_linear, calc_distogram, \
-    index_embedding
+from models.framediff.fast_paths import distogram_linear as _distogram_linear
+from models.framediff.fast_paths import rel_index_linear as _rel_index_linear
+from models.framediff.network import EdgeTransition, calc_distogram, index_embedding
 from superdiff_protein.frames.geometry import rotmat_to_quat, so3_exp
 from tolerances import close, float64_tol
 
@@ -61,7 +62,14 @@ def _inputs(b: int, n: int, seed: int, padded: bool, seq_kind: str):
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("seq_kind", ["arange", "gaps", "far", "float"])
-def test_no_grad_forward_equals_autograd_forward(padded, seq_kind):
+@pytest.mark.parametrize("chunk", [None, 17, 40])
+def test_no_grad_forward_equals_autograd_forward(monkeypatch, padded, seq_kind, chunk):
+    """Also with pair blocks of one row (17 pairs) and of rows that do not divide the 17 rows (40 pairs: 2 rows),
+    so the blocked edge embedding and edge transitions see every block shape."""
+    import models.framediff.fast_paths as fp
+
+    if chunk is not None:
+        monkeypatch.setattr(fp, "CPU_PAIR_CHUNK", chunk)
     net = _random_net()
     inp = _inputs(3, 17, seed=1, padded=padded, seq_kind=seq_kind)
     with torch.no_grad():
@@ -98,7 +106,7 @@ def test_edge_transition_fast_path_matches_concatenation():
 def test_edge_transition_cpu_pair_blocks_match_one_pass(monkeypatch, chunk):
     """The CPU path runs pairs in blocks of rows (CPU_PAIR_CHUNK pairs): any block size, including blocks that
     do not divide the rows and a single pair's row, gives the one-pass result to rounding."""
-    import models.framediff.network as net_mod
+    import models.framediff.fast_paths as net_mod
 
     g = torch.Generator().manual_seed(5)
     et = EdgeTransition(24, 10, 12, num_layers=2).double()

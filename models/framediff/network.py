@@ -34,6 +34,8 @@ from superdiff_protein.frames.geometry import (
 )
 
 from .config import FrameDiffConfig
+from .fast_paths import edge_embed_no_grad, is_compiling, pair_mlp_no_grad
+from .features import calc_distogram, index_embedding, timestep_embedding
 
 __all__ = [
     "timestep_embedding",
@@ -52,40 +54,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- embeddings
-def timestep_embedding(t: Tensor, dim: int, max_positions: int = 10000) -> Tensor:
-    """Sinusoidal embedding of diffusion times ``t`` (B,) -> (B, dim), as the official one."""
-    t = t * max_positions
-    half = dim // 2
-    scale = math.log(max_positions) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -scale)
-    emb = t.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    if dim % 2 == 1:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-def index_embedding(indices: Tensor, dim: int, max_len: int = 2056) -> Tensor:
-    """Sinusoidal embedding of (integer) residue indices / offsets (...,) -> (..., dim)."""
-    k = torch.arange(dim // 2, device=indices.device)
-    denom = max_len ** (2 * k[None] / dim)
-    arg = indices[..., None] * math.pi / denom
-    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
-
-
-def calc_distogram(pos: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
-    """One-hot CA distogram (B, N, N, num_bins): bin k is ``lower_k < d < lower_{k+1}``.
-
-    ``lower = linspace(min_bin, max_bin, num_bins)`` (float32, as official) and the last bin is
-    open-ended (upper 1e8).  Distances are computed in ``pos.dtype``.  A distance of exactly 0
-    (e.g. the zero self-conditioning input of the first pass) falls in no bin.
-    """
-    d = torch.linalg.norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1)[..., None]
-    lower = torch.linspace(min_bin, max_bin, num_bins, device=pos.device)
-    upper = torch.cat([lower[1:], torch.full((1,), 1e8, dtype=lower.dtype, device=lower.device)], dim=-1)
-    return ((d > lower) * (d < upper)).to(pos.dtype)
-
-
 def _mlp3_ln(d_in: int, d: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.LayerNorm(d)
@@ -121,74 +89,13 @@ class Embedder(nn.Module):
         ]
         node = self.node_embedder(torch.cat([f.to(dtype) for f in node_feats], dim=-1))
         if not torch.is_grad_enabled():
-            return node, self._edge_embed_inference(seq_idx, t_emb.to(dtype), sc_ca)
+            bins = (e.min_bin, e.max_bin, e.num_bins) if e.embed_self_conditioning else None
+            return node, edge_embed_no_grad(self.edge_embedder, seq_idx, t_emb.to(dtype), sc_ca, e.index_embed_size,
+                                            bins)
         if e.embed_self_conditioning:
             pair_feats.append(calc_distogram(sc_ca, e.min_bin, e.max_bin, e.num_bins))
         edge = self.edge_embedder(torch.cat([f.to(dtype) for f in pair_feats], dim=-1))
         return node, edge
-
-    def _edge_embed_inference(self, seq_idx: Tensor, t_emb: Tensor, sc_ca: Tensor) -> Tensor:
-        """The edge embedding without materialising the (B,N,N,120) feature concatenation.
-
-        The first linear layer is split by input block: the two time blocks are per-residue
-        (B,N,C) products broadcast over pairs, the relative-index block is a lookup in a table of
-        the distinct offsets (CPU, integer indices), and the one-hot distogram block is a lookup of
-        weight columns. Same maths as the concatenation; only the float32 summation order differs.
-        """
-        e = self.cfg.embed
-        lin = self.edge_embedder[0]
-        w = lin.weight
-        k0, ki = t_emb.shape[-1], e.index_embed_size
-        pair = _rel_index_linear(seq_idx, w[:, 2 * k0:2 * k0 + ki].contiguous(), ki)
-        pair += F.linear(t_emb, w[:, :k0].contiguous(), lin.bias)[:, :, None]
-        pair += F.linear(t_emb, w[:, k0:2 * k0].contiguous())[:, None]
-        if e.embed_self_conditioning:
-            pair += _distogram_linear(sc_ca, w[:, 2 * k0 + ki:], e.min_bin, e.max_bin, e.num_bins)
-        for layer in list(self.edge_embedder)[1:]:
-            pair = pair.relu_() if isinstance(layer, nn.ReLU) else layer(pair)
-        return pair
-
-
-# Pairs per block of the CPU no-grad pair MLPs (EdgeTransition): 2048 pairs x 128 hidden channels in float32 is
-# 1 MiB, an L2's worth, so the layers after the first read their input from cache (bench/bench_pair_chunk.py).
-CPU_PAIR_CHUNK = 2048
-
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)   # torch < 2.3: absent
-
-
-def _rel_index_linear(seq_idx: Tensor, w: Tensor, dim: int) -> Tensor:
-    """``F.linear(index_embedding(seq_idx[:, :, None] - seq_idx[:, None, :], dim), w)`` (B,N,N,C_out).
-
-    On CPU with integer indices the embedding and the product are taken once per distinct offset
-    and gathered (the embedding of an offset is the same number whichever pair it comes from).
-    """
-    rel = seq_idx[:, :, None] - seq_idx[:, None, :]
-    # the table needs the offsets' range on the host (a graph break under torch.compile, which fuses the
-    # plain path anyway), so compiled graphs take the plain path
-    if rel.device.type == "cpu" and not rel.is_floating_point() and rel.numel() > 0 and not _is_compiling():
-        lo, hi = int(rel.min()), int(rel.max())
-        if hi - lo < 4 * rel.shape[-1] + 64:
-            offs = torch.arange(lo, hi + 1, dtype=rel.dtype)
-            table = F.linear(index_embedding(offs, dim).to(w.dtype), w)
-            return table.index_select(0, (rel - lo).reshape(-1)).reshape(rel.shape + (w.shape[0],))
-    return F.linear(index_embedding(rel, dim).to(w.dtype), w)
-
-
-def _distogram_linear(pos: Tensor, w: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
-    """``F.linear(calc_distogram(pos, ...), w)`` (B,N,N,C_out) as a lookup of ``w``'s columns.
-
-    A pair in bin k gets column k; a pair in no bin (distance exactly on a bin edge, 0, NaN) gets 0.
-    """
-    d = torch.linalg.norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1)
-    lower = torch.linspace(min_bin, max_bin, num_bins, device=pos.device)
-    upper = torch.cat([lower[1:], torch.full((1,), 1e8, dtype=lower.dtype, device=lower.device)], dim=-1)
-    dc = d.contiguous()
-    k = torch.searchsorted(lower.to(d.dtype), dc) - 1          # number of edges below d, minus 1
-    kc = k.clamp(0, num_bins - 1)
-    ok = (k >= 0) & (dc < upper.to(d.dtype)[kc])
-    table = torch.cat([w.t(), w.new_zeros(1, w.shape[0])], 0)  # row num_bins: "no bin"
-    idx = torch.where(ok, kc, torch.full_like(kc, num_bins))
-    return table.index_select(0, idx.reshape(-1)).reshape(d.shape + (w.shape[0],))
 
 
 # ----------------------------------------------------------------------------- trunk modules
@@ -370,56 +277,10 @@ class EdgeTransition(nn.Module):
     def forward(self, node: Tensor, edge: Tensor) -> Tensor:
         x = self.initial_embed(node)
         if not torch.is_grad_enabled() and len(self.trunk) > 0:
-            return self._forward_inference(x, edge)
+            return pair_mlp_no_grad(self, x, edge)   # same maths, no (B,N,N,*) concatenation
         b, n, _ = x.shape
         e = torch.cat([edge, x[:, :, None, :].expand(b, n, n, -1), x[:, None, :, :].expand(b, n, n, -1)], -1)
         return self.layer_norm(self.final_layer(self.trunk(e) + e))
-
-    def _forward_inference(self, x: Tensor, edge: Tensor) -> Tensor:
-        """The same MLP without the (B,N,N,C_e+2C_x) concatenation ``e = [edge, x_i, x_j]`` (no grad).
-
-        The first layer is split by input block (``W e = W_e edge + (W_i x)_i + (W_j x)_j``: a
-        (B,N,N) product with C_e inputs plus two per-residue products broadcast over pairs), and the
-        residual ``h + e`` is added block by block in place. In-place updates make this path
-        unusable under autograd; only the float32 summation order of the first layer differs.
-        On the CPU the pairs go through in blocks of rows (:data:`CPU_PAIR_CHUNK` pairs), so the
-        (pairs, hidden) activations stay in cache between the layers; every pair is computed by
-        the same operations either way.
-        """
-        ce, cx = edge.shape[-1], x.shape[-1]
-        first = self.trunk[0]
-        w = first.weight
-        # contiguous weight blocks: the (B*N*N, C_e) product with a column slice of the weight
-        # took twice as long (MKL, 2 CPU cores)
-        w_e = w[:, :ce].contiguous()
-        h_i = F.linear(x, w[:, ce:ce + cx].contiguous(), first.bias)
-        h_j = F.linear(x, w[:, ce + cx:].contiguous())
-        b, n = edge.shape[:2]
-        # GPUs and Inductor (which fuses the layers itself) take the whole tensor in one pass
-        blocked = edge.device.type == "cpu" and not _is_compiling()
-        rows = max(1, CPU_PAIR_CHUNK // max(n, 1)) if blocked else n
-        if rows >= n:   # one block per batch row is the whole tensor: no copies
-            return self._pair_mlp(edge, w_e, h_i[:, :, None], h_j[:, None], x[:, :, None], x[:, None])
-        out = edge.new_empty(b, n, n, self.final_layer.out_features)
-        for k in range(b):
-            for s in range(0, n, rows):
-                rs = slice(s, s + rows)
-                out[k, rs] = self._pair_mlp(edge[k, rs], w_e, h_i[k, rs, None], h_j[k, None], x[k, rs, None],
-                                            x[k, None])
-        return out
-
-    def _pair_mlp(self, edge: Tensor, w_e: Tensor, h_i: Tensor, h_j: Tensor, x_i: Tensor, x_j: Tensor) -> Tensor:
-        """The transition of a block of pairs, from its first layer's per-residue terms (broadcast)."""
-        ce, cx = edge.shape[-1], x_i.shape[-1]
-        h = F.linear(edge, w_e)
-        h += h_i
-        h += h_j
-        for layer in list(self.trunk)[1:]:
-            h = h.relu_() if isinstance(layer, nn.ReLU) else layer(h)
-        h[..., :ce] += edge
-        h[..., ce:ce + cx] += x_i
-        h[..., ce + cx:] += x_j
-        return self.layer_norm(self.final_layer(h))
 
 
 class TorsionAngles(nn.Module):
@@ -516,7 +377,7 @@ class IpaScore(nn.Module):
 def _all_ones(m: Tensor) -> bool:
     """True for a CPU mask of ones (multiplying by it is exact identity); False on other devices and while
     torch.compile traces (the host read would break the graph; the multiplication by ones is exact)."""
-    return m.device.type == "cpu" and not _is_compiling() and bool((m == 1).all())
+    return m.device.type == "cpu" and not is_compiling() and bool((m == 1).all())
 
 
 class FrameDiffScoreNetwork(nn.Module):

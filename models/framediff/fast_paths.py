@@ -1,0 +1,189 @@
+"""No-grad fast paths of FrameDiff's pair (N x N) work: the edge embedding and the edge transition.
+
+Same maths as the modules' plain forward (which training and autograd use); only the float32 summation order
+differs. Two ideas:
+
+* **Split linear maps.** A linear layer applied to a concatenation ``[edge, x_i, x_j]`` or ``[t_i, t_j,
+  rel_ij, dist_ij]`` is a sum of per-block products. Per-residue blocks become (B,N,C) products broadcast over
+  pairs; integer-valued blocks (relative index, distogram bin) become lookups in small tables of weight rows.
+* **Pair blocks on the CPU.** The pairs go through the MLP :data:`CPU_PAIR_CHUNK` at a time (whole rows of one
+  batch element), so the activations stay in cache between layers. Every pair is computed by the same
+  operations whatever the block size. GPUs and Inductor (which fuses the layers itself) take one pass.
+
+Measurements: docs/benchmarks.md ("The main job on 2 CPU cores").
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .features import index_embedding
+
+# Pairs per block of the CPU no-grad pair MLPs: 2048 pairs x 128 hidden channels in float32 is 1 MiB, an L2's
+# worth, so the layers after the first read their input from cache (bench/bench_pair_chunk.py).
+CPU_PAIR_CHUNK = 2048
+
+is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling",
+                                           lambda: False)   # torch < 2.3: absent
+
+
+def _row_blocks(device: torch.device, n: int) -> int:
+    """Rows (of n pairs each) per block: :data:`CPU_PAIR_CHUNK` pairs on the CPU, all rows elsewhere."""
+    if device.type == "cpu" and not is_compiling():
+        return max(1, CPU_PAIR_CHUNK // max(n, 1))
+    return n
+
+
+def rel_offsets(seq_idx: Tensor) -> tuple[Tensor, int] | None:
+    """``(rel - lo, lo)`` for the relative indices ``rel = i - j`` (B,N,N), when they are CPU integers in a
+    range small enough for a lookup table (else None: the caller embeds them densely)."""
+    rel = seq_idx[:, :, None] - seq_idx[:, None, :]
+    # the table needs the offsets' range on the host (a graph break under torch.compile, which fuses the
+    # plain path anyway), so compiled graphs take the plain path
+    if rel.device.type != "cpu" or rel.is_floating_point() or rel.numel() == 0 or is_compiling():
+        return None
+    lo, hi = int(rel.min()), int(rel.max())
+    if hi - lo >= 4 * rel.shape[-1] + 64:
+        return None
+    return rel - lo, lo
+
+
+def rel_index_table(lo: int, count: int, w: Tensor, dim: int) -> Tensor:
+    """``F.linear(index_embedding(offset), w)`` for the offsets ``lo .. lo + count - 1`` (count, C_out)."""
+    offs = torch.arange(lo, lo + count, dtype=torch.long)
+    return F.linear(index_embedding(offs, dim).to(w.dtype), w)
+
+
+def rel_index_linear(seq_idx: Tensor, w: Tensor, dim: int) -> Tensor:
+    """``F.linear(index_embedding(seq_idx[:, :, None] - seq_idx[:, None, :], dim), w)`` (B,N,N,C_out).
+
+    On CPU with integer indices the embedding and the product are taken once per distinct offset
+    and gathered (the embedding of an offset is the same number whichever pair it comes from).
+    """
+    ro = rel_offsets(seq_idx)
+    if ro is None:
+        rel = seq_idx[:, :, None] - seq_idx[:, None, :]
+        return F.linear(index_embedding(rel, dim).to(w.dtype), w)
+    idx, lo = ro
+    table = rel_index_table(lo, int(idx.max()) + 1, w, dim)
+    return table.index_select(0, idx.reshape(-1)).reshape(idx.shape + (w.shape[0],))
+
+
+def distogram_bins(pos: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
+    """The one-hot distogram's bin of every pair (B,N,N), ``num_bins`` for "no bin" (see
+    :func:`~models.framediff.features.calc_distogram`: a distance exactly on a bin edge, 0 or NaN)."""
+    d = torch.linalg.norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1).contiguous()
+    lower = torch.linspace(min_bin, max_bin, num_bins, device=pos.device)
+    upper = torch.cat([lower[1:], torch.full((1,), 1e8, dtype=lower.dtype, device=lower.device)], dim=-1)
+    k = torch.searchsorted(lower.to(d.dtype), d) - 1          # number of edges below d, minus 1
+    kc = k.clamp(0, num_bins - 1)
+    ok = (k >= 0) & (d < upper.to(d.dtype)[kc])
+    return torch.where(ok, kc, torch.full_like(kc, num_bins))
+
+
+def distogram_table(w: Tensor) -> Tensor:
+    """The distogram block's lookup table: row k is weight column k, row ``num_bins`` ("no bin") is 0."""
+    return torch.cat([w.t(), w.new_zeros(1, w.shape[0])], 0)
+
+
+def distogram_linear(pos: Tensor, w: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
+    """``F.linear(calc_distogram(pos, ...), w)`` (B,N,N,C_out) as a lookup of ``w``'s columns."""
+    idx = distogram_bins(pos, min_bin, max_bin, num_bins)
+    return distogram_table(w).index_select(0, idx.reshape(-1)).reshape(idx.shape + (w.shape[0],))
+
+
+def _rest(layers: list[nn.Module], h: Tensor) -> Tensor:
+    """The layers after the first (ReLU in place, Linear, LayerNorm) on a (pairs, C) block."""
+    for layer in layers:
+        h = h.relu_() if isinstance(layer, nn.ReLU) else layer(h)
+    return h
+
+
+def edge_embed_no_grad(mlp: nn.Sequential, seq_idx: Tensor, t_emb: Tensor, sc_ca: Tensor | None,
+                       index_dim: int, bins: tuple[float, float, int] | None) -> Tensor:
+    """FrameDiff's edge embedding ``mlp([t_i, t_j, index_embedding(i - j), distogram(sc_ca)])`` (B,N,N,C).
+
+    ``t_emb`` (B,N,K) is the per-residue time (+ fixed-mask) feature; ``bins = (min, max, num)`` when the
+    self-conditioning distogram is an input. On the CPU the relative index and the distogram bin of a pair
+    index one table of their summed first-layer rows, and the whole MLP runs on blocks of pairs.
+    """
+    lin = mlp[0]
+    w = lin.weight
+    k0 = t_emb.shape[-1]
+    t_i = F.linear(t_emb, w[:, :k0].contiguous(), lin.bias)
+    t_j = F.linear(t_emb, w[:, k0:2 * k0].contiguous())
+    w_rel = w[:, 2 * k0:2 * k0 + index_dim].contiguous()
+    w_d = w[:, 2 * k0 + index_dim:]
+    rest = list(mlp)[1:]
+    ro = rel_offsets(seq_idx)
+    if ro is None:   # GPU, compiled or unusual indices: whole tensors
+        pair = rel_index_linear(seq_idx, w_rel, index_dim)
+        pair += t_i[:, :, None]
+        pair += t_j[:, None]
+        if bins is not None:
+            pair += distogram_linear(sc_ca, w_d, *bins)
+        return _rest(rest, pair)
+    idx, lo = ro
+    table = rel_index_table(lo, int(idx.max()) + 1, w_rel, index_dim)
+    if bins is not None:   # one table over (offset, bin): its index is offset * (num_bins + 1) + bin
+        d_table = distogram_table(w_d).to(table.dtype)
+        table = (table[:, None, :] + d_table[None]).reshape(-1, table.shape[-1])
+        idx = idx * d_table.shape[0] + distogram_bins(sc_ca, *bins)
+    b, n = seq_idx.shape
+    rows = _row_blocks(seq_idx.device, n)
+    out = None
+    for k in range(b):
+        for s in range(0, n, rows):
+            rs = slice(s, s + rows)
+            blk = table.index_select(0, idx[k, rs].reshape(-1)).view(-1, n, table.shape[-1])
+            blk += t_i[k, rs, None]
+            blk += t_j[k, None]
+            blk = _rest(rest, blk)
+            if out is None:
+                out = blk.new_empty(b, n, n, blk.shape[-1])
+            out[k, rs] = blk
+    return out
+
+
+def pair_mlp_no_grad(et: nn.Module, x: Tensor, edge: Tensor) -> Tensor:
+    """:class:`~models.framediff.network.EdgeTransition` on ``x = initial_embed(node)`` (B,N,C_x) and ``edge``
+    (B,N,N,C_e): ``LN(final(trunk(e) + e))`` with ``e = [edge, x_i, x_j]``, without building ``e``.
+
+    Both linear maps that see ``e`` are split by input block: the first layer, and the residual's share of the
+    final layer (``final(h + e) = final(h) + W_f e``). The per-residue parts are (B,N,C) products broadcast
+    over pairs; the two edge parts are one (pairs, C_e) product into a buffer that already holds the broadcast
+    per-residue sums (a GEMM that accumulates).
+    """
+    ce, cx = edge.shape[-1], x.shape[-1]
+    first, fin = et.trunk[0], et.final_layer
+    hid, co = first.out_features, fin.out_features
+    w, wf = first.weight, fin.weight
+    # contiguous weight blocks: the (B*N*N, C_e) product with a column slice of the weight
+    # took twice as long (MKL, 2 CPU cores)
+    w_edge = torch.cat([w[:, :ce], wf[:, :ce]], 0).t().contiguous()              # (C_e, H + C_o)
+    a_i = torch.cat([F.linear(x, w[:, ce:ce + cx], first.bias), F.linear(x, wf[:, ce:ce + cx], fin.bias)], -1)
+    a_j = torch.cat([F.linear(x, w[:, ce + cx:]), F.linear(x, wf[:, ce + cx:])], -1)
+    trunk = list(et.trunk)[2:]
+
+    def block(e: Tensor, ai: Tensor, aj: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(ai.shape, aj.shape)
+        buf = torch.add(ai, aj, out=ai.new_empty(shape)).view(-1, shape[-1])
+        buf.addmm_(e.reshape(-1, ce).to(buf.dtype), w_edge.to(buf.dtype))   # in place: autocast does not cast
+        h = buf[:, :hid].relu_()   # a column slice: the next product reads it with a leading dimension
+        for layer in trunk:
+            h = h.relu_() if isinstance(layer, nn.ReLU) else torch.addmm(layer.bias, h, layer.weight.t())
+        return et.layer_norm(torch.addmm(buf[:, hid:], h, fin.weight.t())).view(shape[:-1] + (co,))
+
+    b, n = edge.shape[:2]
+    rows = _row_blocks(edge.device, n)
+    if rows >= n:   # one block per batch row is the whole tensor: no copies
+        return block(edge, a_i[:, :, None], a_j[:, None])
+    out = edge.new_empty(b, n, n, co)
+    for k in range(b):
+        for s in range(0, n, rows):
+            rs = slice(s, s + rows)
+            out[k, rs] = block(edge[k, rs], a_i[k, rs, None], a_j[k, None])
+    return out
