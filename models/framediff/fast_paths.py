@@ -6,8 +6,8 @@ differs. Two ideas:
 * **Split linear maps.** A linear layer applied to a concatenation ``[edge, x_i, x_j]`` or ``[t_i, t_j,
   rel_ij, dist_ij]`` is a sum of per-block products. Per-residue blocks become (B,N,C) products broadcast over
   pairs; integer-valued blocks (relative index, distogram bin) become lookups in small tables of weight rows.
-* **Pair blocks on the CPU.** The pairs go through the MLP :data:`CPU_PAIR_CHUNK` at a time (whole rows of one
-  batch element), so the activations stay in cache between layers. Every pair is computed by the same
+* **Pair blocks on the CPU.** The edge transition's pairs go through its MLP :data:`CPU_PAIR_CHUNK` at a time
+  (whole rows of one batch element), so the 128-wide activations stay in cache between layers. Every pair is computed by the same
   operations whatever the block size. GPUs and Inductor (which fuses the layers itself) take one pass.
 
 Measurements: docs/benchmarks.md ("The main job on 2 CPU cores").
@@ -95,57 +95,26 @@ def distogram_linear(pos: Tensor, w: Tensor, min_bin: float, max_bin: float, num
     return distogram_table(w).index_select(0, idx.reshape(-1)).reshape(idx.shape + (w.shape[0],))
 
 
-def _rest(layers: list[nn.Module], h: Tensor) -> Tensor:
-    """The layers after the first (ReLU in place, Linear, LayerNorm) on a (pairs, C) block."""
-    for layer in layers:
-        h = h.relu_() if isinstance(layer, nn.ReLU) else layer(h)
-    return h
-
-
 def edge_embed_no_grad(mlp: nn.Sequential, seq_idx: Tensor, t_emb: Tensor, sc_ca: Tensor | None,
                        index_dim: int, bins: tuple[float, float, int] | None) -> Tensor:
     """FrameDiff's edge embedding ``mlp([t_i, t_j, index_embedding(i - j), distogram(sc_ca)])`` (B,N,N,C).
 
     ``t_emb`` (B,N,K) is the per-residue time (+ fixed-mask) feature; ``bins = (min, max, num)`` when the
-    self-conditioning distogram is an input. On the CPU the relative index and the distogram bin of a pair
-    index one table of their summed first-layer rows, and the whole MLP runs on blocks of pairs.
+    self-conditioning distogram is an input. The first layer is split by input block: the two time blocks are
+    per-residue products broadcast over pairs, the relative index and the distogram bin are lookups of weight
+    rows. (Running this 32-wide MLP in pair blocks, as the edge transition does, measured no faster.)
     """
     lin = mlp[0]
     w = lin.weight
     k0 = t_emb.shape[-1]
-    t_i = F.linear(t_emb, w[:, :k0].contiguous(), lin.bias)
-    t_j = F.linear(t_emb, w[:, k0:2 * k0].contiguous())
-    w_rel = w[:, 2 * k0:2 * k0 + index_dim].contiguous()
-    w_d = w[:, 2 * k0 + index_dim:]
-    rest = list(mlp)[1:]
-    ro = rel_offsets(seq_idx)
-    if ro is None:   # GPU, compiled or unusual indices: whole tensors
-        pair = rel_index_linear(seq_idx, w_rel, index_dim)
-        pair += t_i[:, :, None]
-        pair += t_j[:, None]
-        if bins is not None:
-            pair += distogram_linear(sc_ca, w_d, *bins)
-        return _rest(rest, pair)
-    idx, lo = ro
-    table = rel_index_table(lo, int(idx.max()) + 1, w_rel, index_dim)
-    if bins is not None:   # one table over (offset, bin): its index is offset * (num_bins + 1) + bin
-        d_table = distogram_table(w_d).to(table.dtype)
-        table = (table[:, None, :] + d_table[None]).reshape(-1, table.shape[-1])
-        idx = idx * d_table.shape[0] + distogram_bins(sc_ca, *bins)
-    b, n = seq_idx.shape
-    rows = _row_blocks(seq_idx.device, n)
-    out = None
-    for k in range(b):
-        for s in range(0, n, rows):
-            rs = slice(s, s + rows)
-            blk = table.index_select(0, idx[k, rs].reshape(-1)).view(-1, n, table.shape[-1])
-            blk += t_i[k, rs, None]
-            blk += t_j[k, None]
-            blk = _rest(rest, blk)
-            if out is None:
-                out = blk.new_empty(b, n, n, blk.shape[-1])
-            out[k, rs] = blk
-    return out
+    pair = rel_index_linear(seq_idx, w[:, 2 * k0:2 * k0 + index_dim].contiguous(), index_dim)
+    pair += F.linear(t_emb, w[:, :k0].contiguous(), lin.bias)[:, :, None]
+    pair += F.linear(t_emb, w[:, k0:2 * k0].contiguous())[:, None]
+    if bins is not None:
+        pair += distogram_linear(sc_ca, w[:, 2 * k0 + index_dim:], *bins)
+    for layer in list(mlp)[1:]:
+        pair = pair.relu_() if isinstance(layer, nn.ReLU) else layer(pair)
+    return pair
 
 
 def pair_mlp_no_grad(et: nn.Module, x: Tensor, edge: Tensor) -> Tensor:
