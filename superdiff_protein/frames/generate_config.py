@@ -271,7 +271,7 @@ class GenerateConfig:
     bias: Any = field(default=None, metadata=_opt(_num_list, sample=True))
     kappa_scope: str = field(default="joint", metadata=_opt(_choice("joint", "per_component"), sample=True))
     estimator: str = field(default="ito", metadata=_opt(_choice("ito", "hutchinson"), sample=True))
-    num_steps: int = field(default=50, metadata=_opt(_integer(1, 100_000), sample=True))
+    num_steps: int = field(default=40, metadata=_opt(_integer(1, 100_000), sample=True))
     min_t: float = field(default=0.002, metadata=_opt(_number(lambda f: 0.0 <= f < 1.0, "must lie in [0, 1)"),
                                                      sample=True))
     noise_scale: float = field(default=1.0, metadata=_opt(_number(lambda f: f >= 0, "must be >= 0"), sample=True))
