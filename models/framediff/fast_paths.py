@@ -37,62 +37,38 @@ def _row_blocks(device: torch.device, n: int) -> int:
     return n
 
 
-def rel_offsets(seq_idx: Tensor) -> tuple[Tensor, int] | None:
-    """``(rel - lo, lo)`` for the relative indices ``rel = i - j`` (B,N,N), when they are CPU integers in a
-    range small enough for a lookup table (else None: the caller embeds them densely)."""
-    rel = seq_idx[:, :, None] - seq_idx[:, None, :]
-    # the table needs the offsets' range on the host (a graph break under torch.compile, which fuses the
-    # plain path anyway), so compiled graphs take the plain path
-    if rel.device.type != "cpu" or rel.is_floating_point() or rel.numel() == 0 or is_compiling():
-        return None
-    lo, hi = int(rel.min()), int(rel.max())
-    if hi - lo >= 4 * rel.shape[-1] + 64:
-        return None
-    return rel - lo, lo
-
-
-def rel_index_table(lo: int, count: int, w: Tensor, dim: int) -> Tensor:
-    """``F.linear(index_embedding(offset), w)`` for the offsets ``lo .. lo + count - 1`` (count, C_out)."""
-    offs = torch.arange(lo, lo + count, dtype=torch.long)
-    return F.linear(index_embedding(offs, dim).to(w.dtype), w)
-
-
 def rel_index_linear(seq_idx: Tensor, w: Tensor, dim: int) -> Tensor:
     """``F.linear(index_embedding(seq_idx[:, :, None] - seq_idx[:, None, :], dim), w)`` (B,N,N,C_out).
 
     On CPU with integer indices the embedding and the product are taken once per distinct offset
     and gathered (the embedding of an offset is the same number whichever pair it comes from).
     """
-    ro = rel_offsets(seq_idx)
-    if ro is None:
-        rel = seq_idx[:, :, None] - seq_idx[:, None, :]
-        return F.linear(index_embedding(rel, dim).to(w.dtype), w)
-    idx, lo = ro
-    table = rel_index_table(lo, int(idx.max()) + 1, w, dim)
-    return table.index_select(0, idx.reshape(-1)).reshape(idx.shape + (w.shape[0],))
+    rel = seq_idx[:, :, None] - seq_idx[:, None, :]
+    # the table needs the offsets' range on the host (a graph break under torch.compile, which fuses the
+    # plain path anyway), so compiled graphs take the plain path
+    if rel.device.type == "cpu" and not rel.is_floating_point() and rel.numel() > 0 and not is_compiling():
+        lo, hi = int(rel.min()), int(rel.max())
+        if hi - lo < 4 * rel.shape[-1] + 64:
+            offs = torch.arange(lo, hi + 1, dtype=rel.dtype)
+            table = F.linear(index_embedding(offs, dim).to(w.dtype), w)
+            return table.index_select(0, (rel - lo).reshape(-1)).reshape(rel.shape + (w.shape[0],))
+    return F.linear(index_embedding(rel, dim).to(w.dtype), w)
 
 
-def distogram_bins(pos: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
-    """The one-hot distogram's bin of every pair (B,N,N), ``num_bins`` for "no bin" (see
-    :func:`~models.framediff.features.calc_distogram`: a distance exactly on a bin edge, 0 or NaN)."""
+def distogram_linear(pos: Tensor, w: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
+    """``F.linear(calc_distogram(pos, ...), w)`` (B,N,N,C_out) as a lookup of ``w``'s columns.
+
+    A pair in bin k gets column k; a pair in no bin (distance exactly on a bin edge, 0, NaN) gets 0.
+    """
     d = torch.linalg.norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1).contiguous()
     lower = torch.linspace(min_bin, max_bin, num_bins, device=pos.device)
     upper = torch.cat([lower[1:], torch.full((1,), 1e8, dtype=lower.dtype, device=lower.device)], dim=-1)
     k = torch.searchsorted(lower.to(d.dtype), d) - 1          # number of edges below d, minus 1
     kc = k.clamp(0, num_bins - 1)
     ok = (k >= 0) & (d < upper.to(d.dtype)[kc])
-    return torch.where(ok, kc, torch.full_like(kc, num_bins))
-
-
-def distogram_table(w: Tensor) -> Tensor:
-    """The distogram block's lookup table: row k is weight column k, row ``num_bins`` ("no bin") is 0."""
-    return torch.cat([w.t(), w.new_zeros(1, w.shape[0])], 0)
-
-
-def distogram_linear(pos: Tensor, w: Tensor, min_bin: float, max_bin: float, num_bins: int) -> Tensor:
-    """``F.linear(calc_distogram(pos, ...), w)`` (B,N,N,C_out) as a lookup of ``w``'s columns."""
-    idx = distogram_bins(pos, min_bin, max_bin, num_bins)
-    return distogram_table(w).index_select(0, idx.reshape(-1)).reshape(idx.shape + (w.shape[0],))
+    table = torch.cat([w.t(), w.new_zeros(1, w.shape[0])], 0)  # row num_bins: "no bin"
+    idx = torch.where(ok, kc, torch.full_like(kc, num_bins))
+    return table.index_select(0, idx.reshape(-1)).reshape(d.shape + (w.shape[0],))
 
 
 def edge_embed_no_grad(mlp: nn.Sequential, seq_idx: Tensor, t_emb: Tensor, sc_ca: Tensor | None,
