@@ -135,6 +135,17 @@ def secondary_structure(ca: np.ndarray, res_ids: np.ndarray | None = None) -> di
     }
 
 
+def ca_clash_pairs(ca: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CA clashes of one chain ``ca`` (L, 3), in chain order (NaN rows never clash): ``(i, j, distance)`` of
+    every pair with ``j - i >= CA_CLASH_SEP`` closer than :data:`CA_CLASH_DIST`."""
+    ca = np.asarray(ca, dtype=np.float64)
+    i, j = np.triu_indices(len(ca), CA_CLASH_SEP)
+    d = np.linalg.norm(ca[i] - ca[j], axis=-1)
+    with np.errstate(invalid="ignore"):
+        hit = d < CA_CLASH_DIST
+    return i[hit], j[hit], d[hit]
+
+
 def geometry_metrics(coords: np.ndarray) -> dict[str, float | int]:
     """Geometry sanity of a backbone ``(L, 4, 3)`` (N, CA, C, O; NaN allowed) or CA trace ``(L, 3)``.
 
@@ -174,10 +185,7 @@ def geometry_metrics(coords: np.ndarray) -> dict[str, float | int]:
                c_n_valid_frac=float(((cn >= C_N_WINDOW[0]) & (cn <= C_N_WINDOW[1])).mean()) if len(cn)
                else float("nan"))
     idx = np.arange(L)
-    sep = np.abs(idx[:, None] - idx[None, :])
-    dca = np.linalg.norm(ca[:, None] - ca[None, :], axis=-1)
-    with np.errstate(invalid="ignore"):
-        out["n_ca_clashes"] = int(np.triu((dca < CA_CLASH_DIST) & (sep >= CA_CLASH_SEP)).sum())
+    out["n_ca_clashes"] = len(ca_clash_pairs(ca)[0])
     if np.isfinite(x).all() and L > 0:
         flat = x.reshape(-1, 3)
         res = np.repeat(idx, 4)

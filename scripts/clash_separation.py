@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.io import StructureReadError, read_backbone  # noqa: E402
-from eval.metrics import CA_CLASH_DIST, CA_CLASH_SEP  # noqa: E402
+from eval.metrics import CA_CLASH_SEP, ca_clash_pairs  # noqa: E402
 
 #: separation classes (inclusive upper bounds; the last is open)
 CLASSES = ((4, "3-4"), (6, "5-6"), (12, "7-12"), (None, ">12"))
@@ -28,10 +28,8 @@ CLASSES = ((4, "3-4"), (6, "5-6"), (12, "7-12"), (None, ">12"))
 
 def clash_pairs(ca: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sequence separations and distances of the CA clashes of one chain (``ca`` (N, 3), in chain order)."""
-    d = np.linalg.norm(ca[:, None] - ca[None], axis=-1)
-    i, j = np.triu_indices(len(ca), CA_CLASH_SEP)
-    hit = d[i, j] < CA_CLASH_DIST
-    return (j - i)[hit], d[i, j][hit]
+    i, j, d = ca_clash_pairs(ca)
+    return j - i, d
 
 
 def summarise(folder: Path) -> dict:
