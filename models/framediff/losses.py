@@ -129,7 +129,7 @@ def framediff_loss(
     return out
 
 
-def ca_clash_loss(pred_ca: Tensor, gt_ca: Tensor, mask: Tensor, clash_dist: float = 3.8,
+def ca_clash_loss(pred_ca: Tensor, gt_ca: Tensor | None, mask: Tensor, clash_dist: float = 3.8,
                   min_sep: int = 3) -> Tensor:
     """One-sided CA clash penalty per chain (not in official FrameDiff; off unless ``clash_loss_weight > 0``).
 
@@ -138,15 +138,19 @@ def ca_clash_loss(pred_ca: Tensor, gt_ca: Tensor, mask: Tensor, clash_dist: floa
     ground truth costs exactly zero; only predicted pairs closer than both the truth and ``clash_dist``
     are pushed apart. FrameDiff's distance loss only sees pairs closer than 6 A in the *truth*, so it
     never penalises two distant segments predicted on top of each other -- the clashes small models make.
+    ``gt_ca=None``: no true structure (the model's own sampled states, :mod:`models.framediff.self_states`);
+    every threshold is ``clash_dist``.
     """
     m = mask.float()
     n = m.shape[-1]
     idx = torch.arange(n, device=m.device)
     far = ((idx[:, None] - idx[None, :]).abs() >= min_sep).to(m.dtype)
     pm = m[:, :, None] * m[:, None, :] * far
-    gd = torch.cdist(gt_ca.float(), gt_ca.float())
     pd = _safe_pdist(pred_ca.float())
-    thr = gd.clamp_max(clash_dist)
+    if gt_ca is None:
+        thr = torch.full_like(pd, clash_dist)
+    else:
+        thr = torch.cdist(gt_ca.float(), gt_ca.float()).clamp_max(clash_dist)
     pen = torch.relu(thr - pd) ** 2 * pm
     return pen.sum((1, 2)) / 2.0 / m.sum(-1).clamp_min(1.0)
 

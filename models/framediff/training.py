@@ -35,6 +35,7 @@ from .config import FrameDiffConfig
 from .losses import framediff_loss, psi_targets, seq_idx
 from .metrics import append_metrics
 from .network import FrameDiffScoreNetwork
+from .self_states import load_pool, pool_batch, self_state_loss
 
 __all__ = ["TrainError", "build_network", "build_diffuser", "lr_lambda", "update_ema", "FrameDiffusionModule"]
 
@@ -108,6 +109,7 @@ class FrameDiffusionModule(pl.LightningModule):
         self.metrics_path: Optional[Path] = None
         self.eval_batch: Optional[dict] = None
         self._time_offset = 0.0
+        self._pool: Optional[dict] = None
 
     # -------------------------------------------------------------- core
     def _adapter(self, net: FrameDiffScoreNetwork) -> FrameDiffAdapter:
@@ -161,9 +163,39 @@ class FrameDiffusionModule(pl.LightningModule):
         denom = nonempty.sum() + 1e-10
         return {k: (v * nonempty).sum() / denom for k, v in per.items()}
 
+    def _self_state_pool(self) -> Optional[dict]:
+        """The pool of ``experiment.self_state_path`` on this device (read once), or None when the term is off."""
+        exp = self.cfg["experiment"]
+        if not float(exp.get("self_state_weight") or 0.0) > 0:
+            return None
+        if self._pool is None:
+            try:
+                pool = load_pool(exp["self_state_path"])
+            except (OSError, ValueError) as e:
+                raise TrainError(f"experiment.self_state_path: {e}") from None
+            self._pool = {k: v.to(self.device) for k, v in pool.items()}
+        return self._pool
+
+    def self_state_terms(self, net, step: int) -> dict[str, Tensor]:
+        """Mean self-state loss terms (:mod:`models.framediff.self_states`) on the pool batch of ``step``."""
+        pool = self._self_state_pool()
+        exp = self.cfg["experiment"]
+        s = int(pool["t"].shape[0])
+        g = torch.Generator().manual_seed((int(self.cfg["seed"]) * 1_000_003 + step * 7919 + 424_242) % (2 ** 63))
+        idx = torch.randint(s, (int(exp.get("self_state_batch", 32)),), generator=g).to(self.device)
+        b = pool_batch(pool, idx, self.device)
+        out = self._adapter(net)(b["rot_t"], b["trans_t"], b["t"], b["mask"], b["sc"])
+        with torch.autocast(device_type=b["mask"].device.type, enabled=False):
+            per = self_state_loss(out.rotmats.float(), out.trans.float(), b, exp)
+        return {k: v.mean() for k, v in per.items()}
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         gen = self._generator(int(self.global_step))
         losses = self.compute_loss(self.model, batch, gen)
+        if self._self_state_pool() is not None:
+            terms = self.self_state_terms(self.model, int(self.global_step))
+            losses = dict(losses, loss=losses["loss"] + float(self.cfg["experiment"]["self_state_weight"])
+                          * terms["loss"], **{f"self_{k}": v for k, v in terms.items()})
         # Nothing here reads a device value: the loss terms stay on the device until the next metrics row
         # (one host sync per log_every steps), where a non-finite loss stops the run (_check_finite).
         for k, v in losses.items():
