@@ -25,7 +25,7 @@ from test_train import _cfg, _rows, dataset  # noqa: F401  (module fixture: a fe
 from superdiff_protein.cli import train as T
 from superdiff_protein.frames.se3 import SE3DiffuserConfig
 
-EXP = {"clash_dist": 3.8, "clash_min_sep": 3, "self_state_clash_weight": 8.0, "bond_loss_weight": 4.0}
+EXP = {"clash_dist": 3.8, "clash_min_sep": 3, "self_state_clash_weight": 8.0, "self_state_bond_weight": 4.0}
 
 
 @pytest.fixture(scope="module")

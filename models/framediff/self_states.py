@@ -181,8 +181,9 @@ def self_state_loss(pred_rot: Tensor, pred_trans: Tensor, batch: Mapping[str, Te
     * ``anchor``: mean over residues of ``|x - x_ref|^2`` (Angstrom^2) plus ``|R - R_ref|_F^2``;
     * ``clash``: ``ca_clash_loss`` with every threshold ``clash_dist`` (pairs ``|i - j| >= clash_min_sep``),
       times ``self_state_clash_weight``;
-    * ``bond``: ``ca_bond_loss`` against the reference's consecutive CA-CA distances, times ``bond_loss_weight``
-      (the anchor alone lets a push on one CA stretch its bonds);
+    * ``bond``: ``ca_bond_loss`` against the reference's consecutive CA-CA distances, times
+      ``self_state_bond_weight`` (the anchor alone lets a push on one CA stretch its bonds; ``ca_bond_loss`` is a
+      mean over links where the clash term is a sum over pairs per residue, hence a larger weight);
     * ``loss``: their sum.
     """
     m = batch["mask"].float()
@@ -192,5 +193,5 @@ def self_state_loss(pred_rot: Tensor, pred_trans: Tensor, batch: Mapping[str, Te
     anchor = anchor + (((pred_rot.float() - ref_r) ** 2).sum((-1, -2)) * m).sum(-1) / n_res
     clash = ca_clash_loss(pred_trans, None, m, float(exp.get("clash_dist", 3.8)), int(exp.get("clash_min_sep", 3)))
     clash = clash * float(exp.get("self_state_clash_weight", 8.0))
-    bond = ca_bond_loss(pred_trans, ref_t, m) * float(exp.get("bond_loss_weight") or 0.0)
+    bond = ca_bond_loss(pred_trans, ref_t, m) * float(exp.get("self_state_bond_weight", 4.0))
     return {"loss": anchor + clash + bond, "anchor": anchor, "clash": clash, "bond": bond}
