@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.framediff.adapter import FrameDiffAdapter  # noqa: E402
-from models.framediff.self_states import collect_self_states, save_pool  # noqa: E402
+from models.framediff.self_states import save_pool  # noqa: E402
+from models.self_state_pool import collect_self_states  # noqa: E402
 from superdiff_protein.frames.checkpoints import CheckpointError  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Training on the model's own sampled states (models/framediff/self_states.py, scripts/collect_self_states.py).
+"""Training on the model's own sampled states (models/framediff/self_states.py, models/self_state_pool.py and
+scripts/collect_self_states.py).
 
 * the pool holds what the sampler fed the network and what the network answered: re-running the network on a
   pool state's recorded input (frames, t, self-conditioning) gives the recorded prediction; every state has
@@ -16,8 +17,8 @@ import torch
 
 from models.framediff.adapter import FrameDiffAdapter
 from models.framediff.checkpointing import export_official_checkpoint
-from models.framediff.self_states import (POOL_KEYS, collect_self_states, load_pool, pool_batch, save_pool,
-                                          self_state_loss)
+from models.framediff.self_states import POOL_KEYS, load_pool, pool_batch, save_pool, self_state_loss
+from models.self_state_pool import collect_self_states
 from models.framediff.training import build_network
 from script_loader import load_script
 from test_pdb_io import pdownb_chain_dir  # noqa: F401  (session fixture)
