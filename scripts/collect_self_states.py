@@ -22,22 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.framediff.adapter import FrameDiffAdapter  # noqa: E402
 from models.framediff.self_states import save_pool  # noqa: E402
+from models.framediff.self_state_targets import refine_targets, target_stats  # noqa: E402
 from models.self_state_pool import collect_self_states  # noqa: E402
 from superdiff_protein.frames.checkpoints import CheckpointError  # noqa: E402
-
-
-def clash_share(pool: dict, dist: float = 3.0, min_sep: int = 3) -> float:
-    """Share of pool states whose predicted CA trace has a pair ``|i - j| >= min_sep`` closer than ``dist``."""
-    x, m = pool["pred_trans"], pool["mask"].bool()
-    n = x.shape[1]
-    idx = torch.arange(n)
-    far = (idx[:, None] - idx[None, :]).abs() >= min_sep
-    hit = []
-    for k in range(0, x.shape[0], 256):
-        d = torch.cdist(x[k:k + 256], x[k:k + 256])
-        pm = far & m[k:k + 256, :, None] & m[k:k + 256, None, :]
-        hit.append(((d < dist) & pm).flatten(1).any(1))
-    return float(torch.cat(hit).float().mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--t-max", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--refine", action="store_true",
+                   help="add refined targets (clashes and bonds repaired; models/framediff/self_state_targets.py)")
+    p.add_argument("--refine-steps", type=int, default=300)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    if min(a.lengths) < 4 or a.per_length < 1 or a.keep < 0 or a.steps < 1 or not 0 < a.t_max <= 1:
-        print("error: lengths >= 4, --per-length >= 1, --keep >= 0, --steps >= 1 and 0 < --t-max <= 1",
+    if (min(a.lengths) < 4 or a.per_length < 1 or a.keep < 0 or a.steps < 1 or not 0 < a.t_max <= 1
+            or a.refine_steps < 1):
+        print("error: lengths >= 4, --per-length >= 1, --keep >= 0, --steps >= 1, --refine-steps >= 1 and "
+              "0 < --t-max <= 1",
               file=sys.stderr)
         return 2
     if not a.out.parent.is_dir():
@@ -72,12 +64,26 @@ def main(argv: list[str] | None = None) -> int:
                                time_grid=a.time_grid, min_t=a.min_t, t_max=a.t_max,
                                keep_per_trajectory=a.keep or None, batch_size=a.batch_size, device=a.device,
                                progress=True)
+    print(f"collected {pool['t'].shape[0]} states of {len(a.lengths) * a.per_length} trajectories, t <= {a.t_max}, "
+          f"in {time.perf_counter() - t0:.1f} s")
+    print("predictions:", _fmt(target_stats(pool)))
+    if a.refine:
+        t1 = time.perf_counter()
+        pool.update(refine_targets(pool, steps=a.refine_steps, device=a.device, progress=True))
+        print(f"refined targets ({time.perf_counter() - t1:.1f} s):",
+              _fmt(target_stats(pool, rot_key="target_rot", trans_key="target_trans")))
+        moved = ((pool["target_trans"] - pool["pred_trans"]).norm(dim=-1) * pool["mask"]).sum() / pool["mask"].sum()
+        print(f"mean CA displacement of the targets: {float(moved):.3f} A")
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     save_pool(pool, a.out, meta)
-    print(f"{a.out}: {pool['t'].shape[0]} states of {len(a.lengths) * a.per_length} trajectories, "
-          f"t <= {a.t_max}; {100 * clash_share(pool):.1f} % of them predict a CA clash; "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(f"wrote {a.out}")
     return 0
+
+
+def _fmt(st: dict) -> str:
+    return (f"{100 * st['clashed']:.1f} % of states with a CA clash; "
+            f"CA-CA in window {100 * st['ca_ca_in_window']:.1f} %, "
+            f"C-N in window {100 * st['c_n_in_window']:.1f} % (states with t <= 0.1)")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ from torch import Tensor
 
 from .losses import ca_bond_loss, ca_clash_loss
 
-__all__ = ["POOL_KEYS", "save_pool", "load_pool", "pool_batch", "self_state_loss"]
+__all__ = ["POOL_KEYS", "TARGET_KEYS", "save_pool", "load_pool", "pool_batch", "self_state_loss"]
 
 #: tensors of a pool file, each with the state index first
 POOL_KEYS = ("rot_t", "trans_t", "t", "mask", "sc", "pred_rot", "pred_trans")
+#: optional tensors: refined targets (:mod:`models.framediff.self_state_targets`); the loss anchors to them if present
+TARGET_KEYS = ("target_rot", "target_trans")
 
 
 def save_pool(pool: Mapping[str, Tensor], path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
@@ -56,6 +58,10 @@ def load_pool(path: str | os.PathLike) -> dict[str, Tensor]:
     S, N = pool["mask"].shape
     want = {"rot_t": (S, N, 3, 3), "trans_t": (S, N, 3), "t": (S,), "sc": (S, N, 3), "pred_rot": (S, N, 3, 3),
             "pred_trans": (S, N, 3), "lengths": (S,)}
+    if any(k in pool for k in TARGET_KEYS):
+        want.update(target_rot=(S, N, 3, 3), target_trans=(S, N, 3))
+        if any(not isinstance(pool.get(k), Tensor) for k in TARGET_KEYS):
+            raise ValueError(f"{os.fspath(path)}: a pool with targets needs both {' and '.join(TARGET_KEYS)}")
     for k, shape in want.items():
         if tuple(pool[k].shape) != shape:
             raise ValueError(f"{os.fspath(path)}: pool tensor {k} has shape {tuple(pool[k].shape)}, expected {shape}")
@@ -67,25 +73,27 @@ def load_pool(path: str | os.PathLike) -> dict[str, Tensor]:
 def pool_batch(pool: Mapping[str, Tensor], idx: Tensor, device: torch.device) -> dict[str, Tensor]:
     """The states ``idx`` of a pool on ``device``, cropped to their longest chain."""
     n = int(pool["lengths"][idx].max())
-    return {k: (pool[k][idx] if k in ("t", "lengths") else pool[k][idx, :n]).to(device) for k in (*POOL_KEYS,
-                                                                                                "lengths")}
+    keys = (*POOL_KEYS, "lengths", *(k for k in TARGET_KEYS if k in pool))
+    return {k: (pool[k][idx] if k in ("t", "lengths") else pool[k][idx, :n]).to(device) for k in keys}
 
 
 def self_state_loss(pred_rot: Tensor, pred_trans: Tensor, batch: Mapping[str, Tensor], exp: Mapping[str, Any]
                     ) -> dict[str, Tensor]:
     """Per-state loss terms (module docstring), each (S,):
 
-    * ``anchor``: mean over residues of ``|x - x_ref|^2`` (Angstrom^2) plus ``|R - R_ref|_F^2``;
+    * ``anchor``: mean over residues of ``|x - x_ref|^2`` (Angstrom^2) plus ``|R - R_ref|_F^2``, where the reference
+      is the pool's refined target (``target_*``) when it has one, else the recorded prediction (``pred_*``);
     * ``clash``: ``ca_clash_loss`` with every threshold ``clash_dist`` (pairs ``|i - j| >= clash_min_sep``),
       times ``self_state_clash_weight``;
-    * ``bond``: ``ca_bond_loss`` against the reference's consecutive CA-CA distances, times
+    * ``bond``: ``ca_bond_loss`` against the reference's (or target's) consecutive CA-CA distances, times
       ``self_state_bond_weight`` (the anchor alone lets a push on one CA stretch its bonds; ``ca_bond_loss`` is a
       mean over links where the clash term is a sum over pairs per residue, hence a larger weight);
     * ``loss``: their sum.
     """
     m = batch["mask"].float()
     n_res = m.sum(-1).clamp_min(1.0)
-    ref_t, ref_r = batch["pred_trans"].float(), batch["pred_rot"].float()
+    src = "target" if "target_trans" in batch else "pred"
+    ref_t, ref_r = batch[f"{src}_trans"].float(), batch[f"{src}_rot"].float()
     anchor = (((pred_trans.float() - ref_t) ** 2).sum(-1) * m).sum(-1) / n_res
     anchor = anchor + (((pred_rot.float() - ref_r) ** 2).sum((-1, -2)) * m).sum(-1) / n_res
     clash = ca_clash_loss(pred_trans, None, m, float(exp.get("clash_dist", 3.8)), int(exp.get("clash_min_sep", 3)))
