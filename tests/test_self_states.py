@@ -151,6 +151,13 @@ def test_training_with_a_pool_logs_the_terms(pool, dataset, tmp_path):
         parts = float(r["self_anchor"]) + float(r["self_clash"]) + float(r["self_bond"])
         assert math.isfinite(float(r["self_loss"])) and float(r["self_loss"]) == pytest.approx(parts, rel=1e-5)
         assert float(r["loss"]) >= float(r["self_loss"]) - 1e-6     # the total includes the weighted term
+    # the loss curves get a third panel for the self-state terms
+    from models.framediff.metrics import plot_metrics
+    png = tmp_path / "curves.png"
+    if plot_metrics(tmp_path / "run" / "metrics.csv", png):
+        from PIL import Image
+        w, h = Image.open(png).size
+        assert w / h > 3.5          # three 5.5 x 4 inch panels (two would be 11 x 4)
 
 
 def test_config_refuses_a_weight_without_a_pool(tmp_path):

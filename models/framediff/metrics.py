@@ -95,16 +95,19 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
                 ys.append(float(v))
         return xs, ys
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = (
+    panels = [
         (("loss", "rot_loss", "trans_loss", "bb_atom_loss", "dist_mat_loss", "clash_loss", "bond_loss"),
          "training loss (mean over log_every steps)"),
         (("eval_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"), "fixed-noise evaluation loss"),
-    )
+    ]
+    self_keys = ("self_loss", "self_anchor", "self_clash", "self_bond")
+    if any(series(k)[0] for k in self_keys):        # a run with experiment.self_state_weight > 0
+        panels.append((self_keys, "self-state loss (the model's own sampled states)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for ax, (keys, title) in zip(axes, panels):
         for key in keys:
             x, y = series(key)
-            if x:
+            if x and max(y) > 0:                     # a term switched off (weight 0) logs zeros: no log-scale line
                 ax.plot(x, y, label=key, lw=1)
         ax.set_yscale("log")
         ax.set_xlabel("step")
