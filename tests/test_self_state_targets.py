@@ -11,11 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.framediff.checkpointing import export_official_checkpoint
 from models.framediff.self_state_targets import refine_targets, target_stats
 from models.framediff.self_states import load_pool, pool_batch, save_pool, self_state_loss
-from script_loader import load_script
-from test_self_states import EXP, pool, tiny  # noqa: F401  (module fixtures: a tiny network and its pool)
+from test_self_states import EXP, pool, run_collect, tiny, tiny_ckpt  # noqa: F401  (module fixtures)
 
 
 def _real_states(t: float) -> dict[str, torch.Tensor]:
@@ -127,15 +125,9 @@ def test_loss_anchors_to_targets(pool, tmp_path):  # noqa: F811
         load_pool(tmp_path / "half.pt")
 
 
-def test_script_refines(tiny, tmp_path, capsys):  # noqa: F811
-    cfg, ad = tiny
-    mod = load_script("collect_self_states")
-    ck = tmp_path / "tiny.pth"
-    export_official_checkpoint(ad.network.state_dict(), cfg, ck, step=0)
+def test_script_refines(tiny_ckpt, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "pool.pt"
-    rc = mod.main([str(ck), str(out), "--lengths", "8", "--per-length", "2", "--keep", "3", "--steps", "6",
-                   "--refine", "--refine-steps", "5", "--device", "cpu"])
-    assert rc == 0
+    assert run_collect(tiny_ckpt, out, "--refine", "--refine-steps", "5") == 0
     assert set(load_pool(out)) >= {"target_rot", "target_trans"}
     assert "refined targets" in capsys.readouterr().out
-    assert mod.main([str(ck), str(out), "--refine-steps", "0", "--device", "cpu"]) == 2
+    assert run_collect(tiny_ckpt, out, "--refine-steps", "0") == 2

@@ -167,14 +167,26 @@ def test_config_refuses_a_weight_without_a_pool(tmp_path):
         T.finalize_config(T.compose_config(["model=tiny", "experiment.self_state_weight=-1.0"]))
 
 
-def test_script_writes_a_pool_and_refuses_bad_input(tiny, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny, tmp_path_factory):
+    """The tiny network as an official model.pth."""
     cfg, ad = tiny
-    mod = load_script("collect_self_states")
-    ck = tmp_path / "tiny.pth"
+    ck = tmp_path_factory.mktemp("tiny_ckpt") / "tiny.pth"
     export_official_checkpoint(ad.network.state_dict(), cfg, ck, step=0)
-    out = tmp_path / "pool.pt"
-    rc = mod.main([str(ck), str(out), "--lengths", "8", "--per-length", "2", "--keep", "3", "--steps", "6",
-                   "--device", "cpu"])
+    return ck
+
+
+def run_collect(ck, out, *extra: str) -> int:
+    """scripts/collect_self_states.py on 2 chains of 8 residues, 6 steps, 3 states kept per chain, on the CPU."""
+    return load_script("collect_self_states").main(
+        [str(ck), str(out), "--lengths", "8", "--per-length", "2", "--keep", "3", "--steps", "6", *extra,
+         "--device", "cpu"])
+
+
+def test_script_writes_a_pool_and_refuses_bad_input(tiny_ckpt, tmp_path, capsys):
+    mod = load_script("collect_self_states")
+    ck, out = tiny_ckpt, tmp_path / "pool.pt"
+    rc = run_collect(ck, out)
     assert rc == 0 and load_pool(out)["t"].shape[0] == 6
     assert "states of 2 trajectories" in capsys.readouterr().out
     assert mod.main([str(tmp_path / "missing.pth"), str(out), "--device", "cpu"]) == 2
