@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 from superdiff_protein.core.so3 import so3_exp
-from superdiff_protein.frames.geometry import IDEAL_BACKBONE_LOCAL
+from superdiff_protein.frames.geometry import backbone_atoms_from_frames
+
+from .losses import _safe_pdist
 
 __all__ = ["refine_targets", "target_stats"]
 
@@ -40,16 +42,9 @@ def _window_pen(d: Tensor, lo: float, hi: float) -> Tensor:
     return torch.relu(lo - d) ** 2 + torch.relu(d - hi) ** 2
 
 
-def _pdist(x: Tensor) -> Tensor:
-    """Pairwise distances (B, M, M) with a finite gradient on the diagonal."""
-    d2 = ((x[:, :, None] - x[:, None, :]) ** 2).sum(-1)
-    return torch.sqrt(d2 + 1e-12)
-
-
 def _backbone(r: Tensor, x: Tensor) -> Tensor:
     """N, CA, C of ideal residues on frames (B, L, 3, 3), (B, L, 3) -> (B, L, 3, 3)."""
-    loc = torch.tensor([IDEAL_BACKBONE_LOCAL[k] for k in ("N", "CA", "C")], dtype=x.dtype, device=x.device)
-    return torch.einsum("blij,aj->blai", r, loc) + x[:, :, None]
+    return backbone_atoms_from_frames(r, x)[..., :3, :]
 
 
 def _energy(r: Tensor, x: Tensor, m: Tensor, geo: Tensor, cfg: Mapping[str, float]) -> dict[str, Tensor]:
@@ -58,10 +53,10 @@ def _energy(r: Tensor, x: Tensor, m: Tensor, geo: Tensor, cfg: Mapping[str, floa
     idx = torch.arange(L, device=m.device)
     sep = (idx[:, None] - idx[None, :]).abs()
     pm = m[:, :, None] * m[:, None, :]
-    ca = _pdist(x)
+    ca = _safe_pdist(x)
     clash = (torch.relu(cfg["clash_dist"] - ca) ** 2 * pm * (sep >= cfg["min_sep"])).sum((1, 2)) / 2
     bb = _backbone(r, x)                                               # (B, L, 3, 3)
-    ab = _pdist(bb.reshape(B, L * 3, 3))
+    ab = _safe_pdist(bb.reshape(B, L * 3, 3))
     am = m.repeat_interleave(3, 1)
     asep = sep.repeat_interleave(3, 0).repeat_interleave(3, 1)
     bbc = (torch.relu(cfg["bb_clash_dist"] - ab) ** 2 * am[:, :, None] * am[:, None, :] * (asep >= 2)).sum((1, 2)) / 2
