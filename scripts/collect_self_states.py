@@ -5,9 +5,11 @@
 
 Runs the checkpoint alone with ``generate_backbones``' sampler (reverse SDE, cosine grid, ``min_t`` 0.002 by
 default) and writes, atomically, a pool of the network's inputs and predictions at ``t <= --t-max``. Train on it
-with ``experiment.self_state_weight=W experiment.self_state_path=POOL`` (docs/training.md). It prints how many
-states were kept and the share of them whose predicted CA trace has a clash (two CAs at ``|i - j| >= 3`` closer
-than 3.0 Angstrom). Bad input: a message and exit code 2.
+with ``experiment.self_state_weight=W experiment.self_state_path=POOL`` (docs/training.md). ``--refine`` adds a
+refined target per state (models/framediff/self_state_targets.py), which the loss then anchors to. It prints how
+many states were kept, the share of them whose predicted CA trace has a clash (two CAs at ``|i - j| >= 3`` closer
+than 3.0 Angstrom) and the shares of CA-CA and C-N distances in window, for the predictions and the targets. Bad
+input: a message and exit code 2.
 """
 from __future__ import annotations
 
