@@ -26,10 +26,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-SETTINGS = {"helix": dict(rule="single", single_index=0), "strand": dict(rule="single", single_index=1),
-            "average": dict(rule="average"), "or": dict(rule="or"), "or_bias": dict(rule="or", bias=[1.0, 0.0]),
-            "and": dict(rule="and")}
+from eval_defaults import SETTINGS  # noqa: E402  (the model card's six settings, defined once there)
+
 ATOMS = ("N", "CA", "C", "O")
 
 
