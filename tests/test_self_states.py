@@ -17,7 +17,8 @@ import torch
 
 from models.framediff.adapter import FrameDiffAdapter
 from models.framediff.checkpointing import export_official_checkpoint
-from models.framediff.self_states import POOL_KEYS, load_pool, pool_batch, save_pool, self_state_loss
+from models.framediff.self_states import (POOL_KEYS, load_pool, pool_batch, radius_of_gyration, save_pool,
+                                         self_state_loss)
 from models.self_state_pool import collect_self_states
 from models.framediff.training import build_network
 from script_loader import load_script
@@ -134,6 +135,64 @@ def test_padding_does_not_change_the_loss():
         assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-12, abs=1e-12)
 
 
+RG = dict(EXP, self_state_rg_weight=2.0, self_state_rg_ref=[2.69, 0.344], self_state_rg_margin=0.1)
+
+
+def test_rg_term_is_off_by_default():
+    x, R = _line()
+    b = {"mask": torch.ones(1, 12), "pred_trans": x.clone(), "pred_rot": R.clone()}
+    out = self_state_loss(R, x, b, EXP)
+    assert "rg" not in out and set(out) == {"loss", "anchor", "clash", "bond"}
+
+
+def test_rg_term_matches_the_closed_form_of_a_straight_chain():
+    # n CAs 3.8 A apart on a line: Rg = 3.8 sqrt((n^2 - 1) / 12); cap = 1.1 * 2.69 * n^0.344
+    for n in (12, 40):
+        x, R = _line(n)
+        b = {"mask": torch.ones(1, n), "pred_trans": x.clone(), "pred_rot": R.clone()}
+        out = self_state_loss(R, x, b, RG)
+        rg = 3.8 * math.sqrt((n * n - 1) / 12)
+        want = 2.0 * max(0.0, rg - 1.1 * 2.69 * n ** 0.344) ** 2
+        assert want > 0
+        # float32 arithmetic on coordinates up to 3.8 n A: relative error a few ulp of rg, squared difference
+        assert float(out["rg"]) == pytest.approx(want, rel=1e-5)
+        assert float(out["loss"]) == pytest.approx(float(out["anchor"] + out["clash"] + out["bond"] + out["rg"]))
+        assert float(radius_of_gyration(x, torch.ones(1, n))) == pytest.approx(rg, rel=1e-6)
+
+
+def test_rg_term_is_zero_for_a_compact_chain_and_pulls_a_loose_one_in():
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    compact = torch.randn(1, n, 3, generator=g, dtype=torch.float64) * 5.0     # Rg about 8.7 A < 2.69 * 60^0.344
+    R = torch.eye(3, dtype=torch.float64).expand(1, n, 3, 3).clone()
+    b = {"mask": torch.ones(1, n), "pred_trans": compact, "pred_rot": R}
+    assert float(self_state_loss(R, compact, b, RG)["rg"]) == 0.0
+    loose = (compact * 3.0).requires_grad_(True)
+    self_state_loss(R, loose, {**b, "pred_trans": loose.detach()}, RG)["rg"].sum().backward()
+    m = torch.ones(1, n)
+    step = loose.detach() - 0.01 * loose.grad
+    assert float(radius_of_gyration(step, m)) < float(radius_of_gyration(loose.detach(), m))
+
+
+def test_rg_term_ignores_padding():
+    x, R = _line(10)
+    ref = {"mask": torch.ones(1, 10), "pred_trans": x, "pred_rot": R}
+    a = self_state_loss(R, x * 1.5, ref, RG)
+    z3, eye = torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    pad = lambda v, fill: torch.cat([v, fill.expand(1, 5, *v.shape[2:])], 1)   # noqa: E731
+    refp = {"mask": torch.cat([ref["mask"], torch.zeros(1, 5)], 1), "pred_trans": pad(x, z3), "pred_rot": pad(R, eye)}
+    b = self_state_loss(pad(R, eye), pad(x * 1.5, z3 + 100.0), refp, RG)
+    assert float(a["rg"]) > 0
+    assert float(a["rg"]) == pytest.approx(float(b["rg"]), rel=1e-6)
+
+
+def test_config_refuses_a_bad_rg_setting():
+    for bad in ("experiment.self_state_rg_weight=-1", "experiment.self_state_rg_margin=-0.5",
+                "experiment.self_state_rg_ref=[2.69]", "experiment.self_state_rg_ref=[0,0.3]"):
+        with pytest.raises(T.TrainError, match="self_state_rg"):
+            T.finalize_config(T.compose_config(["model=tiny", bad]))
+
+
 def test_pool_batch_crops_to_longest(pool):
     idx = torch.nonzero(pool["lengths"] == 9).flatten()[:3]
     b = pool_batch(pool, idx, torch.device("cpu"))
@@ -143,12 +202,15 @@ def test_pool_batch_crops_to_longest(pool):
 def test_training_with_a_pool_logs_the_terms(pool, dataset, tmp_path):
     save_pool(pool, tmp_path / "pool.pt")
     cfg = _cfg(dataset, tmp_path / "run", "max_steps=10", "experiment.self_state_weight=1.0",
-               f"experiment.self_state_path={tmp_path / 'pool.pt'}", "experiment.self_state_batch=4")
+               f"experiment.self_state_path={tmp_path / 'pool.pt'}", "experiment.self_state_batch=4",
+               # a reference small enough that the tiny chains (9-14 residues) are all above it: the term is on
+               "experiment.self_state_rg_weight=0.5", "experiment.self_state_rg_ref=[0.5,0.3]")
     T.train(cfg)
     rows = [r for r in _rows(tmp_path / "run") if r.get("self_loss")]
     assert len(rows) == 2
     for r in rows:
-        parts = float(r["self_anchor"]) + float(r["self_clash"]) + float(r["self_bond"])
+        assert float(r["self_rg"]) > 0
+        parts = float(r["self_anchor"]) + float(r["self_clash"]) + float(r["self_bond"]) + float(r["self_rg"])
         assert math.isfinite(float(r["self_loss"])) and float(r["self_loss"]) == pytest.approx(parts, rel=1e-5)
         assert float(r["loss"]) >= float(r["self_loss"]) - 1e-6     # the total includes the weighted term
     # the loss curves get a third panel for the self-state terms

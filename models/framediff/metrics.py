@@ -100,7 +100,7 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
          "training loss (mean over log_every steps)"),
         (("eval_loss", "eval_ema_loss", "eval_ema_rot_loss", "eval_ema_trans_loss"), "fixed-noise evaluation loss"),
     ]
-    self_keys = ("self_loss", "self_anchor", "self_clash", "self_bond")
+    self_keys = ("self_loss", "self_anchor", "self_clash", "self_bond", "self_rg")
     if any(series(k)[0] for k in self_keys):        # a run with experiment.self_state_weight > 0
         panels.append((self_keys, "self-state loss (the model's own sampled states)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .losses import ca_bond_loss, ca_clash_loss
 
-__all__ = ["POOL_KEYS", "TARGET_KEYS", "save_pool", "load_pool", "pool_batch", "self_state_loss"]
+__all__ = ["POOL_KEYS", "TARGET_KEYS", "save_pool", "load_pool", "pool_batch", "self_state_loss", "radius_of_gyration"]
 
 #: tensors of a pool file, each with the state index first
 POOL_KEYS = ("rot_t", "trans_t", "t", "mask", "sc", "pred_rot", "pred_trans")
@@ -88,6 +88,11 @@ def self_state_loss(pred_rot: Tensor, pred_trans: Tensor, batch: Mapping[str, Te
     * ``bond``: ``ca_bond_loss`` against the reference's (or target's) consecutive CA-CA distances, times
       ``self_state_bond_weight`` (the anchor alone lets a push on one CA stretch its bonds; ``ca_bond_loss`` is a
       mean over links where the clash term is a sum over pairs per residue, hence a larger weight);
+    * ``rg``: a one-sided compactness term, ``relu(Rg - (1 + self_state_rg_margin) * a * n^b)^2`` (Angstrom^2) with
+      ``Rg`` the CA radius of gyration of the prediction, ``n`` the chain's residues and ``(a, b) =
+      self_state_rg_ref`` (PDownB's median, fitted: 2.69 n^0.344), times ``self_state_rg_weight`` (default 0: off).
+      The clash term can be met by spreading a chain out; this term charges a chain only above the spread of
+      most real chains of its length (docs/training.md, "Session 21");
     * ``loss``: their sum.
     """
     m = batch["mask"].float()
@@ -99,4 +104,19 @@ def self_state_loss(pred_rot: Tensor, pred_trans: Tensor, batch: Mapping[str, Te
     clash = ca_clash_loss(pred_trans, None, m, float(exp.get("clash_dist", 3.8)), int(exp.get("clash_min_sep", 3)))
     clash = clash * float(exp.get("self_state_clash_weight", 8.0))
     bond = ca_bond_loss(pred_trans, ref_t, m) * float(exp.get("self_state_bond_weight", 4.0))
-    return {"loss": anchor + clash + bond, "anchor": anchor, "clash": clash, "bond": bond}
+    out = {"anchor": anchor, "clash": clash, "bond": bond}
+    w_rg = float(exp.get("self_state_rg_weight") or 0.0)
+    if w_rg > 0:
+        a, b = (float(v) for v in exp.get("self_state_rg_ref", (2.69, 0.344)))
+        cap = (1.0 + float(exp.get("self_state_rg_margin", 0.1))) * a * n_res ** b
+        out["rg"] = torch.relu(radius_of_gyration(pred_trans, m) - cap) ** 2 * w_rg
+    return {"loss": sum(out.values()), **out}
+
+
+def radius_of_gyration(ca: Tensor, mask: Tensor) -> Tensor:
+    """CA radius of gyration per chain (Angstrom, like ``ca``), over the residues of ``mask``; shape (S,)."""
+    m = mask.float()
+    n = m.sum(-1).clamp_min(1.0)
+    centre = (ca.float() * m[..., None]).sum(-2) / n[:, None]
+    msd = (((ca.float() - centre[:, None]) ** 2).sum(-1) * m).sum(-1) / n
+    return (msd + 1e-8).sqrt()

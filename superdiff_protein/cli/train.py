@@ -146,9 +146,17 @@ def _finalize_config(cfg: dict) -> dict:
     if float(e.get("bond_loss_weight") or 0.0) < 0 or not 0.0 <= float(e.get("bond_loss_t_filter", 0.1)) <= 1.0:
         raise TrainError("experiment.bond_loss_weight must be >= 0 and experiment.bond_loss_t_filter in [0, 1]")
     if min(float(e.get(k) or 0.0) for k in ("self_state_weight", "self_state_clash_weight",
-                                             "self_state_bond_weight")) < 0:
-        raise TrainError("experiment.self_state_weight, self_state_clash_weight and self_state_bond_weight "
-                         "must be >= 0")
+                                             "self_state_bond_weight", "self_state_rg_weight",
+                                             "self_state_rg_margin")) < 0:
+        raise TrainError("experiment.self_state_weight, self_state_clash_weight, self_state_bond_weight, "
+                         "self_state_rg_weight and self_state_rg_margin must be >= 0")
+    ref = e.get("self_state_rg_ref", (2.69, 0.344))
+    try:
+        ok = len(ref) == 2 and float(ref[0]) > 0 and float(ref[1]) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TrainError(f"experiment.self_state_rg_ref must be two positive numbers [a, b] (Rg = a n^b); got {ref!r}")
     if float(e.get("self_state_weight") or 0.0) > 0:
         if not e.get("self_state_path") or not Path(str(e["self_state_path"])).is_file():
             raise TrainError(f"experiment.self_state_weight > 0 needs experiment.self_state_path, a pool file written "
