@@ -150,9 +150,9 @@ def _finalize_config(cfg: dict) -> dict:
                                              "self_state_rg_margin")) < 0:
         raise TrainError("experiment.self_state_weight, self_state_clash_weight, self_state_bond_weight, "
                          "self_state_rg_weight and self_state_rg_margin must be >= 0")
-    ref = e.get("self_state_rg_ref", (2.69, 0.344))
+    ref = e.get("self_state_rg_ref")     # configs/train_frame_model.yaml defines it
     try:
-        ok = len(ref) == 2 and float(ref[0]) > 0 and float(ref[1]) > 0
+        ok = ref is None or (len(ref) == 2 and float(ref[0]) > 0 and float(ref[1]) > 0)
     except (TypeError, ValueError):
         ok = False
     if not ok:
