@@ -13,11 +13,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
-SETTINGS = ("helix", "strand", "average", "or", "or_bias", "and")
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from eval.report import mean_se  # noqa: E402
+from eval_defaults import SETTINGS  # noqa: E402  (the model card's six settings, defined once there)
 GOALS = {"clash_free": {"helix": 0.8, "strand": 0.8, "other": 0.7}, "ca_ca": {"helix": 0.95, "strand": 0.95,
                                                                             "other": 0.93}}
 
@@ -40,9 +46,7 @@ def load(prefix: Path) -> dict:
                 with open(f, newline="") as fh:
                     mpnn += [float(r["mpnn_ll"]) for r in csv.DictReader(fh) if r.get("mpnn_ll") not in (None, "", "nan")]
         if len(mpnn) > 1 and s in out:
-            m = sum(mpnn) / len(mpnn)
-            se = math.sqrt(sum((x - m) ** 2 for x in mpnn) / (len(mpnn) - 1) / len(mpnn))
-            out[s]["mpnn"] = (m, se, len(mpnn))
+            out[s]["mpnn"] = mean_se(np.asarray(mpnn, dtype=np.float64))
     return out
 
 
