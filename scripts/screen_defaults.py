@@ -96,6 +96,9 @@ def _job(pair: str, helix: str, strand: str, setting: str, seed: int, lengths: l
 
 def table(rows: list[dict]) -> str:
     """One markdown line per (pair, setting), seeds pooled."""
+    from models.framediff.self_states import PDOWNB_RG_FIT
+
+    a, b = PDOWNB_RG_FIT
     keys = sorted({(r["pair"], r["setting"]) for r in rows}, key=lambda k: (k[0], list(SETTINGS).index(k[1])))
     out = ["| pair | setting | n | CA-CA in range | clash-free | CA clashes / sample | C-N in range | helix | strand | Rg / PDownB fit | ProteinMPNN |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -104,7 +107,7 @@ def table(rows: list[dict]) -> str:
         ss = [r for r in rs if "helix" in r]
         h = f"{np.mean([r['helix'] for r in ss]):.2f}" if ss else "-"
         e = f"{np.mean([r['strand'] for r in ss]):.2f}" if ss else "-"
-        rg = [r["rg"] / (2.69 * r["length"] ** 0.344) for r in rs if "rg" in r]  # PDownB's median fit (training.md)
+        rg = [r["rg"] / (a * r["length"] ** b) for r in rs if "rg" in r]
         ll = [r["mpnn"] for r in rs if "mpnn" in r]
         rg_s = f"{np.mean(rg):.2f}" if rg else "-"
         ll_s = f"{np.mean(ll):.3f} ± {np.std(ll, ddof=1) / np.sqrt(len(ll)):.3f}" if len(ll) > 1 else "-"

@@ -31,12 +31,16 @@ from torch import Tensor
 
 from .losses import ca_bond_loss, ca_clash_loss
 
-__all__ = ["POOL_KEYS", "TARGET_KEYS", "save_pool", "load_pool", "pool_batch", "self_state_loss", "radius_of_gyration"]
+__all__ = ["POOL_KEYS", "TARGET_KEYS", "PDOWNB_RG_FIT", "save_pool", "load_pool", "pool_batch", "self_state_loss",
+           "radius_of_gyration"]
 
 #: tensors of a pool file, each with the state index first
 POOL_KEYS = ("rot_t", "trans_t", "t", "mask", "sc", "pred_rot", "pred_trans")
 #: optional tensors: refined targets (:mod:`models.framediff.self_state_targets`); the loss anchors to them if present
 TARGET_KEYS = ("target_rot", "target_trans")
+#: (a, b) of PDownB's median CA radius of gyration, Rg = a n^b Angstrom (a least-absolute-deviation fit; docs/training.md,
+#: "Session 21"): the default of ``self_state_rg_ref``.
+PDOWNB_RG_FIT = (2.69, 0.344)
 
 
 def save_pool(pool: Mapping[str, Tensor], path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
@@ -107,7 +111,7 @@ def self_state_loss(pred_rot: Tensor, pred_trans: Tensor, batch: Mapping[str, Te
     out = {"anchor": anchor, "clash": clash, "bond": bond}
     w_rg = float(exp.get("self_state_rg_weight") or 0.0)
     if w_rg > 0:
-        a, b = (float(v) for v in exp.get("self_state_rg_ref", (2.69, 0.344)))
+        a, b = (float(v) for v in exp.get("self_state_rg_ref", PDOWNB_RG_FIT))
         cap = (1.0 + float(exp.get("self_state_rg_margin", 0.1))) * a * n_res ** b
         out["rg"] = torch.relu(radius_of_gyration(pred_trans, m) - cap) ** 2 * w_rg
     return {"loss": sum(out.values()), **out}
