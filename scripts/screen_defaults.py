@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from eval.report import mean_se  # noqa: E402
 from eval_defaults import SETTINGS  # noqa: E402  (the model card's six settings, defined once there)
 
 ATOMS = ("N", "CA", "C", "O")
@@ -55,21 +56,26 @@ _MPNN: dict = {}
 
 
 def _mpnn_ll(x: np.ndarray, name: str, device: str) -> float:
-    """Mean ProteinMPNN log-likelihood of 8 designs for backbone ``x`` (L, 4, 3), as ``evaluate_backbones``
-    scores it (configs/evaluate_backbones.yaml: 8 sequences, temperature 0.1, seed 0)."""
+    """Mean ProteinMPNN log-likelihood of the designs for backbone ``x`` (L, 4, 3), as ``evaluate_backbones``
+    scores it (the ``mpnn`` settings and ``seed`` of configs/evaluate_backbones.yaml, read from there)."""
     import torch
+    import yaml
 
     from eval.mpnn import design_sequences, load_proteinmpnn
     from superdiff_protein.runs.structures import Backbone
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dev not in _MPNN:
-        _MPNN[dev] = load_proteinmpnn(device=dev)
+        cfg = yaml.safe_load((ROOT / "configs" / "evaluate_backbones.yaml").read_text())
+        _MPNN[dev] = (load_proteinmpnn(cfg["mpnn"]["model_name"], device=dev), cfg["mpnn"], int(cfg.get("seed", 0)))
+    model, mc, seed = _MPNN[dev]
     L = len(x)
     mask = np.isfinite(x).all(-1)
     bb = Backbone(atoms=np.nan_to_num(x).astype(np.float32), atom_mask=mask, sequence="X" * L,
                   res_ids=np.arange(1, L + 1), ins_codes=np.array([""] * L), chain_id="A", name=name)
-    return float(np.mean([d.log_likelihood for d in design_sequences(_MPNN[dev], bb, num_seqs=8, temperature=0.1)]))
+    designs = design_sequences(model, bb, num_seqs=int(mc["num_seqs"]), temperature=float(mc["temperature"]),
+                               seed=seed, batch_size=int(mc["batch_size"]), omit_aas=mc.get("omit_aas", "X"))
+    return float(np.mean([d.log_likelihood for d in designs]))
 
 
 def _job(pair: str, helix: str, strand: str, setting: str, seed: int, lengths: list[int], n: int,
@@ -87,10 +93,9 @@ def _job(pair: str, helix: str, strand: str, setting: str, seed: int, lengths: l
             g = geometry_metrics(x)
             rows.append(dict(pair=pair, setting=setting, seed=seed, length=len(x), sample=p.stem,
                              ca_ca=g["ca_ca_valid_frac"], c_n=g["c_n_valid_frac"], clashes=int(g["n_ca_clashes"]),
-                             ca=np.round(x[:, 1], 3).tolist()))
+                             rg=g["radius_of_gyration"], ca=np.round(x[:, 1], 3).tolist()))
             if mpnn:
                 rows[-1]["mpnn"] = _mpnn_ll(x, f"{p.parent.name}/{p.stem}", device)
-            rows[-1]["rg"] = float(np.sqrt(((x[:, 1] - x[:, 1].mean(0)) ** 2).sum(-1).mean()))
     return rows
 
 
@@ -110,7 +115,8 @@ def table(rows: list[dict]) -> str:
         rg = [r["rg"] / (a * r["length"] ** b) for r in rs if "rg" in r]
         ll = [r["mpnn"] for r in rs if "mpnn" in r]
         rg_s = f"{np.mean(rg):.2f}" if rg else "-"
-        ll_s = f"{np.mean(ll):.3f} ± {np.std(ll, ddof=1) / np.sqrt(len(ll)):.3f}" if len(ll) > 1 else "-"
+        ll_m, ll_se, _ = mean_se(np.asarray(ll, dtype=np.float64))
+        ll_s = f"{ll_m:.3f} ± {ll_se:.3f}" if len(ll) > 1 else "-"
         out.append(f"| {pair} | {setting} | {len(rs)} | {100 * np.mean([r['ca_ca'] for r in rs]):.1f} % | "
                    f"{100 * np.mean([r['clashes'] == 0 for r in rs]):.0f} % | {np.mean([r['clashes'] for r in rs]):.2f} | "
                    f"{100 * np.nanmean([r['c_n'] for r in rs]):.1f} % | {h} | {e} | {rg_s} | {ll_s} |")
