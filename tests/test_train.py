@@ -273,6 +273,25 @@ def test_framediff_loss_zero_for_perfect_prediction_and_gates():
         assert torch.allclose(no_aux["loss"], out2["rot_loss"] + out2["trans_loss"])
 
 
+def test_sample_t_low_share_and_official_stream():
+    """``low_t_frac = 0`` draws exactly the official ``U(min_t, 1)`` stream; with a share, that share (within
+    4 standard errors of a binomial) lies in ``[min_t, low_t_max]`` and the rest follows the uniform law."""
+    from models.framediff.training import sample_t
+
+    b = 20000
+    t0 = sample_t(b, 0.01, 0.0, 0.1, torch.Generator().manual_seed(3))
+    ref = 0.01 + 0.99 * torch.rand(b, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t0, ref)
+    frac = 0.4
+    t = sample_t(b, 0.001, frac, 0.1, torch.Generator().manual_seed(3))
+    assert float(t.min()) >= 0.001 and float(t.max()) <= 1.0
+    # P(t <= 0.1) = frac + (1 - frac) * (0.1 - min_t) / (1 - min_t)
+    p = frac + (1 - frac) * 0.099 / 0.999
+    assert abs(float((t <= 0.1).float().mean()) - p) < 4 * (p * (1 - p) / b) ** 0.5
+    hi = t[t > 0.1]                       # the uniform part above low_t_max: mean 0.55
+    assert abs(float(hi.mean()) - 0.55) < 4 * (0.9 / 12 ** 0.5) / len(hi) ** 0.5
+
+
 def T_small_rot() -> torch.Tensor:
     from superdiff_protein.frames.geometry import so3_exp
 
@@ -336,6 +355,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert r.returncode == 2
     assert "train_frame_model: error: dataset file" in r.stderr and "Traceback" not in r.stderr
     for argv, needle in ((["data.subset=coil"], "data.subset"), (["no_such=1"], "no_such"),
+                         (["data.low_t_frac=1.5"], "data.low_t_frac"), (["data.low_t_max=0.005"], "data.low_t_max"),
                          (["export", str(tmp_path / "none.ckpt"), str(tmp_path / "m.pth")], "not found")):
         with pytest.raises(SystemExit) as e:
             T.main(argv)

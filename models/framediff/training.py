@@ -2,7 +2,7 @@
 
 Like FrameFlow's ``models/flow_module.py``, next to the network. Per step ``k``:
 
-* ``t ~ U(min_t, 1)`` per chain, the frames noised with ``SE3Diffuser.forward_marginal``, the noise, t and the
+* ``t ~ U(min_t, 1)`` per chain (a share ``low_t_frac`` from ``U(min_t, low_t_max)``: :func:`sample_t`), the frames noised with ``SE3Diffuser.forward_marginal``, the noise, t and the
   self-conditioning coin drawn from a generator seeded with ``(seed, k)``;
 * self-conditioning: with probability ``self_condition_prob`` (official 0.5) a first pass without gradient
   predicts CA positions that are fed to the second pass;
@@ -37,7 +37,7 @@ from .metrics import append_metrics
 from .network import FrameDiffScoreNetwork
 from .self_states import load_pool, pool_batch, self_state_loss
 
-__all__ = ["TrainError", "build_network", "build_diffuser", "lr_lambda", "update_ema", "FrameDiffusionModule"]
+__all__ = ["TrainError", "build_network", "build_diffuser", "lr_lambda", "update_ema", "sample_t", "FrameDiffusionModule"]
 
 
 class TrainError(RuntimeError, UserError):
@@ -77,6 +77,20 @@ def lr_lambda(exp: Mapping[str, Any], max_steps: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
+def sample_t(b: int, min_t: float, low_t_frac: float, low_t_max: float, gen: torch.Generator,
+             device: torch.device | str = "cpu") -> Tensor:
+    """Training times of ``b`` chains: ``U(min_t, 1)``, official. With ``low_t_frac > 0`` each chain's t comes,
+    with that probability, from ``U(min_t, low_t_max)`` instead: the small t where the sampler's last steps set
+    the fine geometry get more of the training (docs/training.md, "Session 23"). At ``low_t_frac = 0`` no extra
+    numbers are drawn, so the official stream of draws is unchanged."""
+    t = min_t + (1.0 - min_t) * torch.rand(b, generator=gen, device=device)
+    if low_t_frac > 0.0:
+        low = min_t + (low_t_max - min_t) * torch.rand(b, generator=gen, device=device)
+        coin = torch.rand(b, generator=gen, device=device) < low_t_frac
+        t = torch.where(coin, low, t)
+    return t
+
+
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """``ema <- d * ema + (1 - d) * model`` with ``d = min(decay, (1+step)/(10+step))`` (the warm-up keeps early
     averages from being dominated by the initial weights); buffers are copied."""
@@ -128,7 +142,8 @@ class FrameDiffusionModule(pl.LightningModule):
         b = mask.shape[0]
         min_t = float(dcfg["min_t"])
         if t is None:
-            t = min_t + (1.0 - min_t) * torch.rand(b, generator=gen, device=mask.device)
+            t = sample_t(b, min_t, float(dcfg.get("low_t_frac", 0.0)), float(dcfg.get("low_t_max", 0.1)), gen,
+                         mask.device)
         rot0, trans0 = batch["rotmats"].float(), batch["trans"].float()
         noised = self.diffuser.forward_marginal(rot0, trans0, t, mask, generator=gen)
         sidx = seq_idx(batch, dcfg["seq_idx"])

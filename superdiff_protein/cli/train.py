@@ -131,6 +131,10 @@ def _finalize_config(cfg: dict) -> dict:
         raise TrainError(f"data.seq_idx must be 'file' or 'consecutive', got {d.get('seq_idx')!r}")
     if not 0.0 <= float(d["min_t"]) < 1.0:
         raise TrainError("data.min_t must lie in [0, 1)")
+    if not 0.0 <= float(d.get("low_t_frac", 0.0)) <= 1.0:
+        raise TrainError("data.low_t_frac must lie in [0, 1]")
+    if not float(d["min_t"]) < float(d.get("low_t_max", 0.1)) <= 1.0:
+        raise TrainError("data.low_t_max must lie in (data.min_t, 1]")
     if int(d["batch_size"]) < 1:
         raise TrainError("data.batch_size must be >= 1")
     if e["lr_schedule"] not in ("constant", "cosine"):
