@@ -273,6 +273,33 @@ def test_framediff_loss_zero_for_perfect_prediction_and_gates():
         assert torch.allclose(no_aux["loss"], out2["rot_loss"] + out2["trans_loss"])
 
 
+def test_small_t_weight_cap_scales_the_x0_terms_by_capped_inverse_variance():
+    """``small_t_weight_cap = c`` multiplies the x0 translation, backbone-atom and distance losses of each chain by
+    ``min(c, 1 / sigma_t^2)`` (``trans_score_scaling^2``) and leaves the rotation loss alone; null is official."""
+    from superdiff_protein.frames.se3 import SE3Diffuser
+
+    cfg = T.compose_config(["model=tiny"])
+    exp = dict(cfg["experiment"])
+    assert exp["small_t_weight_cap"] is None
+    d = SE3Diffuser.from_conf(cfg)
+    rot, trans, psi, mask, _ = _fake_batch()
+    gt = {"rotmats": rot, "trans": trans, "psi": psi, "psi_mask": mask.bool()}
+    t = torch.tensor([0.003, 0.1, 0.2])
+    noised = d.forward_marginal(rot, trans, t, mask, generator=torch.Generator().manual_seed(2))
+    wrong_r, wrong_t = rot @ T_small_rot(), trans + 0.5
+    prs, pts = d.scores_from_prediction(noised.rotmats_t, noised.trans_t, wrong_r, wrong_t, t, mask)
+    args = (wrong_r, wrong_t, psi, prs.float(), pts.float(), gt, noised, t, mask)
+    base = L.framediff_loss(*args, exp)
+    cap = 50.0
+    out = L.framediff_loss(*args, dict(exp, small_t_weight_cap=cap))
+    w = torch.clamp(noised.trans_score_scaling.double() ** 2, max=cap)
+    assert float(w[0]) == cap and 1.0 < float(w[2]) < float(w[1]) < cap   # capped at t = 0.003, graded above
+    for k in ("trans_loss", "bb_atom_loss", "dist_mat_loss"):
+        assert bool((base[k] > 0).all()), k
+        torch.testing.assert_close(out[k].double(), base[k].double() * w, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(out["rot_loss"], base["rot_loss"], rtol=0.0, atol=0.0)
+
+
 def test_sample_t_low_share_and_official_stream():
     """``low_t_frac = 0`` draws exactly the official ``U(min_t, 1)`` stream; with a share, that share (within
     4 standard errors of a binomial) lies in ``[min_t, low_t_max]`` and the rest follows the uniform law."""
@@ -356,6 +383,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "train_frame_model: error: dataset file" in r.stderr and "Traceback" not in r.stderr
     for argv, needle in ((["data.subset=coil"], "data.subset"), (["no_such=1"], "no_such"),
                          (["data.low_t_frac=1.5"], "data.low_t_frac"), (["data.low_t_max=0.005"], "data.low_t_max"),
+                         (["experiment.small_t_weight_cap=0.5"], "small_t_weight_cap"),
                          (["export", str(tmp_path / "none.ckpt"), str(tmp_path / "m.pth")], "not found")):
         with pytest.raises(SystemExit) as e:
             T.main(argv)

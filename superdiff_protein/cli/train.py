@@ -135,6 +135,8 @@ def _finalize_config(cfg: dict) -> dict:
         raise TrainError("data.low_t_frac must lie in [0, 1]")
     if not float(d["min_t"]) < float(d.get("low_t_max", 0.1)) <= 1.0:
         raise TrainError("data.low_t_max must lie in (data.min_t, 1]")
+    if e.get("small_t_weight_cap") is not None and not float(e["small_t_weight_cap"]) >= 1.0:
+        raise TrainError("experiment.small_t_weight_cap must be null or >= 1")
     if int(d["batch_size"]) < 1:
         raise TrainError("data.batch_size must be >= 1")
     if e["lr_schedule"] not in ("constant", "cosine"):
