@@ -2,8 +2,9 @@
 
 Like FrameFlow's ``models/flow_module.py``, next to the network. Per step ``k``:
 
-* ``t ~ U(min_t, 1)`` per chain (a share ``low_t_frac`` from ``U(min_t, low_t_max)``: :func:`sample_t`), the frames noised with ``SE3Diffuser.forward_marginal``, the noise, t and the
-  self-conditioning coin drawn from a generator seeded with ``(seed, k)``;
+* ``t ~ U(min_t, 1)`` per chain (a share ``low_t_frac`` from ``U(min_t, low_t_max)``: :func:`sample_t`), the
+  frames noised with ``SE3Diffuser.forward_marginal``, the noise, t and the self-conditioning coin drawn from a
+  generator seeded with ``(seed, k)``;
 * self-conditioning: with probability ``self_condition_prob`` (official 0.5) a first pass without gradient
   predicts CA positions that are fed to the second pass;
 * FrameDiff's loss (:mod:`models.framediff.losses`) on the scores of the prediction;
@@ -76,7 +77,6 @@ def lr_lambda(exp: Mapping[str, Any], max_steps: int) -> Callable[[int], float]:
     return f
 
 
-@torch.no_grad()
 def sample_t(b: int, min_t: float, low_t_frac: float, low_t_max: float, gen: torch.Generator,
              device: torch.device | str = "cpu") -> Tensor:
     """Training times of ``b`` chains: ``U(min_t, 1)``, official. With ``low_t_frac > 0`` each chain's t comes,
@@ -91,6 +91,7 @@ def sample_t(b: int, min_t: float, low_t_frac: float, low_t_max: float, gen: tor
     return t
 
 
+@torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """``ema <- d * ema + (1 - d) * model`` with ``d = min(decay, (1+step)/(10+step))`` (the warm-up keeps early
     averages from being dominated by the initial weights); buffers are copied."""
