@@ -382,7 +382,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert r.returncode == 2
     assert "train_frame_model: error: dataset file" in r.stderr and "Traceback" not in r.stderr
     for argv, needle in ((["data.subset=coil"], "data.subset"), (["no_such=1"], "no_such"),
-                         (["data.low_t_frac=1.5"], "data.low_t_frac"), (["data.low_t_max=0.005"], "data.low_t_max"),
+                         (["data.low_t_frac=1.5"], "data.low_t_frac"), (["data.low_t_frac=0.5", "data.low_t_max=0.005"], "data.low_t_max"),
                          (["experiment.small_t_weight_cap=0.5"], "small_t_weight_cap"),
                          (["export", str(tmp_path / "none.ckpt"), str(tmp_path / "m.pth")], "not found")):
         with pytest.raises(SystemExit) as e:

@@ -133,8 +133,8 @@ def _finalize_config(cfg: dict) -> dict:
         raise TrainError("data.min_t must lie in [0, 1)")
     if not 0.0 <= float(d.get("low_t_frac", 0.0)) <= 1.0:
         raise TrainError("data.low_t_frac must lie in [0, 1]")
-    if not float(d["min_t"]) < float(d.get("low_t_max", 0.1)) <= 1.0:
-        raise TrainError("data.low_t_max must lie in (data.min_t, 1]")
+    if float(d.get("low_t_frac", 0.0)) > 0 and not float(d["min_t"]) < float(d.get("low_t_max", 0.1)) <= 1.0:
+        raise TrainError("data.low_t_max must lie in (data.min_t, 1] when data.low_t_frac > 0")
     if e.get("small_t_weight_cap") is not None and not float(e["small_t_weight_cap"]) >= 1.0:
         raise TrainError("experiment.small_t_weight_cap must be null or >= 1")
     if int(d["batch_size"]) < 1:
