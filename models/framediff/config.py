@@ -34,6 +34,10 @@ class IpaConfig:
     seq_tfmr_num_layers: int = 2
     num_blocks: int = 4
     coordinate_scaling: float = 0.1
+    # ours, not official (0 = off): the predicted CA positions become x_t + c(t) (trunk - x_t) with
+    # c(t) = min(1, sqrt(t / trans_skip_t)), so that nearly clean inputs are changed by less (no parameters;
+    # docs/training.md, "Session 24")
+    trans_skip_t: float = 0.0
 
 
 @dataclass

@@ -151,6 +151,7 @@ def init_weights(cfg: Mapping[str, Any]) -> Optional[dict]:
     try:
         ck = load_framediff_checkpoint(path)
         have, want = FrameDiffConfig.from_dict(ck.model_conf), FrameDiffConfig.from_dict(cfg["model"])
+        have.ipa.trans_skip_t = want.ipa.trans_skip_t  # an output rule without parameters: may change on a fine-tune
         if have != want:
             raise TrainError(f"init_from: {path} has another architecture than model= of this run "
                              f"(node {have.node_embed_size}/edge {have.edge_embed_size}, "

@@ -427,5 +427,10 @@ class FrameDiffScoreNetwork(nn.Module):
         scale = self.cfg.ipa.coordinate_scaling
         out = self.score_model(node, edge, quats, trans * scale, m, (1 - fm) * m)
         out["trans"] = out.pop("trans_nm") / scale
+        ts = self.cfg.ipa.trans_skip_t
+        if ts > 0:
+            c = torch.clamp(t.to(out["trans"].dtype).reshape(b, 1, 1) / ts, max=1.0).sqrt()
+            x = trans.to(out["trans"].dtype)
+            out["trans"] = torch.where(c < 1, x + c * (out["trans"] - x), out["trans"])  # t >= skip: bit-exact
         out["rotmats"] = quat_to_rotmat(out["quats"])
         return out
